@@ -1,0 +1,50 @@
+"""bitfusion-net: share GPUs over the network, whole or in fractions down to 1/20.
+
+    async with bitfusion_net.connect("tcp://gpu-host:7000", fraction=0.25) as session:
+        device = session.devices[0]
+        ptr = await device.mem_alloc(4096)
+
+See README.md for the quick start and docs/PROTOCOL.md for the wire protocol.
+"""
+
+from .client import (
+    DevicePtr,
+    Event,
+    Function,
+    Module,
+    RemoteDevice,
+    Session,
+    Stream,
+    SyncEvent,
+    SyncFunction,
+    SyncModule,
+    SyncRemoteDevice,
+    SyncSession,
+    SyncStream,
+    connect,
+    connect_sync,
+)
+from .protocol.errors import (
+    BitfusionError,
+    CapacityError,
+    ConnectionLostError,
+    InternalError,
+    InvalidHandleError,
+    InvalidValueError,
+    KernelError,
+    OutOfMemoryError,
+    ProtocolError,
+    UnsupportedError,
+)
+from .server import Server
+from .units import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitfusionError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
+    "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "Module",
+    "OutOfMemoryError", "ProtocolError", "RemoteDevice", "Server", "Session", "Stream",
+    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream",
+    "UnsupportedError", "__version__", "connect", "connect_sync", "parse_size",
+]  # fmt: skip

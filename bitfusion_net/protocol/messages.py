@@ -1,0 +1,527 @@
+"""Opcodes and the metadata of every frame (docs/PROTOCOL.md, "Opcodes").
+
+Each message is a frozen dataclass. Its metadata is its fixed fields packed with ``struct``
+(little-endian, no padding) followed by its variable fields, each a u32 length and that many
+bytes (UTF-8 for text). A request's reply carries the request's opcode with the REPLY flag; an
+ERROR frame may answer any request instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from .errors import ProtocolError
+
+
+class Opcode(IntEnum):
+    HELLO = 0x01
+    ERROR = 0x02
+    MEM_ALLOC = 0x10
+    MEM_FREE = 0x11
+    MEM_GET_INFO = 0x12
+    MEMCPY_HTOD = 0x13
+    MEMCPY_DTOH = 0x14
+    MEMCPY_DTOD = 0x15
+    MEMSET = 0x16
+    SYNCHRONIZE = 0x17
+    MODULE_LOAD = 0x20
+    MODULE_UNLOAD = 0x21
+    GET_FUNCTION = 0x22
+    LAUNCH = 0x23
+    STREAM_CREATE = 0x30
+    STREAM_DESTROY = 0x31
+    STREAM_SYNCHRONIZE = 0x32
+    EVENT_CREATE = 0x38
+    EVENT_DESTROY = 0x39
+    EVENT_RECORD = 0x3A
+    EVENT_SYNCHRONIZE = 0x3B
+    EVENT_ELAPSED = 0x3C
+
+
+_LENGTH = struct.Struct("<I")
+
+
+class Message:
+    """Base of all metadata layouts. Subclasses declare ``FIXED`` and ``VARIABLE``.
+
+    ``FIXED``: (field name, struct code) in wire order; a code like ``3I`` is a tuple field.
+    ``VARIABLE``: (field name, "str" | "bytes") in wire order, each length-prefixed.
+    """
+
+    FIXED: ClassVar[tuple[tuple[str, str], ...]] = ()
+    VARIABLE: ClassVar[tuple[tuple[str, str], ...]] = ()
+    HAS_PAYLOAD: ClassVar[bool] = False  # a bulk payload follows the metadata
+    _struct: ClassVar[struct.Struct]
+    _layout: ClassVar[tuple[tuple[str, int], ...]]  # (name, value count) for the fixed fields
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._struct = struct.Struct("<" + "".join(code for _, code in cls.FIXED))
+        cls._layout = tuple(
+            (name, int(code[:-1]) if len(code) > 1 else 0) for name, code in cls.FIXED
+        )
+
+    def encode(self) -> bytes:
+        values: list[Any] = []
+        for name, count in self._layout:
+            value = getattr(self, name)
+            if count:
+                values.extend(value)
+            else:
+                values.append(value)
+        try:
+            out = self._struct.pack(*values)
+        except struct.error as exc:
+            raise ValueError(f"{type(self).__name__}: {exc}") from None
+        for name, kind in self.VARIABLE:
+            data = getattr(self, name)
+            raw = data.encode() if kind == "str" else bytes(data)
+            out += _LENGTH.pack(len(raw)) + raw
+        return out
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Message:
+        data = memoryview(data)
+        size = cls._struct.size
+        if len(data) < size:
+            raise ProtocolError(f"{cls.__name__} metadata is {len(data)} bytes, needs {size}")
+        raw = cls._struct.unpack_from(data)
+        kwargs: dict[str, Any] = {}
+        index = 0
+        for name, count in cls._layout:
+            if count:
+                kwargs[name] = tuple(raw[index : index + count])
+                index += count
+            else:
+                kwargs[name] = raw[index]
+                index += 1
+        offset = size
+        for name, kind in cls.VARIABLE:
+            if len(data) - offset < _LENGTH.size:
+                raise ProtocolError(f"{cls.__name__} metadata ends before field {name!r}")
+            (length,) = _LENGTH.unpack_from(data, offset)
+            offset += _LENGTH.size
+            if length > len(data) - offset:
+                raise ProtocolError(f"{cls.__name__} field {name!r} overruns the metadata")
+            chunk = bytes(data[offset : offset + length])
+            offset += length
+            if kind == "str":
+                try:
+                    kwargs[name] = chunk.decode()
+                except UnicodeDecodeError:
+                    raise ProtocolError(f"{cls.__name__} field {name!r} is not UTF-8") from None
+            else:
+                kwargs[name] = chunk
+        if offset != len(data):
+            raise ProtocolError(f"{cls.__name__} metadata has {len(data) - offset} stray bytes")
+        return cls(**kwargs)
+
+
+class Request(Message):
+    OPCODE: ClassVar[Opcode]
+    NO_REPLY: ClassVar[bool] = False  # success is silent; failure is sticky (see PROTOCOL.md)
+
+
+class Reply(Message):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Session
+
+
+@dataclass(frozen=True)
+class Hello(Request):
+    """First frame of a connection: ask for ``gpus`` GPUs, each at ``fraction`` or ``memory`` bytes."""
+
+    OPCODE = Opcode.HELLO
+    FIXED = (("gpus", "H"), ("fraction", "d"), ("memory", "Q"))
+    VARIABLE = (("client_name", "str"),)
+    gpus: int
+    fraction: float  # 0 when ``memory`` is given
+    memory: int  # 0 when ``fraction`` is given
+    client_name: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceGrant:
+    """One leased GPU as the client sees it."""
+
+    index: int  # the client's device number
+    server_gpu: int  # the server's GPU number
+    total_memory: int
+    memory_limit: int
+    fraction: float
+    name: str
+    executor: str
+
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<HHQQd")
+
+
+@dataclass(frozen=True)
+class HelloReply(Reply):
+    FIXED = (("session_id", "Q"), ("max_payload", "Q"), ("max_metadata", "I"))
+    VARIABLE = (("grants", "bytes"),)
+    session_id: int
+    max_payload: int
+    max_metadata: int
+    grants: bytes  # DeviceGrant records; use ``devices`` and ``with_devices``
+
+    @classmethod
+    def with_devices(
+        cls, session_id: int, max_payload: int, max_metadata: int, devices: list[DeviceGrant]
+    ) -> HelloReply:
+        out = bytearray()
+        for grant in devices:
+            out += DeviceGrant._FIXED.pack(
+                grant.index, grant.server_gpu, grant.total_memory, grant.memory_limit, grant.fraction
+            )
+            for text in (grant.name, grant.executor):
+                raw = text.encode()
+                out += _LENGTH.pack(len(raw)) + raw
+        return cls(session_id, max_payload, max_metadata, bytes(out))
+
+    @property
+    def devices(self) -> list[DeviceGrant]:
+        data, offset, out = self.grants, 0, []
+        try:
+            while offset < len(data):
+                fixed = DeviceGrant._FIXED.unpack_from(data, offset)
+                offset += DeviceGrant._FIXED.size
+                texts = []
+                for _ in range(2):
+                    (length,) = _LENGTH.unpack_from(data, offset)
+                    offset += _LENGTH.size
+                    if offset + length > len(data):
+                        raise ProtocolError("device record overruns HELLO reply")
+                    texts.append(data[offset : offset + length].decode())
+                    offset += length
+                out.append(DeviceGrant(*fixed, *texts))
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed device record in HELLO reply: {exc}") from None
+        return out
+
+
+@dataclass(frozen=True)
+class ErrorReply(Reply):
+    """Answers a request that failed, or (request id 0) says why the connection is closing."""
+
+    FIXED = (("code", "H"), ("flags", "H"), ("deferred_from", "I"), ("later_failures", "I"))
+    VARIABLE = (("message", "str"),)
+    code: int
+    flags: int  # ERROR_DEFERRED | ERROR_FATAL
+    deferred_from: int  # request id of the no-reply call that failed (with ERROR_DEFERRED)
+    later_failures: int
+    message: str
+
+
+ERROR_DEFERRED = 0x1  # the error belongs to an earlier no-reply call, not to this request
+ERROR_FATAL = 0x2  # the sender closes the connection after this frame
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class MemAlloc(Request):
+    OPCODE = Opcode.MEM_ALLOC
+    FIXED = (("device", "H"), ("nbytes", "Q"))
+    device: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MemAllocReply(Reply):
+    FIXED = (("ptr", "Q"),)
+    ptr: int
+
+
+@dataclass(frozen=True)
+class MemFree(Request):
+    OPCODE = Opcode.MEM_FREE
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("ptr", "Q"))
+    device: int
+    ptr: int
+
+
+@dataclass(frozen=True)
+class MemGetInfo(Request):
+    OPCODE = Opcode.MEM_GET_INFO
+    FIXED = (("device", "H"),)
+    device: int
+
+
+@dataclass(frozen=True)
+class MemGetInfoReply(Reply):
+    FIXED = (("free", "Q"), ("total", "Q"))
+    free: int
+    total: int
+
+
+@dataclass(frozen=True)
+class MemcpyHtoD(Request):
+    """The payload is the data; its length is the copy size."""
+
+    OPCODE = Opcode.MEMCPY_HTOD
+    NO_REPLY = True
+    HAS_PAYLOAD = True
+    FIXED = (("device", "H"), ("dst", "Q"), ("stream", "Q"))
+    device: int
+    dst: int
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class MemcpyDtoH(Request):
+    OPCODE = Opcode.MEMCPY_DTOH
+    FIXED = (("device", "H"), ("src", "Q"), ("nbytes", "Q"), ("stream", "Q"))
+    device: int
+    src: int
+    nbytes: int
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class MemcpyDtoHReply(Reply):
+    """The payload is the data, exactly ``nbytes`` of the request."""
+
+    HAS_PAYLOAD = True
+
+
+@dataclass(frozen=True)
+class MemcpyDtoD(Request):
+    OPCODE = Opcode.MEMCPY_DTOD
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("dst", "Q"), ("src", "Q"), ("nbytes", "Q"), ("stream", "Q"))
+    device: int
+    dst: int
+    src: int
+    nbytes: int
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class Memset(Request):
+    OPCODE = Opcode.MEMSET
+    NO_REPLY = True
+    FIXED = (
+        ("device", "H"),
+        ("itemsize", "B"),
+        ("value", "I"),
+        ("ptr", "Q"),
+        ("count", "Q"),
+        ("stream", "Q"),
+    )
+    device: int
+    itemsize: int  # 1 (memset_d8) or 4 (memset_d32)
+    value: int
+    ptr: int
+    count: int
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class Synchronize(Request):
+    OPCODE = Opcode.SYNCHRONIZE
+    FIXED = (("device", "H"),)
+    device: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Code
+
+
+@dataclass(frozen=True)
+class ModuleLoad(Request):
+    """The payload is the module image (PTX text, cubin or fatbin)."""
+
+    OPCODE = Opcode.MODULE_LOAD
+    HAS_PAYLOAD = True
+    FIXED = (("device", "H"),)
+    device: int
+
+
+@dataclass(frozen=True)
+class ModuleLoadReply(Reply):
+    FIXED = (("module", "Q"),)
+    module: int
+
+
+@dataclass(frozen=True)
+class ModuleUnload(Request):
+    OPCODE = Opcode.MODULE_UNLOAD
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("module", "Q"))
+    device: int
+    module: int
+
+
+@dataclass(frozen=True)
+class GetFunction(Request):
+    """Module 0 is the built-in kernel library. Empty ``arg_types``: the kernel declares its own."""
+
+    OPCODE = Opcode.GET_FUNCTION
+    FIXED = (("device", "H"), ("module", "Q"))
+    VARIABLE = (("name", "str"), ("arg_types", "str"))
+    device: int
+    module: int
+    name: str
+    arg_types: str = ""
+
+
+@dataclass(frozen=True)
+class GetFunctionReply(Reply):
+    FIXED = (("function", "Q"),)
+    VARIABLE = (("arg_types", "str"),)
+    function: int
+    arg_types: str
+
+
+@dataclass(frozen=True)
+class Launch(Request):
+    """``args``: the kernel's arguments packed little-endian, unpadded, by its ``arg_types``."""
+
+    OPCODE = Opcode.LAUNCH
+    NO_REPLY = True
+    FIXED = (
+        ("device", "H"),
+        ("function", "Q"),
+        ("grid", "3I"),
+        ("block", "3I"),
+        ("shared_mem", "I"),
+        ("stream", "Q"),
+    )
+    VARIABLE = (("args", "bytes"),)
+    device: int
+    function: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int
+    stream: int
+    args: bytes = field(default=b"")
+
+
+def kernel_args_format(arg_types: str) -> str:
+    """The ``struct`` format of LAUNCH arguments: little-endian, unpadded, a pointer is a u64."""
+    return "<" + arg_types.replace("P", "Q")  # struct knows 'P' only in native mode
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams and events
+
+
+@dataclass(frozen=True)
+class StreamCreate(Request):
+    OPCODE = Opcode.STREAM_CREATE
+    FIXED = (("device", "H"),)
+    device: int
+
+
+@dataclass(frozen=True)
+class HandleReply(Reply):
+    """The new handle of a STREAM_CREATE or EVENT_CREATE."""
+
+    FIXED = (("handle", "Q"),)
+    handle: int
+
+
+@dataclass(frozen=True)
+class StreamDestroy(Request):
+    OPCODE = Opcode.STREAM_DESTROY
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("stream", "Q"))
+    device: int
+    stream: int
+
+
+@dataclass(frozen=True)
+class StreamSynchronize(Request):
+    OPCODE = Opcode.STREAM_SYNCHRONIZE
+    FIXED = (("device", "H"), ("stream", "Q"))
+    device: int
+    stream: int
+
+
+@dataclass(frozen=True)
+class EventCreate(Request):
+    OPCODE = Opcode.EVENT_CREATE
+    FIXED = (("device", "H"),)
+    device: int
+
+
+@dataclass(frozen=True)
+class EventDestroy(Request):
+    OPCODE = Opcode.EVENT_DESTROY
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("event", "Q"))
+    device: int
+    event: int
+
+
+@dataclass(frozen=True)
+class EventRecord(Request):
+    OPCODE = Opcode.EVENT_RECORD
+    NO_REPLY = True
+    FIXED = (("device", "H"), ("event", "Q"), ("stream", "Q"))
+    device: int
+    event: int
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class EventSynchronize(Request):
+    OPCODE = Opcode.EVENT_SYNCHRONIZE
+    FIXED = (("device", "H"), ("event", "Q"))
+    device: int
+    event: int
+
+
+@dataclass(frozen=True)
+class EventElapsed(Request):
+    OPCODE = Opcode.EVENT_ELAPSED
+    FIXED = (("device", "H"), ("start", "Q"), ("end", "Q"))
+    device: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class EventElapsedReply(Reply):
+    FIXED = (("milliseconds", "d"),)
+    milliseconds: float
+
+
+@dataclass(frozen=True)
+class Done(Reply):
+    """The empty reply of a request that returns nothing (SYNCHRONIZE, *_SYNCHRONIZE)."""
+
+
+REQUESTS: dict[int, type[Request]] = {
+    cls.OPCODE: cls
+    for cls in (
+        Hello, MemAlloc, MemFree, MemGetInfo, MemcpyHtoD, MemcpyDtoH, MemcpyDtoD, Memset,
+        Synchronize, ModuleLoad, ModuleUnload, GetFunction, Launch, StreamCreate, StreamDestroy,
+        StreamSynchronize, EventCreate, EventDestroy, EventRecord, EventSynchronize, EventElapsed,
+    )
+}  # fmt: skip
+
+REPLIES: dict[int, type[Reply]] = {
+    Opcode.HELLO: HelloReply,
+    Opcode.ERROR: ErrorReply,
+    Opcode.MEM_ALLOC: MemAllocReply,
+    Opcode.MEM_GET_INFO: MemGetInfoReply,
+    Opcode.MEMCPY_DTOH: MemcpyDtoHReply,
+    Opcode.SYNCHRONIZE: Done,
+    Opcode.MODULE_LOAD: ModuleLoadReply,
+    Opcode.GET_FUNCTION: GetFunctionReply,
+    Opcode.STREAM_CREATE: HandleReply,
+    Opcode.STREAM_SYNCHRONIZE: Done,
+    Opcode.EVENT_CREATE: HandleReply,
+    Opcode.EVENT_SYNCHRONIZE: Done,
+    Opcode.EVENT_ELAPSED: EventElapsedReply,
+}

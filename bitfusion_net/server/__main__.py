@@ -1,0 +1,117 @@
+"""``python -m bitfusion_net.server``: share this host's GPUs over the network."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ..transport import loop_factory
+from ..units import parse_size
+from .server import Server
+
+log = logging.getLogger("bitfusion_net.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bitfusion_net.server",
+        description=(
+            "Share this host's GPUs, whole or in fractions down to 1/20, with bitfusion-net "
+            "clients over TCP. Prints 'listening on tcp://HOST:PORT' on stdout when ready; "
+            "SIGINT or SIGTERM shut it down cleanly, releasing every lease."
+        ),
+    )
+    parser.add_argument(
+        "--listen",
+        default="tcp://127.0.0.1:0",
+        metavar="tcp://HOST:PORT",
+        help="address to accept clients on; port 0 picks a free port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--executor",
+        default="numpy",
+        choices=["numpy"],
+        help="what runs the work: 'numpy' is the embedded NumPy reference device, a GPU-like "
+        "device for machines without one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=1, metavar="N", help="number of NumPy devices (default: 1)"
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        default="16GiB",
+        type=_size,
+        metavar="SIZE",
+        help="memory of each NumPy device, e.g. 1GiB, 16GiB (default: 16GiB)",
+    )
+    parser.add_argument(
+        "--min-fraction",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="smallest slice of a GPU a client may lease (default: %(default)s, i.e. 1/20)",
+    )
+    parser.add_argument(
+        "--max-payload",
+        type=_size,
+        default="64MiB",
+        metavar="SIZE",
+        help="largest bulk payload in one frame; clients split larger copies (default: 64MiB)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity on stderr (default: %(default)s)",
+    )
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = Server(
+        listen=args.listen,
+        executor=args.executor,
+        gpus=args.gpus,
+        gpu_memory=args.gpu_memory,
+        min_fraction=args.min_fraction,
+        max_payload=args.max_payload,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        print(f"listening on {server.address}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error("--gpus must be at least 1")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve(args))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

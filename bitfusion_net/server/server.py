@@ -1,0 +1,142 @@
+"""``Server``: exposes a host's GPUs (real or NumPy reference devices) to bitfusion-net clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+from executors import Executor, create_executors
+
+from ..protocol import Limits
+from ..transport import FrameConnection, TcpAddress, listen, parse_address
+from ..units import format_size, parse_size
+from .leases import SHARE_UNITS, GpuPool, GpuSlot
+from .session import ServerSession
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """A bitfusion-net server. Use ``async with Server(...) as server:``, then ``server.address``.
+
+    ``listen``: ``tcp://HOST:PORT`` (port 0 picks a free port). ``executor``: ``"numpy"`` (the
+    embedded reference device). ``gpus`` and ``gpu_memory`` size the NumPy devices.
+    ``min_fraction``: the smallest slice of a GPU a client may lease. ``max_payload``: the largest
+    bulk payload of one frame; clients split larger copies.
+    """
+
+    def __init__(
+        self,
+        listen: str = "tcp://127.0.0.1:0",
+        executor: str = "numpy",
+        gpus: int = 1,
+        gpu_memory: str | int = "16GiB",
+        *,
+        min_fraction: float = 0.05,
+        max_payload: str | int = "64MiB",
+    ) -> None:
+        self._listen = parse_address(listen)
+        if gpus < 1:
+            raise ValueError("a server needs at least one GPU")
+        if not 0 < min_fraction <= 1:
+            raise ValueError("min_fraction must be in (0, 1]")
+        self._executor_kind = executor
+        self._gpu_count = gpus
+        self._gpu_memory = parse_size(gpu_memory)
+        self._min_share = round(min_fraction * SHARE_UNITS)
+        self._limits = Limits(max_payload=parse_size(max_payload))
+        self._executors: list[Executor] = []
+        self._pool: GpuPool | None = None
+        self._server: asyncio.Server | None = None
+        self._sessions: set[ServerSession] = set()
+        self._address: TcpAddress | None = None
+
+    @property
+    def address(self) -> str:
+        """The address clients connect to, e.g. ``tcp://127.0.0.1:40123``."""
+        if self._address is None:
+            raise RuntimeError("the server is not started")
+        return str(self._address)
+
+    async def start(self) -> None:
+        self._executors = create_executors(self._executor_kind, self._gpu_count, self._gpu_memory)
+        self._pool = GpuPool(
+            [GpuSlot(i, e.properties.total_memory) for i, e in enumerate(self._executors)],
+            min_share=self._min_share,
+        )
+        try:
+            self._server = await listen(self._listen, self._new_connection)
+        except BaseException:
+            self._close_executors()
+            raise
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self._address = TcpAddress(host, port)
+        log.info(
+            "serving %d %s GPU(s) of %s on %s",
+            len(self._executors),
+            self._executor_kind,
+            format_size(self._gpu_memory),
+            self._address,
+        )
+
+    def _new_connection(self) -> FrameConnection:
+        assert self._pool is not None
+        pool, executors, limits = self._pool, self._executors, self._limits
+
+        def make_session(connection: FrameConnection) -> ServerSession:
+            session = ServerSession(connection, pool, executors, limits, self._sessions.discard)
+            self._sessions.add(session)
+            return session
+
+        return FrameConnection(make_session)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Stop listening, drop every client (their leases are released), stop the executors."""
+        if self._server is not None:
+            self._server.close()
+            for session in list(self._sessions):
+                session.connection.abort()
+            await self._server.wait_closed()
+            self._server = None
+        await asyncio.get_running_loop().run_in_executor(None, self._close_executors)
+
+    def _close_executors(self) -> None:
+        for executor in self._executors:
+            executor.close()
+        self._executors = []
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """What is leased on each GPU, for operators and tests."""
+        if self._pool is None:
+            return []
+        return [
+            {
+                "gpu": slot.index,
+                "total_memory": slot.total_memory,
+                "leased_fraction": slot.leased_share / SHARE_UNITS,
+                "leased_memory": slot.leased_memory,
+                "tenants": slot.tenants,
+            }
+            for slot in self._pool.slots
+        ]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [session.status() for session in self._sessions]
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,400 @@
+"""One client connection on the server: its leases, its frames, its replies, its clean-up.
+
+Frames are handled in arrival order on the event loop. Device work is submitted to the GPU's
+executor, which runs it in order on its worker thread; a reply is sent when the work completes.
+No-reply requests (launch, memset, copy from host, free, ...) send nothing on success; their errors
+stay on the tenant and answer the next request that wants a reply (docs/PROTOCOL.md, "Errors").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from executors import Executor, Tenant
+from executors.base import DeferredError
+from executors.errors import (
+    DeviceError,
+    DeviceOutOfMemory,
+    InvalidHandle,
+    InvalidValue,
+    KernelFault,
+    Unsupported,
+)
+
+from ..protocol import (
+    ERROR_DEFERRED,
+    ERROR_FATAL,
+    BitfusionError,
+    CapacityError,
+    DeviceGrant,
+    ErrorCode,
+    ErrorReply,
+    Frame,
+    FrameDecoder,
+    InvalidValueError,
+    Limits,
+    Message,
+    Opcode,
+    ProtocolError,
+    Reply,
+    encode_reply,
+)
+from ..protocol import messages as m
+from ..transport import FrameConnection
+from .leases import GpuPool, Placement
+
+log = logging.getLogger(__name__)
+
+_DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
+    DeviceOutOfMemory: ErrorCode.OUT_OF_MEMORY,
+    InvalidHandle: ErrorCode.INVALID_HANDLE,
+    InvalidValue: ErrorCode.INVALID_VALUE,
+    KernelFault: ErrorCode.KERNEL,
+    Unsupported: ErrorCode.UNSUPPORTED,
+}
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class Lease:
+    """One GPU of a session: where it is placed and the tenant context on its executor."""
+
+    placement: Placement
+    executor: Executor
+    tenant: Tenant
+
+
+# What a request turns into: the device operation, and how its result becomes a reply
+# (None for no-reply requests).
+Work = tuple[Callable[[], Any], Callable[[Any], tuple[Reply, memoryview | None]] | None]
+
+
+class ServerSession:
+    """The ``FrameHandler`` of one client connection."""
+
+    def __init__(
+        self,
+        connection: FrameConnection,
+        pool: GpuPool,
+        executors: list[Executor],
+        limits: Limits,
+        on_closed: Callable[[ServerSession], None],
+    ) -> None:
+        self.connection = connection
+        self.id = next(_session_ids)
+        self.leases: list[Lease] = []
+        self._pool = pool
+        self._executors = executors
+        self._limits = limits
+        self._on_closed = on_closed
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        # Payload bytes staged in host memory (copies from host not yet on the device, copies to
+        # host not yet sent). Above the budget the session stops reading: real back-pressure.
+        self._staged = 0
+        self._staging_budget = limits.max_payload
+        self._client_name = ""
+
+        self.decoder = FrameDecoder(
+            receives_replies=False, limits=limits, payload_sink=self._payload_buffer
+        )
+
+    def _payload_buffer(
+        self, opcode: int, request_id: int, message: Message, length: int
+    ) -> memoryview | None:
+        """Where an incoming payload lands: the tenant's staging memory (pinned on a GPU)."""
+        device = getattr(message, "device", None)
+        if not self.leases or device is None or device >= len(self.leases):
+            return None  # the frame is refused once complete; read and drop its payload
+        self._staged += length
+        return self.leases[device].tenant.staging_buffer(length)
+
+    # -- FrameHandler ---------------------------------------------------------------------------
+    def frame_received(self, frame: Frame) -> None:
+        message = frame.message
+        try:
+            if isinstance(message, m.Hello):
+                self._hello(frame.request_id, message)
+            elif not self.leases:
+                raise ProtocolError(f"expected HELLO first, got {Opcode(frame.opcode).name}")
+            else:
+                self._submit(frame)
+        except ProtocolError as exc:
+            self.protocol_error(exc, frame.request_id)
+        except BitfusionError as exc:
+            self._send_error(frame.request_id, exc.code, exc.message)
+        self._update_flow()
+
+    def protocol_error(self, error: ProtocolError, request_id: int = 0) -> None:
+        log.warning("session %d (%s): protocol error: %s", self.id, self.connection.peer, error)
+        self._send_error(request_id, ErrorCode.PROTOCOL, str(error), flags=ERROR_FATAL)
+        self.connection.pause_reading()
+        self.connection.close_after_flush()
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        how = f"lost ({error})" if error else "closed"
+        log.info("session %d (%s) %s; releasing %d lease(s)", self.id, self.connection.peer, how, len(self.leases))
+        for lease in self.leases:
+            self._release(lease)
+        self.leases = []
+        self._on_closed(self)
+
+    def _release(self, lease: Lease) -> None:
+        def memory_freed() -> None:
+            self._loop.call_soon_threadsafe(self._pool.release, lease.placement)
+
+        lease.executor.close_tenant(lease.tenant, on_done=memory_freed)
+
+    # -- HELLO ----------------------------------------------------------------------------------
+    def _hello(self, request_id: int, hello: m.Hello) -> None:
+        if self.leases:
+            raise ProtocolError("HELLO sent twice")
+        try:
+            placements = self._pool.request(hello.gpus, hello.fraction, hello.memory)
+        except BitfusionError as exc:
+            log.info("session %d (%s): refused: %s", self.id, self.connection.peer, exc)
+            self._send_error(request_id, exc.code, exc.message, flags=ERROR_FATAL)
+            self.connection.close_after_flush()
+            return
+        leases: list[Lease] = []
+        try:
+            for placement in placements:
+                executor = self._executors[placement.gpu]
+                tenant = executor.open_tenant(placement.memory_limit, placement.fraction)
+                leases.append(Lease(placement, executor, tenant))
+        except DeviceError as exc:  # the executor disagrees with the pool: report, undo, close
+            for lease in leases:
+                lease.executor.close_tenant(lease.tenant)
+            for placement in placements:
+                self._pool.release(placement)
+            error = CapacityError(f"the executor refused the lease: {exc}")
+            self._send_error(request_id, error.code, error.message, flags=ERROR_FATAL)
+            self.connection.close_after_flush()
+            return
+        self.leases = leases
+        self._client_name = hello.client_name
+        grants = [
+            DeviceGrant(
+                index=i,
+                server_gpu=lease.placement.gpu,
+                total_memory=lease.executor.properties.total_memory,
+                memory_limit=lease.placement.memory_limit,
+                fraction=lease.placement.fraction,
+                name=lease.executor.properties.name,
+                executor=lease.executor.properties.executor,
+            )
+            for i, lease in enumerate(leases)
+        ]
+        log.info(
+            "session %d (%s%s): leased %s",
+            self.id,
+            self.connection.peer,
+            f", {hello.client_name}" if hello.client_name else "",
+            ", ".join(f"gpu{g.server_gpu}@{g.fraction:g}" for g in grants),
+        )
+        reply = m.HelloReply.with_devices(
+            self.id, self._limits.max_payload, self._limits.max_metadata, grants
+        )
+        self.connection.send(encode_reply(Opcode.HELLO, request_id, reply))
+
+    # -- device requests ------------------------------------------------------------------------
+    def _submit(self, frame: Frame) -> None:
+        message = frame.message
+        device: int = getattr(message, "device")
+        request = type(message)
+        no_reply = getattr(request, "NO_REPLY", False)
+        if device >= len(self.leases):
+            text = f"device {device} is not in this session (it has {len(self.leases)})"
+            if no_reply:  # nobody waits to hear it; a client that sends this is broken
+                raise ProtocolError(text)
+            raise InvalidValueError(text)
+        lease = self.leases[device]
+        if request is m.MemcpyDtoH and message.nbytes > self._limits.max_payload:  # type: ignore[attr-defined]
+            raise InvalidValueError(
+                f"copy of {message.nbytes} bytes exceeds the frame payload limit "  # type: ignore[attr-defined]
+                f"{self._limits.max_payload}; split it"
+            )
+        op, to_reply = _work(lease.tenant, message, frame.payload)
+        if frame.payload is not None:
+            op = self._unstaging(op, len(frame.payload))
+        if no_reply:
+            lease.executor.submit(lease.tenant, op, wants_reply=False, tag=frame.request_id)
+            return
+        assert to_reply is not None
+        opcode, request_id = frame.opcode, frame.request_id
+        staged = message.nbytes if request is m.MemcpyDtoH else 0  # type: ignore[attr-defined]
+        self._staged += staged
+
+        def on_done(result: Any, error: BaseException | None) -> None:  # on the worker thread
+            self._loop.call_soon_threadsafe(
+                self._complete, opcode, request_id, to_reply, result, error, staged
+            )
+
+        lease.executor.submit(
+            lease.tenant, op, wants_reply=True, tag=request_id, on_done=on_done
+        )
+
+    def _unstaging(self, op: Callable[[], Any], nbytes: int) -> Callable[[], Any]:
+        """Wrap ``op`` so the staged payload is accounted as gone once the device has it."""
+
+        def run() -> Any:
+            try:
+                return op()
+            finally:
+                self._loop.call_soon_threadsafe(self._unstage, nbytes)
+
+        return run
+
+    def _unstage(self, nbytes: int) -> None:
+        self._staged -= nbytes
+        self._update_flow()
+
+    def _complete(
+        self,
+        opcode: int,
+        request_id: int,
+        to_reply: Callable[[Any], tuple[Reply, memoryview | None]],
+        result: Any,
+        error: BaseException | None,
+        staged: int,
+    ) -> None:
+        """Send the reply of a finished request (on the event loop). ``staged``: its host bytes."""
+        if self._closed:
+            return
+        if error is not None:
+            self._send_device_error(request_id, error)
+            self._unstage(staged)
+            return
+        reply, payload = to_reply(result)
+        if payload is None:
+            self.connection.send(encode_reply(opcode, request_id, reply))
+            self._unstage(staged)
+        else:
+            self.connection.send(
+                encode_reply(opcode, request_id, reply, len(payload)),
+                payload,
+                on_sent=lambda: self._unstage(staged),
+            )
+            self._update_flow()
+
+    def _send_device_error(self, request_id: int, error: BaseException) -> None:
+        deferred_from, later, flags = 0, 0, 0
+        if isinstance(error, DeferredError):
+            deferred_from, later, flags = error.failure.tag, error.failure.later_failures, ERROR_DEFERRED
+            error = error.failure.error
+        code = next((c for cls, c in _DEVICE_ERROR_CODES.items() if isinstance(error, cls)), None)
+        if code is None:
+            log.error("session %d: internal error", self.id, exc_info=error)
+            code = ErrorCode.INTERNAL
+        self._send_error(request_id, code, str(error), flags=flags, deferred_from=deferred_from, later=later)
+
+    def _send_error(
+        self,
+        request_id: int,
+        code: ErrorCode,
+        text: str,
+        *,
+        flags: int = 0,
+        deferred_from: int = 0,
+        later: int = 0,
+    ) -> None:
+        reply = ErrorReply(int(code), flags, deferred_from, later, text)
+        self.connection.send(encode_reply(Opcode.ERROR, request_id, reply))
+
+    def _update_flow(self) -> None:
+        if self._closed:
+            return
+        if self._staged > self._staging_budget or not self.connection.writable:
+            self.connection.pause_reading()
+        else:
+            self.connection.resume_reading()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "session": self.id,
+            "peer": self.connection.peer,
+            "client": self._client_name,
+            "leases": [
+                {"gpu": lease.placement.gpu, "fraction": lease.placement.fraction,
+                 "memory_limit": lease.placement.memory_limit}
+                for lease in self.leases
+            ],
+        }  # fmt: skip
+
+
+def _done(_result: Any) -> tuple[Reply, None]:
+    return m.Done(), None
+
+
+def _handle(result: int) -> tuple[Reply, None]:
+    return m.HandleReply(result), None
+
+
+def _work(tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
+    """The device operation for a request and how its result becomes the reply."""
+    t = tenant
+    if isinstance(msg, m.MemAlloc):
+        return (lambda: t.mem_alloc(msg.nbytes)), lambda r: (m.MemAllocReply(r), None)
+    if isinstance(msg, m.MemFree):
+        return (lambda: t.mem_free(msg.ptr)), None
+    if isinstance(msg, m.MemGetInfo):
+        return t.mem_get_info, lambda r: (m.MemGetInfoReply(*r), None)
+    if isinstance(msg, m.MemcpyHtoD):
+        assert payload is not None
+        return (lambda: t.memcpy_htod(msg.dst, payload, msg.stream)), None
+    if isinstance(msg, m.MemcpyDtoH):
+
+        def copy_out() -> memoryview:
+            buffer = t.staging_buffer(msg.nbytes)
+            t.memcpy_dtoh(buffer, msg.src, msg.stream)
+            return buffer
+
+        return copy_out, lambda r: (m.MemcpyDtoHReply(), r)
+    if isinstance(msg, m.MemcpyDtoD):
+        return (lambda: t.memcpy_dtod(msg.dst, msg.src, msg.nbytes, msg.stream)), None
+    if isinstance(msg, m.Memset):
+        return (lambda: t.memset(msg.ptr, msg.value, msg.itemsize, msg.count, msg.stream)), None
+    if isinstance(msg, m.Synchronize):
+        return t.synchronize, _done
+    if isinstance(msg, m.ModuleLoad):
+        image = bytes(payload) if payload is not None else b""
+        return (lambda: t.module_load(image)), lambda r: (m.ModuleLoadReply(r), None)
+    if isinstance(msg, m.ModuleUnload):
+        return (lambda: t.module_unload(msg.module)), None
+    if isinstance(msg, m.GetFunction):
+        return (lambda: t.get_function(msg.module, msg.name, msg.arg_types or None)), lambda r: (
+            m.GetFunctionReply(r.handle, r.arg_types),
+            None,
+        )
+    if isinstance(msg, m.Launch):
+        return (
+            lambda: t.launch(msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args)
+        ), None
+    if isinstance(msg, m.StreamCreate):
+        return t.stream_create, _handle
+    if isinstance(msg, m.StreamDestroy):
+        return (lambda: t.stream_destroy(msg.stream)), None
+    if isinstance(msg, m.StreamSynchronize):
+        return (lambda: t.stream_synchronize(msg.stream)), _done
+    if isinstance(msg, m.EventCreate):
+        return t.event_create, _handle
+    if isinstance(msg, m.EventDestroy):
+        return (lambda: t.event_destroy(msg.event)), None
+    if isinstance(msg, m.EventRecord):
+        return (lambda: t.event_record(msg.event, msg.stream)), None
+    if isinstance(msg, m.EventSynchronize):
+        return (lambda: t.event_synchronize(msg.event)), _done
+    if isinstance(msg, m.EventElapsed):
+        return (lambda: t.event_elapsed_ms(msg.start, msg.end)), lambda r: (
+            m.EventElapsedReply(r),
+            None,
+        )
+    raise ProtocolError(f"unexpected request {type(msg).__name__}")

@@ -1,0 +1,228 @@
+"""The executor interface: one ``Executor`` per GPU, one ``Tenant`` per lease on it.
+
+The interface is shaped for asynchronous GPUs. Every device operation is *submitted* to the
+executor and runs later, in order, on the executor's own worker thread (never on the event loop).
+Calls with asynchronous CUDA semantics are submitted with ``wants_reply=False``: nobody waits for
+them, so their errors are kept on the tenant (sticky) and delivered to the next submission that
+does want a reply, exactly as CUDA reports asynchronous errors at the next synchronising call.
+
+Handles (pointers, streams, events, modules, functions) are plain ints private to a tenant.
+Stream 0 is the tenant's default stream. Module 0 is the built-in kernel library.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# struct codes a kernel argument may have; 'P' is a device pointer (an unsigned 64-bit address).
+ARG_TYPE_CODES = frozenset("bBhHiIqQfdP")
+DEFAULT_STREAM = 0
+BUILTIN_MODULE = 0
+
+
+def arg_struct_format(arg_types: str) -> str:
+    """The ``struct`` format that packs and unpacks arguments of ``arg_types``.
+
+    Arguments travel little-endian with standard sizes and no padding, but ``struct`` accepts 'P'
+    only in native mode, so a device pointer is packed as 'Q' (unsigned 64-bit) instead.
+    """
+    return "<" + arg_types.replace("P", "Q")
+
+
+@dataclass(frozen=True)
+class DeviceProperties:
+    """What a client may know about a device without asking it again."""
+
+    name: str
+    total_memory: int
+    executor: str  # "numpy" or "pycuda"
+    max_threads_per_block: int = 1024
+    max_grid: tuple[int, int, int] = (2**31 - 1, 65535, 65535)
+    max_shared_memory_per_block: int = 48 * 1024
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    """A kernel a tenant may launch: its handle and its argument types (struct codes)."""
+
+    handle: int
+    arg_types: str
+
+
+@dataclass
+class AsyncFailure:
+    """The first error of a call nobody waited for, kept until a call that waits can report it."""
+
+    error: BaseException
+    tag: int  # whatever the submitter gave to identify the call (the server uses the request id)
+    later_failures: int = 0  # further no-reply calls that failed before the error was reported
+
+
+class DeferredError(Exception):
+    """Delivered to a reply-bearing submission in place of its result: an earlier call failed."""
+
+    def __init__(self, failure: AsyncFailure) -> None:
+        super().__init__(str(failure.error))
+        self.failure = failure
+
+
+Completion = Callable[[Any, BaseException | None], None]
+
+
+class Tenant(ABC):
+    """One tenant's context on one device.
+
+    Every method except ``staging_buffer`` runs on the executor's worker thread, in submission order.
+    Methods raise the ``executors.errors`` classes for anything the caller got wrong.
+    """
+
+    def __init__(self, memory_limit: int, weight: float) -> None:
+        self.memory_limit = memory_limit
+        self.weight = weight
+        self._async_failure: AsyncFailure | None = None
+        self._failure_lock = threading.Lock()
+
+    # -- sticky asynchronous errors (used by the worker) ---------------------------------------
+    def record_async_failure(self, error: BaseException, tag: int) -> None:
+        with self._failure_lock:
+            if self._async_failure is None:
+                self._async_failure = AsyncFailure(error, tag)
+            else:
+                self._async_failure.later_failures += 1
+
+    def take_async_failure(self) -> AsyncFailure | None:
+        with self._failure_lock:
+            failure, self._async_failure = self._async_failure, None
+            return failure
+
+    # -- host side ------------------------------------------------------------------------------
+    @abstractmethod
+    def staging_buffer(self, nbytes: int) -> memoryview:
+        """A writable host buffer of ``nbytes`` for a copy's payload (pinned on GPUs).
+
+        Called on the event loop thread while a payload arrives, so it must be cheap.
+        """
+
+    # -- memory ---------------------------------------------------------------------------------
+    @abstractmethod
+    def mem_alloc(self, nbytes: int) -> int: ...
+
+    @abstractmethod
+    def mem_free(self, ptr: int) -> None: ...
+
+    @abstractmethod
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) of this tenant's own memory limit."""
+
+    @abstractmethod
+    def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None: ...
+
+    @abstractmethod
+    def memcpy_dtoh(self, dst: memoryview, src: int, stream: int) -> None:
+        """Fill ``dst`` (all of it) from device memory; returns when the bytes are in ``dst``."""
+
+    @abstractmethod
+    def memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None: ...
+
+    @abstractmethod
+    def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
+        """Set ``count`` elements of ``itemsize`` bytes (1 or 4) to ``value``."""
+
+    # -- code -----------------------------------------------------------------------------------
+    @abstractmethod
+    def module_load(self, image: bytes) -> int: ...
+
+    @abstractmethod
+    def module_unload(self, module: int) -> None: ...
+
+    @abstractmethod
+    def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
+        """Look up a kernel. For built-ins (module 0) ``arg_types`` may be None: they declare theirs."""
+
+    @abstractmethod
+    def launch(
+        self,
+        function: int,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_mem: int,
+        stream: int,
+        args: bytes,
+    ) -> None:
+        """Launch a kernel; ``args`` is its arguments packed little-endian by its ``arg_types``."""
+
+    # -- streams and events ---------------------------------------------------------------------
+    @abstractmethod
+    def stream_create(self) -> int: ...
+
+    @abstractmethod
+    def stream_destroy(self, stream: int) -> None: ...
+
+    @abstractmethod
+    def stream_synchronize(self, stream: int) -> None: ...
+
+    @abstractmethod
+    def event_create(self) -> int: ...
+
+    @abstractmethod
+    def event_destroy(self, event: int) -> None: ...
+
+    @abstractmethod
+    def event_record(self, event: int, stream: int) -> None: ...
+
+    @abstractmethod
+    def event_synchronize(self, event: int) -> None: ...
+
+    @abstractmethod
+    def event_elapsed_ms(self, start: int, end: int) -> float: ...
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait until all of this tenant's work on the device has finished."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free everything the tenant holds. Runs after all its queued work; must not raise."""
+
+
+class Executor(ABC):
+    """One physical (or emulated) GPU, shared by tenants.
+
+    ``submit`` is the only way work reaches the device. It is thread-safe and never blocks.
+    """
+
+    properties: DeviceProperties
+
+    @abstractmethod
+    def open_tenant(self, memory_limit: int, weight: float) -> Tenant:
+        """Open a context with a hard memory limit and a compute weight."""
+
+    @abstractmethod
+    def submit(
+        self,
+        tenant: Tenant,
+        op: Callable[[], Any],
+        *,
+        wants_reply: bool,
+        tag: int = 0,
+        on_done: Completion | None = None,
+    ) -> None:
+        """Run ``op`` on the worker thread after everything submitted before it.
+
+        ``wants_reply=True``: if an earlier no-reply call of this tenant failed, ``op`` does not run
+        and ``on_done`` gets a ``DeferredError``; otherwise it gets ``op``'s result or exception.
+        ``wants_reply=False``: an exception is kept on the tenant, tagged with ``tag``.
+        ``on_done(result, error)`` runs on the worker thread and must be quick.
+        """
+
+    @abstractmethod
+    def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
+        """Release the tenant after its queued work; ``on_done`` runs once its memory is back."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the worker after the queued work; release whatever tenants remain."""

@@ -1,0 +1,464 @@
+"""The NumPy reference device: a GPU-like executor for machines without a GPU.
+
+It behaves like a GPU where a client can tell the difference: device memory is a simulated 64-bit
+address space with bounds-checked pointers, tenants have hard memory limits, kernels are the
+built-in library's NumPy twins, and streams and events exist. It is a reference device for
+development, CI and integration tests, not a CUDA emulator, so user modules (PTX, cubin, fatbin)
+are refused with an error that names the GPU executors.
+
+Ordering: all work runs in submission order on the device's one worker thread and each operation
+finishes before the next starts, so stream ordering, event ordering and ``synchronize`` hold
+trivially; streams are kept as handles so that client programs written for GPUs run unchanged.
+
+Pointers: a device address is valid for a tenant only inside one of its own allocations. API calls
+given anything else raise ``InvalidHandle``; kernels addressing anything else raise ``KernelFault``.
+Stepping outside is always an error, never a crash or a silent read of someone else's bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .base import (
+    BUILTIN_MODULE,
+    DEFAULT_STREAM,
+    DeviceProperties,
+    FunctionInfo,
+    Tenant,
+    arg_struct_format,
+)
+from .builtins import BUILTINS, Builtin
+from .errors import (
+    DeviceOutOfMemory,
+    InvalidHandle,
+    InvalidValue,
+    KernelFault,
+    Unsupported,
+)
+from .worker import WorkerExecutor
+
+__all__ = ["NumpyExecutor", "NumpyTenant"]
+
+# cudaMalloc returns 256-byte-aligned addresses; aligning and charging in the same unit makes a
+# tenant's quota (and its kernels' alignment) behave the same as on a GPU.
+ALIGNMENT = 256
+_ADDRESS_BASE = 0x7000_0000_0000
+_ADDRESS_SPAN = 2**40
+
+
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+class AddressSpace:
+    """One device's simulated virtual address range, shared by all of its tenants.
+
+    Addresses come from a roving next-fit cursor that wraps around: a freed address is not handed
+    out again until the cursor has gone round the whole (1 TiB) range, so a use-after-free finds no
+    allocation there and fails loudly instead of touching a newer allocation. Sharing one range
+    across tenants means another tenant's pointer is never one of yours.
+    """
+
+    def __init__(self, base: int, span: int) -> None:
+        self._base = base
+        self._end = base + span
+        self._cursor = base
+        self._starts: list[int] = []  # sorted starts of live ranges, parallel to _ends
+        self._ends: list[int] = []
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> int:
+        """A 256-byte-aligned address with ``nbytes`` free after it."""
+        size = _round_up(nbytes)
+        with self._lock:
+            address = self._first_fit(self._cursor, size)
+            if address is None:
+                address = self._first_fit(self._base, size)
+            if address is None:
+                raise DeviceOutOfMemory(
+                    f"device address space exhausted ({nbytes} bytes requested)"
+                )
+            index = bisect.bisect_left(self._starts, address)
+            self._starts.insert(index, address)
+            self._ends.insert(index, address + size)
+            self._cursor = address + size
+            return address
+
+    def unreserve(self, address: int) -> None:
+        with self._lock:
+            index = bisect.bisect_left(self._starts, address)
+            del self._starts[index]
+            del self._ends[index]
+
+    def _first_fit(self, start: int, size: int) -> int | None:
+        # Live ranges and sizes are all multiples of ALIGNMENT, so every candidate stays aligned.
+        index = bisect.bisect_right(self._starts, start)
+        candidate = start
+        if index > 0 and self._ends[index - 1] > candidate:
+            candidate = self._ends[index - 1]
+        while index < len(self._starts) and self._starts[index] < candidate + size:
+            candidate = max(candidate, self._ends[index])
+            index += 1
+        return candidate if candidate + size <= self._end else None
+
+
+@dataclass(eq=False)
+class _Allocation:
+    start: int
+    nbytes: int
+    charged: int  # nbytes rounded up to ALIGNMENT: what the tenant's quota pays
+    data: np.ndarray  # uint8, exactly nbytes long, so a range past nbytes is out of bounds
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+
+class _TenantMemory:
+    """The ``KernelMemory`` a launch hands to a built-in: the launching tenant's allocations."""
+
+    def __init__(self, tenant: NumpyTenant) -> None:
+        self._tenant = tenant
+
+    def view(self, ptr: int, dtype: npt.DTypeLike, count: int) -> np.ndarray:
+        dt = np.dtype(dtype)
+        if count < 0:
+            raise KernelFault(f"illegal address: negative element count {count} at {ptr:#x}")
+        if ptr % dt.itemsize:
+            raise KernelFault(f"misaligned address {ptr:#x} for {dt.itemsize}-byte {dt.name}")
+        found = self._tenant._resolve(ptr, count * dt.itemsize)
+        if found is None:
+            raise KernelFault(
+                f"illegal address: {count} x {dt.name} at {ptr:#x} "
+                f"({count * dt.itemsize} bytes) is not inside one of the tenant's allocations"
+            )
+        return found.view(dt)
+
+
+class NumpyTenant(Tenant):
+    """One tenant's context on a ``NumpyExecutor``: its allocations, streams, events, functions.
+
+    Every method but ``staging_buffer`` runs on the device's worker thread, so the tenant's own
+    tables need no lock.
+    """
+
+    def __init__(
+        self,
+        memory_limit: int,
+        weight: float,
+        address_space: AddressSpace,
+        properties: DeviceProperties,
+    ) -> None:
+        super().__init__(memory_limit, weight)
+        self._address_space = address_space
+        self._properties = properties
+        self._used = 0
+        self._starts: list[int] = []  # sorted, for bisect lookups of interior pointers
+        self._allocations: dict[int, _Allocation] = {}
+        self._next_handle = 1  # one counter for streams, events and functions; 0 is never issued
+        self._streams: set[int] = set()
+        self._events: dict[int, float | None] = {}  # handle -> perf_counter() when recorded
+        self._functions: dict[int, Builtin] = {}
+        self._function_handles: dict[str, int] = {}
+        self._released = False
+        self._memory = _TenantMemory(self)
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    # -- host side ------------------------------------------------------------------------------
+    def staging_buffer(self, nbytes: int) -> memoryview:
+        if nbytes < 0:
+            raise InvalidValue(f"staging buffer size must not be negative, got {nbytes}")
+        # np.empty does not touch the pages, so asking for a buffer costs nothing until written.
+        return np.empty(nbytes, np.uint8).data
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _resolve(self, ptr: int, nbytes: int) -> np.ndarray | None:
+        """The uint8 bytes [ptr, ptr + nbytes) if they lie inside one allocation, else None."""
+        index = bisect.bisect_right(self._starts, ptr) - 1
+        if index < 0:
+            return None
+        allocation = self._allocations[self._starts[index]]
+        offset = ptr - allocation.start
+        if ptr + nbytes > allocation.end or offset >= allocation.nbytes:
+            return None
+        return allocation.data[offset : offset + nbytes]
+
+    def _device_bytes(self, ptr: int, nbytes: int, what: str) -> np.ndarray:
+        found = self._resolve(ptr, nbytes)
+        if found is None:
+            raise InvalidHandle(
+                f"{what}: {nbytes} bytes at {ptr:#x} are not inside "
+                "one of this tenant's allocations"
+            )
+        return found
+
+    def mem_alloc(self, nbytes: int) -> int:
+        if nbytes <= 0:
+            raise InvalidValue(f"allocation size must be positive, got {nbytes}")
+        if self._released:  # the executor no longer counts this tenant's limit against the device
+            raise InvalidHandle("the tenant is closed")
+        charged = _round_up(nbytes)
+        if self._used + charged > self.memory_limit:
+            raise DeviceOutOfMemory(
+                f"out of memory: requested {nbytes} bytes ({charged} with alignment), "
+                f"{self._used} of the tenant's {self.memory_limit} bytes in use"
+            )
+        try:
+            data = np.empty(nbytes, np.uint8)  # not zeroed: pages stay untouched until written
+        except MemoryError:
+            raise DeviceOutOfMemory(
+                f"out of memory: the host cannot back {nbytes} more bytes of device memory"
+            ) from None
+        start = self._address_space.reserve(nbytes)
+        bisect.insort(self._starts, start)
+        self._allocations[start] = _Allocation(start, nbytes, charged, data)
+        self._used += charged
+        return start
+
+    def mem_free(self, ptr: int) -> None:
+        allocation = self._allocations.pop(ptr, None)
+        if allocation is None:
+            inside = self._resolve(ptr, 0) is not None
+            detail = "is inside an allocation but not its start" if inside else "is not allocated"
+            raise InvalidHandle(f"mem_free: {ptr:#x} {detail}")
+        del self._starts[bisect.bisect_left(self._starts, ptr)]
+        self._address_space.unreserve(ptr)
+        self._used -= allocation.charged
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return self.memory_limit - self._used, self.memory_limit
+
+    def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None:
+        self._check_stream(stream)
+        if src.nbytes == 0:
+            return
+        self._device_bytes(dst, src.nbytes, "memcpy_htod destination")[:] = np.frombuffer(
+            src, np.uint8
+        )
+
+    def memcpy_dtoh(self, dst: memoryview, src: int, stream: int) -> None:
+        self._check_stream(stream)
+        if dst.readonly:
+            raise InvalidValue("memcpy_dtoh: the host destination buffer is read-only")
+        if dst.nbytes == 0:
+            return
+        source = self._device_bytes(src, dst.nbytes, "memcpy_dtoh source")
+        np.frombuffer(dst, np.uint8)[:] = source
+
+    def memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check_stream(stream)
+        if nbytes < 0:
+            raise InvalidValue(f"memcpy_dtod: size must not be negative, got {nbytes}")
+        if nbytes == 0:
+            return
+        source = self._device_bytes(src, nbytes, "memcpy_dtod source")
+        target = self._device_bytes(dst, nbytes, "memcpy_dtod destination")
+        # NumPy detects overlapping views of one allocation and copies through a buffer, so
+        # overlapping ranges behave like memmove.
+        target[:] = source
+
+    def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
+        self._check_stream(stream)
+        if itemsize not in (1, 4):
+            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
+        if count < 0:
+            raise InvalidValue(f"memset: count must not be negative, got {count}")
+        if itemsize == 4 and ptr % 4:
+            raise InvalidValue(
+                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
+            )
+        if count == 0:
+            return
+        target = self._device_bytes(ptr, count * itemsize, "memset")
+        if itemsize == 1:
+            target.fill(value & 0xFF)
+        else:
+            target.view(np.uint32).fill(value & 0xFFFF_FFFF)
+
+    # -- code -----------------------------------------------------------------------------------
+    def module_load(self, image: bytes) -> int:
+        raise Unsupported(
+            "the NumPy reference device runs only the built-in kernels (module 0); "
+            "load PTX/cubin/fatbin modules on a GPU executor (--executor pycuda)"
+        )
+
+    def module_unload(self, module: int) -> None:
+        raise InvalidHandle(
+            f"module {module} is not loaded (the NumPy reference device has only the built-ins, "
+            "which cannot be unloaded)"
+        )
+
+    def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
+        if module != BUILTIN_MODULE:
+            raise InvalidHandle(f"module {module} is not loaded")
+        builtin = BUILTINS.get(name)
+        if builtin is None:
+            raise InvalidHandle(
+                f"no built-in kernel {name!r}; available: {', '.join(sorted(BUILTINS))}"
+            )
+        if arg_types is not None and arg_types != builtin.arg_types:
+            raise InvalidValue(
+                f"built-in {name!r} takes arg_types {builtin.arg_types!r}, not {arg_types!r}"
+            )
+        handle = self._function_handles.get(name)
+        if handle is None:
+            handle = self._function_handles[name] = self._new_handle()
+            self._functions[handle] = builtin
+        return FunctionInfo(handle, builtin.arg_types)
+
+    def launch(
+        self,
+        function: int,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_mem: int,
+        stream: int,
+        args: bytes,
+    ) -> None:
+        builtin = self._functions.get(function)
+        if builtin is None:
+            raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
+        self._check_stream(stream)
+        props = self._properties
+        if len(grid) != 3 or any(not 1 <= g <= limit for g, limit in zip(grid, props.max_grid)):
+            raise InvalidValue(f"launch: grid {grid} is outside 1..{props.max_grid}")
+        if len(block) != 3 or any(b < 1 for b in block):
+            raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
+        if block[0] * block[1] * block[2] > props.max_threads_per_block:
+            raise InvalidValue(
+                f"launch: block {block} has more than {props.max_threads_per_block} threads"
+            )
+        if not 0 <= shared_mem <= props.max_shared_memory_per_block:
+            raise InvalidValue(
+                f"launch: shared memory {shared_mem} is outside "
+                f"0..{props.max_shared_memory_per_block} bytes"
+            )
+        layout = arg_struct_format(builtin.arg_types)
+        if len(args) != struct.calcsize(layout):
+            raise InvalidValue(
+                f"launch: {builtin.name} takes {struct.calcsize(layout)} bytes of arguments "
+                f"({builtin.arg_types!r}), got {len(args)}"
+            )
+        # A GPU computes NaN/Inf silently; NumPy's floating-point warnings would only be noise.
+        with np.errstate(all="ignore"):
+            builtin.run(self._memory, struct.unpack(layout, args))
+
+    # -- streams and events ---------------------------------------------------------------------
+    def _check_stream(self, stream: int) -> None:
+        if stream != DEFAULT_STREAM and stream not in self._streams:
+            raise InvalidHandle(f"stream {stream} is not one of this tenant's")
+
+    def _check_event(self, event: int) -> None:
+        if event not in self._events:
+            raise InvalidHandle(f"event {event} is not one of this tenant's")
+
+    def stream_create(self) -> int:
+        stream = self._new_handle()
+        self._streams.add(stream)
+        return stream
+
+    def stream_destroy(self, stream: int) -> None:
+        if stream == DEFAULT_STREAM:
+            raise InvalidValue("the default stream cannot be destroyed")
+        self._check_stream(stream)
+        self._streams.discard(stream)
+
+    def stream_synchronize(self, stream: int) -> None:
+        self._check_stream(stream)
+
+    def event_create(self) -> int:
+        event = self._new_handle()
+        self._events[event] = None
+        return event
+
+    def event_destroy(self, event: int) -> None:
+        self._check_event(event)
+        del self._events[event]
+
+    def event_record(self, event: int, stream: int) -> None:
+        self._check_event(event)
+        self._check_stream(stream)
+        # Everything submitted before has already finished, so "now" is when the stream reaches it.
+        self._events[event] = time.perf_counter()
+
+    def event_synchronize(self, event: int) -> None:
+        self._check_event(event)
+
+    def event_elapsed_ms(self, start: int, end: int) -> float:
+        self._check_event(start)
+        self._check_event(end)
+        started, ended = self._events[start], self._events[end]
+        if started is None or ended is None:
+            never = start if started is None else end
+            raise InvalidValue(f"event {never} has never been recorded")
+        return (ended - started) * 1000.0
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: each operation finished on the worker before the next began."""
+
+    def release(self) -> None:
+        self._released = True
+        for start in self._allocations:
+            self._address_space.unreserve(start)
+        self._allocations.clear()
+        self._starts.clear()
+        self._used = 0
+        self._streams.clear()
+        self._events.clear()
+        self._functions.clear()
+        self._function_handles.clear()
+
+
+class NumpyExecutor(WorkerExecutor):
+    """A NumPy reference device with ``memory`` bytes, shared by tenants with hard memory limits.
+
+    The sum of the open tenants' limits never exceeds the device's memory, so a tenant's limit is
+    a guarantee: an allocation within it never fails because a neighbour used the device up.
+    """
+
+    def __init__(
+        self, index: int = 0, memory: int = 16 * 2**30, name: str = "NumPy reference device"
+    ) -> None:
+        if index < 0:
+            raise ValueError(f"device index must not be negative, got {index}")
+        if memory <= 0:
+            raise ValueError(f"device memory must be positive, got {memory}")
+        super().__init__(f"numpy-gpu{index}")
+        self.index = index
+        self.properties = DeviceProperties(name, memory, "numpy")
+        # Each device gets its own 1 TiB range, so a pointer from another device is never valid.
+        self._address_space = AddressSpace(_ADDRESS_BASE + index * _ADDRESS_SPAN, _ADDRESS_SPAN)
+        self._committed = 0  # sum of the open tenants' memory limits
+        self._committed_lock = threading.Lock()
+
+    def open_tenant(self, memory_limit: int, weight: float) -> NumpyTenant:
+        if memory_limit < 0:
+            raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
+        if not weight > 0:
+            raise InvalidValue(f"compute weight must be positive, got {weight}")
+        total = self.properties.total_memory
+        with self._committed_lock:
+            if self._committed + memory_limit > total:
+                raise DeviceOutOfMemory(
+                    f"device out of memory: a tenant limit of {memory_limit} bytes does not fit, "
+                    f"{self._committed} of {total} bytes are promised to open tenants"
+                )
+            self._committed += memory_limit
+        tenant = NumpyTenant(memory_limit, weight, self._address_space, self.properties)
+        self._register(tenant)
+        return tenant
+
+    def _tenant_released(self, tenant: Tenant) -> None:
+        with self._committed_lock:
+            self._committed -= tenant.memory_limit

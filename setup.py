@@ -1,0 +1,28 @@
+"""Packaging for bitfusion-net: the network library and its GPU executors."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bitfusion-net",
+    version="0.1.0",
+    description="Share GPUs over the network, whole or in fractions down to 1/20",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]),
+    install_requires=["numpy>=1.24", "uvloop>=0.17; sys_platform != 'win32'"],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10"],
+        "gpu": ["pycuda>=2024.1"],
+        "rdma": ["pyverbs>=50"],
+    },
+    entry_points={"console_scripts": ["bitfusion-server = bitfusion_net.server.__main__:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: AsyncIO",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
