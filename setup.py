@@ -12,10 +12,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]),
+    packages=find_packages(
+        include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]
+    ),
     install_requires=["numpy>=1.24", "uvloop>=0.17; sys_platform != 'win32'"],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+        ],
         "gpu": ["pycuda>=2024.1"],
         "rdma": ["pyverbs>=50"],
     },

@@ -331,7 +331,7 @@ class NumpyTenant(Tenant):
             raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
         self._check_stream(stream)
         props = self._properties
-        if len(grid) != 3 or any(not 1 <= g <= limit for g, limit in zip(grid, props.max_grid)):
+        if len(grid) != 3 or any(not 1 <= g <= limit for g, limit in zip(grid, props.max_grid, strict=True)):
             raise InvalidValue(f"launch: grid {grid} is outside 1..{props.max_grid}")
         if len(block) != 3 or any(b < 1 for b in block):
             raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..transport import new_event_loop
-from .device import Dim3, DevicePtr, Event, Function, Module, RemoteDevice, Stream
+from .device import DevicePtr, Dim3, Event, Function, Module, RemoteDevice, Stream
 from .session import DEFAULT_CONNECT_TIMEOUT, Session, open_session
 
 T = TypeVar("T")
@@ -25,7 +25,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="bitfusion-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="bitfusion-client", daemon=True
+        )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -98,7 +100,9 @@ class SyncModule:
         self._module = module
 
     def get_function(self, name: str, arg_types: str = "") -> SyncFunction:
-        return SyncFunction(self._runner, self._runner.run(self._module.get_function(name, arg_types)))
+        return SyncFunction(
+            self._runner, self._runner.run(self._module.get_function(name, arg_types))
+        )
 
     def unload(self) -> None:
         self._runner.run(self._module.unload())
@@ -137,13 +141,19 @@ class SyncRemoteDevice:
     def memcpy_dtoh(self, buffer: Any, src: int, stream: SyncStream | None = None) -> None:
         self._runner.run(self._device.memcpy_dtoh(buffer, src, _stream(stream)))
 
-    def memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: SyncStream | None = None) -> None:
+    def memcpy_dtod(
+        self, dst: int, src: int, nbytes: int, stream: SyncStream | None = None
+    ) -> None:
         self._runner.run(self._device.memcpy_dtod(dst, src, nbytes, _stream(stream)))
 
-    def memset_d8(self, ptr: int, value: int, nbytes: int, stream: SyncStream | None = None) -> None:
+    def memset_d8(
+        self, ptr: int, value: int, nbytes: int, stream: SyncStream | None = None
+    ) -> None:
         self._runner.run(self._device.memset_d8(ptr, value, nbytes, _stream(stream)))
 
-    def memset_d32(self, ptr: int, value: int, count: int, stream: SyncStream | None = None) -> None:
+    def memset_d32(
+        self, ptr: int, value: int, count: int, stream: SyncStream | None = None
+    ) -> None:
         self._runner.run(self._device.memset_d32(ptr, value, count, _stream(stream)))
 
     def synchronize(self) -> None:

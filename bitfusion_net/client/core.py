@@ -84,7 +84,9 @@ class ClientCore:
         if payload is None:
             self.connection.send(encode_request(message, request_id))
         elif len(payload) <= SNAPSHOT_LIMIT:
-            self.connection.send(encode_request(message, request_id, len(payload)), memoryview(bytes(payload)))
+            self.connection.send(
+                encode_request(message, request_id, len(payload)), memoryview(bytes(payload))
+            )
         else:
             consumed = self._loop.create_future()
 
@@ -92,7 +94,9 @@ class ClientCore:
                 if not consumed.done():
                     consumed.set_result(None)
 
-            self.connection.send(encode_request(message, request_id, len(payload)), payload, on_sent)
+            self.connection.send(
+                encode_request(message, request_id, len(payload)), payload, on_sent
+            )
             self._consumption_waits.add(consumed)
             try:
                 await consumed
@@ -143,7 +147,11 @@ class ClientCore:
     def _error_from(reply: ErrorReply) -> BitfusionError:
         cls = error_class(reply.code)
         if reply.flags & ERROR_DEFERRED:
-            return cls(reply.message, deferred_from=reply.deferred_from, later_failures=reply.later_failures)
+            return cls(
+                reply.message,
+                deferred_from=reply.deferred_from,
+                later_failures=reply.later_failures,
+            )
         return cls(reply.message)
 
     def protocol_error(self, error: ProtocolError) -> None:

@@ -48,7 +48,9 @@ def _bytes_view(buffer: Any, *, writable: bool) -> memoryview:
 def _dim3(value: Dim3, what: str) -> tuple[int, int, int]:
     dims = (value,) if isinstance(value, int) else tuple(value)
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and d >= 1 for d in dims):
-        raise InvalidValueError(f"{what} must be a positive int or 1-3 positive ints, got {value!r}")
+        raise InvalidValueError(
+            f"{what} must be a positive int or 1-3 positive ints, got {value!r}"
+        )
     return (dims + (1, 1))[:3]  # type: ignore[return-value]
 
 
@@ -226,17 +228,25 @@ class RemoteDevice:
         ]
         await asyncio.gather(*requests)
 
-    async def memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: Stream | None = None) -> None:
+    async def memcpy_dtod(
+        self, dst: int, src: int, nbytes: int, stream: Stream | None = None
+    ) -> None:
         handle = stream.handle if stream is not None else 0
         await self._core.post(m.MemcpyDtoD(self.index, int(dst), int(src), _size(nbytes), handle))
 
-    async def memset_d8(self, ptr: int, value: int, nbytes: int, stream: Stream | None = None) -> None:
+    async def memset_d8(
+        self, ptr: int, value: int, nbytes: int, stream: Stream | None = None
+    ) -> None:
         await self._memset(ptr, value, 1, nbytes, stream)
 
-    async def memset_d32(self, ptr: int, value: int, count: int, stream: Stream | None = None) -> None:
+    async def memset_d32(
+        self, ptr: int, value: int, count: int, stream: Stream | None = None
+    ) -> None:
         await self._memset(ptr, value, 4, count, stream)
 
-    async def _memset(self, ptr: int, value: int, itemsize: int, count: int, stream: Stream | None) -> None:
+    async def _memset(
+        self, ptr: int, value: int, itemsize: int, count: int, stream: Stream | None
+    ) -> None:
         if not 0 <= value < 1 << (8 * itemsize):
             raise InvalidValueError(f"memset value {value} does not fit in {itemsize} byte(s)")
         handle = stream.handle if stream is not None else 0
@@ -258,7 +268,9 @@ class RemoteDevice:
         """Load a PTX, cubin or fatbin image (GPU executors only)."""
         view = _bytes_view(image, writable=False)
         if len(view) > self._max_payload:
-            raise InvalidValueError(f"module image of {len(view)} bytes exceeds {self._max_payload}")
+            raise InvalidValueError(
+                f"module image of {len(view)} bytes exceeds {self._max_payload}"
+            )
         reply = await self._core.request(m.ModuleLoad(self.index), view)
         return Module(self, reply.module)
 

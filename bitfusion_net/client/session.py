@@ -10,7 +10,8 @@ from typing import Any
 
 from ..protocol import DEFAULT_LIMITS, ConnectionLostError, InvalidValueError, Limits
 from ..protocol import messages as m
-from ..transport import FrameConnection, connect as tcp_connect, parse_address
+from ..transport import FrameConnection, parse_address
+from ..transport import connect as tcp_connect
 from ..units import parse_size
 from .core import ClientCore
 from .device import RemoteDevice
@@ -145,6 +146,4 @@ def connect(
     Raises CapacityError when the server cannot place the lease, ConnectionLostError when it
     cannot be reached within ``timeout`` seconds.
     """
-    return _SessionOpener(
-        address, gpus, fraction, memory, client_name=client_name, timeout=timeout
-    )
+    return _SessionOpener(address, gpus, fraction, memory, client_name=client_name, timeout=timeout)

@@ -12,6 +12,7 @@ Every length is checked against ``Limits`` before anything is allocated for it.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,7 +168,9 @@ class FrameDecoder:
             if available < HEADER_SIZE + meta_len:
                 return
             meta_start = self._start + HEADER_SIZE
-            message = self._decode_message(opcode, bool(flags & FLAG_REPLY), view[meta_start : meta_start + meta_len])
+            message = self._decode_message(
+                opcode, bool(flags & FLAG_REPLY), view[meta_start : meta_start + meta_len]
+            )
             self._start = meta_start + meta_len
             if not payload_len:
                 self._frames.append(Frame(opcode, request_id, self._receives_replies, message))
@@ -191,7 +194,9 @@ class FrameDecoder:
         if flags & ~KNOWN_FLAGS:
             raise ProtocolError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:04x}")
         if bool(flags & FLAG_REPLY) != self._receives_replies:
-            raise ProtocolError("a reply sent to a server" if flags & FLAG_REPLY else "a request sent to a client")
+            raise ProtocolError(
+                "a reply sent to a server" if flags & FLAG_REPLY else "a request sent to a client"
+            )
         table = REPLIES if self._receives_replies else REQUESTS
         cls = table.get(opcode)
         if cls is None:
@@ -201,7 +206,9 @@ class FrameDecoder:
                 f"metadata of {meta_len} bytes exceeds the limit of {self._limits.max_metadata}"
             )
         if payload_len and not cls.HAS_PAYLOAD:
-            raise ProtocolError(f"{Opcode(opcode).name} carries no payload, got {payload_len} bytes")
+            raise ProtocolError(
+                f"{Opcode(opcode).name} carries no payload, got {payload_len} bytes"
+            )
         if payload_len > self._limits.max_payload:
             raise ProtocolError(
                 f"payload of {payload_len} bytes exceeds the limit of {self._limits.max_payload}"
@@ -211,15 +218,15 @@ class FrameDecoder:
         cls = (REPLIES if is_reply else REQUESTS)[opcode]
         try:
             return cls.decode(meta)
-        except ProtocolError:
-            raise
-        except Exception as exc:  # struct.error and friends: anything malformed
+        except struct.error as exc:
             raise ProtocolError(f"malformed {cls.__name__} metadata: {exc}") from None
 
     def _finish_payload(self) -> None:
         assert self._pending is not None
         opcode, request_id, message = self._pending
-        self._frames.append(Frame(opcode, request_id, self._receives_replies, message, self._destination))
+        self._frames.append(
+            Frame(opcode, request_id, self._receives_replies, message, self._destination)
+        )
         self._pending = None
         self._destination = None
         self._filled = 0

@@ -177,7 +177,11 @@ class HelloReply(Reply):
         out = bytearray()
         for grant in devices:
             out += DeviceGrant._FIXED.pack(
-                grant.index, grant.server_gpu, grant.total_memory, grant.memory_limit, grant.fraction
+                grant.index,
+                grant.server_gpu,
+                grant.total_memory,
+                grant.memory_limit,
+                grant.fraction,
             )
             for text in (grant.name, grant.executor):
                 raw = text.encode()

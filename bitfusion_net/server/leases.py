@@ -84,7 +84,9 @@ class GpuPool:
                 f"(free shares {free})"
             )
         candidates.sort()
-        placements = [Placement(index, share, limit) for _, index, share, limit in candidates[:gpus]]
+        placements = [
+            Placement(index, share, limit) for _, index, share, limit in candidates[:gpus]
+        ]
         for placement in placements:
             slot = self.slots[placement.gpu]
             slot.leased_share += placement.share

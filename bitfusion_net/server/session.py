@@ -141,7 +141,13 @@ class ServerSession:
             return
         self._closed = True
         how = f"lost ({error})" if error else "closed"
-        log.info("session %d (%s) %s; releasing %d lease(s)", self.id, self.connection.peer, how, len(self.leases))
+        log.info(
+            "session %d (%s) %s; releasing %d lease(s)",
+            self.id,
+            self.connection.peer,
+            how,
+            len(self.leases),
+        )
         for lease in self.leases:
             self._release(lease)
         self.leases = []
@@ -207,8 +213,8 @@ class ServerSession:
 
     # -- device requests ------------------------------------------------------------------------
     def _submit(self, frame: Frame) -> None:
-        message = frame.message
-        device: int = getattr(message, "device")
+        message: Any = frame.message  # a device request: every one has a ``device`` field
+        device: int = message.device
         request = type(message)
         no_reply = getattr(request, "NO_REPLY", False)
         if device >= len(self.leases):
@@ -217,9 +223,9 @@ class ServerSession:
                 raise ProtocolError(text)
             raise InvalidValueError(text)
         lease = self.leases[device]
-        if request is m.MemcpyDtoH and message.nbytes > self._limits.max_payload:  # type: ignore[attr-defined]
+        if request is m.MemcpyDtoH and message.nbytes > self._limits.max_payload:
             raise InvalidValueError(
-                f"copy of {message.nbytes} bytes exceeds the frame payload limit "  # type: ignore[attr-defined]
+                f"copy of {message.nbytes} bytes exceeds the frame payload limit "
                 f"{self._limits.max_payload}; split it"
             )
         op, to_reply = _work(lease.tenant, message, frame.payload)
@@ -230,7 +236,7 @@ class ServerSession:
             return
         assert to_reply is not None
         opcode, request_id = frame.opcode, frame.request_id
-        staged = message.nbytes if request is m.MemcpyDtoH else 0  # type: ignore[attr-defined]
+        staged = message.nbytes if request is m.MemcpyDtoH else 0
         self._staged += staged
 
         def on_done(result: Any, error: BaseException | None) -> None:  # on the worker thread
@@ -238,9 +244,7 @@ class ServerSession:
                 self._complete, opcode, request_id, to_reply, result, error, staged
             )
 
-        lease.executor.submit(
-            lease.tenant, op, wants_reply=True, tag=request_id, on_done=on_done
-        )
+        lease.executor.submit(lease.tenant, op, wants_reply=True, tag=request_id, on_done=on_done)
 
     def _unstaging(self, op: Callable[[], Any], nbytes: int) -> Callable[[], Any]:
         """Wrap ``op`` so the staged payload is accounted as gone once the device has it."""
@@ -288,13 +292,19 @@ class ServerSession:
     def _send_device_error(self, request_id: int, error: BaseException) -> None:
         deferred_from, later, flags = 0, 0, 0
         if isinstance(error, DeferredError):
-            deferred_from, later, flags = error.failure.tag, error.failure.later_failures, ERROR_DEFERRED
+            deferred_from, later, flags = (
+                error.failure.tag,
+                error.failure.later_failures,
+                ERROR_DEFERRED,
+            )
             error = error.failure.error
         code = next((c for cls, c in _DEVICE_ERROR_CODES.items() if isinstance(error, cls)), None)
         if code is None:
             log.error("session %d: internal error", self.id, exc_info=error)
             code = ErrorCode.INTERNAL
-        self._send_error(request_id, code, str(error), flags=flags, deferred_from=deferred_from, later=later)
+        self._send_error(
+            request_id, code, str(error), flags=flags, deferred_from=deferred_from, later=later
+        )
 
     def _send_error(
         self,
@@ -376,7 +386,9 @@ def _work(tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
         )
     if isinstance(msg, m.Launch):
         return (
-            lambda: t.launch(msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args)
+            lambda: t.launch(
+                msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args
+            )
         ), None
     if isinstance(msg, m.StreamCreate):
         return t.stream_create, _handle

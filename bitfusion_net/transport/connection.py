@@ -18,7 +18,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from ..protocol import Frame, FrameDecoder, ProtocolError
 
@@ -59,7 +59,9 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._queue_limit = queue_limit
         self._flush_scheduled = False
         self._transport_paused = False
-        self._awaiting_drain: list[Callable[[], None]] = []  # on_sent callbacks waiting for the kernel
+        self._awaiting_drain: list[
+            Callable[[], None]
+        ] = []  # on_sent callbacks waiting for the kernel
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
         self._closed = False
@@ -68,15 +70,15 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        transport.set_write_buffer_limits(high=0, low=0)
+        self.transport.set_write_buffer_limits(high=0, low=0)
         self.handler = self._handler_factory(self)
         self.decoder = self.handler.decoder
 
@@ -207,7 +209,12 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self._closed and not self._broken:
+        if (
+            self._reading_paused
+            and self.transport is not None
+            and not self._closed
+            and not self._broken
+        ):
             self._reading_paused = False
             self.transport.resume_reading()
 
