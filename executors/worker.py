@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import Completion, DeferredError, Executor, Tenant
+from .errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ class DeviceWorker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stopped = False  # set, under the lock, once nothing more will be taken off the queue
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -35,19 +38,32 @@ class DeviceWorker:
         tag: int,
         on_done: Completion | None,
     ) -> None:
-        self._queue.put((tenant, op, wants_reply, tag, on_done))
+        with self._lock:
+            if not self._stopped:
+                self._queue.put((tenant, op, wants_reply, tag, on_done))
+                return
+        if on_done is not None:
+            on_done(None, DeviceError("the device has shut down"))
 
     def stop(self, timeout: float | None = None) -> None:
+        """Run what is queued, then stop; later submissions fail with ``DeviceError``."""
         self._queue.put(_STOP)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+        while (item := self._queue.get()) is not _STOP:
             self._execute(*item)
+        # Whoever submitted after stop() still waits for an answer: give each one.
+        with self._lock:
+            self._stopped = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[4] is not None:
+                item[4](None, DeviceError("the device has shut down"))
 
     @staticmethod
     def _execute(
@@ -108,12 +124,14 @@ class WorkerExecutor(Executor):
                 self._tenants.discard(tenant)
             try:
                 tenant.release()
+            except Exception:  # noqa: BLE001 - release must not raise; if it does, say so
+                log.exception("releasing a tenant failed")
             finally:
                 self._tenant_released(tenant)
 
         def finished(_result: Any, _error: BaseException | None) -> None:
-            if _error is not None:
-                log.error("releasing a tenant failed: %r", _error)
+            # An error here can only be the worker refusing work after close(), which has
+            # released every tenant itself.
             if on_done is not None:
                 on_done()
 

@@ -37,10 +37,15 @@ class Session:
     def closed(self) -> bool:
         return self._core.failure is not None
 
-    async def close(self) -> None:
-        """Release the session's GPUs. Queued no-reply work is sent first."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Release the session's GPUs. Queued no-reply work is sent first, for up to ``timeout`` s."""
         self._core.close()
-        await self._core.connection.wait_closed()
+        connection = self._core.connection
+        try:
+            await asyncio.wait_for(connection.wait_closed(), timeout)
+        except TimeoutError:  # the server stopped reading; it frees the leases when we vanish
+            connection.abort()
+            await connection.wait_closed()
 
     async def __aenter__(self) -> Session:
         return self
