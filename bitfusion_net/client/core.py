@@ -43,8 +43,8 @@ class ClientCore:
         )
         self._loop = asyncio.get_running_loop()
         self._next_id = 1
-        # request id -> (future of the reply, buffer its payload lands in)
-        self._pending: dict[int, tuple[asyncio.Future[Any], memoryview | None]] = {}
+        # request id -> (future of the reply, the request's opcode, buffer its payload lands in)
+        self._pending: dict[int, tuple[asyncio.Future[Any], int, memoryview | None]] = {}
         self._failure: BitfusionError | None = None
         # posts waiting for the kernel to take their payload (failed if the connection dies)
         self._consumption_waits: set[asyncio.Future[None]] = set()
@@ -69,7 +69,7 @@ class ClientCore:
         self._check_open()
         request_id = self._new_id()
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[request_id] = (future, into)
+        self._pending[request_id] = (future, message.OPCODE, into)
         self.connection.send(
             encode_request(message, request_id, len(payload) if payload is not None else 0), payload
         )
@@ -112,9 +112,9 @@ class ClientCore:
         self, opcode: int, request_id: int, message: Message, length: int
     ) -> memoryview | None:
         entry = self._pending.get(request_id)
-        if entry is None or entry[1] is None:
+        if entry is None or entry[1] != opcode or entry[2] is None:
             raise ProtocolError(f"unexpected payload for request #{request_id}")
-        into = entry[1]
+        into = entry[2]
         if len(into) != length:
             raise ProtocolError(
                 f"reply to request #{request_id} carries {length} bytes, expected {len(into)}"
@@ -133,6 +133,12 @@ class ClientCore:
             future = entry[0]
         elif entry is None:
             self.protocol_error(ProtocolError(f"reply to unknown request #{frame.request_id}"))
+            return
+        elif entry[1] != frame.opcode:
+            self._pending[frame.request_id] = entry  # so that the failure reaches its caller
+            self.protocol_error(
+                ProtocolError(f"reply to request #{frame.request_id} has the wrong opcode")
+            )
             return
         else:
             future, error = entry[0], None
@@ -167,7 +173,7 @@ class ClientCore:
         if self._failure is None:
             self._failure = error
         pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
+        for future, _, _ in pending.values():
             if not future.done():
                 future.set_exception(self._failure)
         for future in self._consumption_waits:

@@ -9,6 +9,7 @@ as CUDA reports asynchronous errors.
 from __future__ import annotations
 
 import asyncio
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,17 +47,25 @@ def _bytes_view(buffer: Any, *, writable: bool) -> memoryview:
 
 
 def _dim3(value: Dim3, what: str) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, int) else tuple(value)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and d >= 1 for d in dims):
+    try:
+        dims = (
+            [operator.index(value)]
+            if not isinstance(value, Sequence)
+            else list(map(operator.index, value))
+        )
+    except TypeError:
+        dims = []
+    if not 1 <= len(dims) <= 3 or any(d < 1 for d in dims):
         raise InvalidValueError(
             f"{what} must be a positive int or 1-3 positive ints, got {value!r}"
         )
-    return (dims + (1, 1))[:3]  # type: ignore[return-value]
+    dims += [1] * (3 - len(dims))
+    return dims[0], dims[1], dims[2]
 
 
 def _check_arg(code: str) -> Callable[[Any], bool]:
     if code == "P":
-        return lambda v: isinstance(v, int) and not isinstance(v, bool) or hasattr(v, "__index__")
+        return lambda v: not isinstance(v, (bool, float)) and hasattr(v, "__index__")
     if code in "fd":
         return lambda v: isinstance(v, (int, float)) or hasattr(v, "__float__")
     return lambda v: not isinstance(v, (bool, float)) and hasattr(v, "__index__")

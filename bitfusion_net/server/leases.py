@@ -62,10 +62,10 @@ class GpuPool:
                 if gpus >= 1
                 else "asked for no GPUs"
             )
+        if not (math.isfinite(fraction) and 0 <= fraction <= 1) or memory < 0:
+            raise InvalidValueError(f"fraction must be in (0, 1] (got {fraction}), memory >= 0")
         if (fraction > 0) == (memory > 0):
             raise InvalidValueError("give either a fraction or a memory size, not both or neither")
-        if fraction > 0 and not (math.isfinite(fraction) and fraction <= 1.0):
-            raise InvalidValueError(f"fraction must be in (0, 1], got {fraction}")
         if fraction > 0 and round(fraction * SHARE_UNITS) < self.min_share:
             raise InvalidValueError(
                 f"fraction {fraction} is below this server's smallest slice "

@@ -128,12 +128,15 @@ class ServerSession:
             self.protocol_error(exc, frame.request_id)
         except BitfusionError as exc:
             self._send_error(frame.request_id, exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - a server bug must cost one request, not the server
+            log.exception("session %d: internal error handling %s", self.id, type(message).__name__)
+            self._send_error(frame.request_id, ErrorCode.INTERNAL, "internal server error")
         self._update_flow()
 
     def protocol_error(self, error: ProtocolError, request_id: int = 0) -> None:
         log.warning("session %d (%s): protocol error: %s", self.id, self.connection.peer, error)
         self._send_error(request_id, ErrorCode.PROTOCOL, str(error), flags=ERROR_FATAL)
-        self.connection.pause_reading()
+        self.connection.stop_receiving()
         self.connection.close_after_flush()
 
     def connection_lost(self, error: BaseException | None) -> None:
@@ -358,8 +361,8 @@ def _work(tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
     if isinstance(msg, m.MemGetInfo):
         return t.mem_get_info, lambda r: (m.MemGetInfoReply(*r), None)
     if isinstance(msg, m.MemcpyHtoD):
-        assert payload is not None
-        return (lambda: t.memcpy_htod(msg.dst, payload, msg.stream)), None
+        data = payload if payload is not None else memoryview(b"")  # an empty copy is a no-op
+        return (lambda: t.memcpy_htod(msg.dst, data, msg.stream)), None
     if isinstance(msg, m.MemcpyDtoH):
 
         def copy_out() -> memoryview:

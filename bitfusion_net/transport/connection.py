@@ -64,6 +64,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         ] = []  # on_sent callbacks waiting for the kernel
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
+        self._decode_error: ProtocolError | None = None
         self._closed = False
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
         self._broken = False
@@ -94,17 +95,25 @@ class FrameConnection(asyncio.BufferedProtocol):
         try:
             decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
-            self._broken = True
-            self.pause_reading()
-            assert self.handler is not None
-            self.handler.protocol_error(exc)
-            return
-        handler = self.handler
-        assert handler is not None
-        while (frame := decoder.next_frame()) is not None:
-            handler.frame_received(frame)
-            if self._broken or self._closed:
+            # Frames decoded before the bad one are still delivered; nothing more is read.
+            self._decode_error = exc
+            if self.transport is not None:
+                self.transport.pause_reading()
+        self._deliver_frames()
+
+    def _deliver_frames(self) -> None:
+        """Hand decoded frames to the handler, unless it paused us (then on resume_reading)."""
+        decoder, handler = self.decoder, self.handler
+        assert decoder is not None and handler is not None
+        while not (self._reading_paused or self._broken or self._closed):
+            frame = decoder.next_frame()
+            if frame is None:
+                if self._decode_error is not None:
+                    error, self._decode_error = self._decode_error, None
+                    self.stop_receiving()
+                    handler.protocol_error(error)
                 return
+            handler.frame_received(frame)
 
     def eof_received(self) -> bool:
         return False  # close our side too: a half-open connection has no use here
@@ -209,14 +218,19 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if (
-            self._reading_paused
-            and self.transport is not None
-            and not self._closed
-            and not self._broken
-        ):
-            self._reading_paused = False
+        if not self._reading_paused or self._closed or self._broken:
+            return
+        self._reading_paused = False
+        if self.transport is not None and self._decode_error is None:
             self.transport.resume_reading()
+        # Frames decoded before the pause are waiting in the decoder.
+        self._loop.call_soon(self._deliver_frames)
+
+    def stop_receiving(self) -> None:
+        """Deliver no more frames and read nothing more (the owner is closing the connection)."""
+        self._broken = True
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
 
     @property
     def queued_bytes(self) -> int:
