@@ -30,7 +30,6 @@ from ..protocol import (
     ERROR_DEFERRED,
     ERROR_FATAL,
     BitfusionError,
-    CapacityError,
     DeviceGrant,
     ErrorCode,
     ErrorReply,
@@ -118,6 +117,8 @@ class ServerSession:
     def frame_received(self, frame: Frame) -> None:
         message = frame.message
         try:
+            if frame.request_id == 0:
+                raise ProtocolError("request id 0 is reserved for connection-level errors")
             if isinstance(message, m.Hello):
                 self._hello(frame.request_id, message)
             elif not self.leases:
@@ -135,7 +136,11 @@ class ServerSession:
 
     def protocol_error(self, error: ProtocolError, request_id: int = 0) -> None:
         log.warning("session %d (%s): protocol error: %s", self.id, self.connection.peer, error)
-        self._send_error(request_id, ErrorCode.PROTOCOL, str(error), flags=ERROR_FATAL)
+        self._refuse(request_id, ErrorCode.PROTOCOL, str(error))
+
+    def _refuse(self, request_id: int, code: ErrorCode, text: str) -> None:
+        """Answer with a fatal error, handle nothing more, close once it is sent."""
+        self._send_error(request_id, code, text, flags=ERROR_FATAL)
         self.connection.stop_receiving()
         self.connection.close_after_flush()
 
@@ -170,8 +175,7 @@ class ServerSession:
             placements = self._pool.request(hello.gpus, hello.fraction, hello.memory)
         except BitfusionError as exc:
             log.info("session %d (%s): refused: %s", self.id, self.connection.peer, exc)
-            self._send_error(request_id, exc.code, exc.message, flags=ERROR_FATAL)
-            self.connection.close_after_flush()
+            self._refuse(request_id, exc.code, exc.message)
             return
         leases: list[Lease] = []
         try:
@@ -184,9 +188,7 @@ class ServerSession:
                 lease.executor.close_tenant(lease.tenant)
             for placement in placements:
                 self._pool.release(placement)
-            error = CapacityError(f"the executor refused the lease: {exc}")
-            self._send_error(request_id, error.code, error.message, flags=ERROR_FATAL)
-            self.connection.close_after_flush()
+            self._refuse(request_id, ErrorCode.CAPACITY, f"the executor refused the lease: {exc}")
             return
         self.leases = leases
         self._client_name = hello.client_name
@@ -319,6 +321,11 @@ class ServerSession:
         deferred_from: int = 0,
         later: int = 0,
     ) -> None:
+        # The text may echo what the client sent (a kernel name): keep the frame within limits.
+        room = self._limits.max_metadata - ErrorReply._struct.size - 4
+        raw = text.encode()
+        if len(raw) > room:
+            text = raw[: room - 3].decode(errors="ignore") + "..."
         reply = ErrorReply(int(code), flags, deferred_from, later, text)
         self.connection.send(encode_reply(Opcode.ERROR, request_id, reply))
 

@@ -561,3 +561,45 @@ def test_connect_to_a_broken_server_raises_a_typed_error(answer: bytes | None, e
             await fake.wait_closed()
 
     run(main())
+
+
+def test_frames_after_a_fatal_error_in_the_same_write_are_not_handled() -> None:
+    """A MEM_ALLOC before HELLO is fatal; the HELLO pipelined behind it must not lease anything."""
+
+    async def main() -> None:
+        async with serve() as server:
+            peer = await RawPeer.open(server.address)
+            peer.send(encode_request(m.MemAlloc(0, 64), 5) + encode_request(m.Hello(1, 0.5, 0), 6))
+            frames = await peer.until_closed()
+            assert [type(f.message) for f in frames] == [m.ErrorReply], frames
+            assert_error(frames[0], ErrorCode.PROTOCOL, fatal=True, request_id=5)
+            await assert_server_healthy(server)
+
+    run(main())
+
+
+def test_an_error_that_echoes_a_huge_name_still_fits_in_a_frame() -> None:
+    """The error text quotes the unknown kernel name; the ERROR frame stays within the metadata
+    limit, so the client hears InvalidHandleError instead of losing the connection."""
+
+    async def main() -> None:
+        async with serve() as server, bf.connect(server.address, fraction=0.5) as session:
+            device = session.devices[0]
+            with pytest.raises(bf.InvalidHandleError):
+                await device.builtin("k" * 65_000)
+            assert (await device.mem_get_info())[1] == device.memory_limit
+
+    run(main())
+
+
+def test_request_id_zero_is_refused() -> None:
+    async def main() -> None:
+        async with serve() as server:
+            peer = await RawPeer.open(server.address)
+            peer.send(encode_request(m.Hello(1, 0.5, 0), 0))
+            frames = await peer.until_closed()
+            assert [type(f.message) for f in frames] == [m.ErrorReply], frames
+            assert_error(frames[0], ErrorCode.PROTOCOL, fatal=True, request_id=0)
+            await assert_server_healthy(server)
+
+    run(main())

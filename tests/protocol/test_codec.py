@@ -1,0 +1,429 @@
+"""The codec: every request and reply round-trips, and the bytes are the ones docs/PROTOCOL.md says.
+
+Round trips go through the public path (``encode_request``/``encode_reply`` and ``FrameDecoder``),
+not just ``Message.encode``/``decode``, so the header, the direction check and the payload hand-off
+are covered for every message class.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from wire_strategies import (
+    REPLY_ENTRIES,
+    REQUEST_CLASSES,
+    SMALL_LIMITS,
+    U32,
+    all_message_classes,
+    decoder_for,
+    device_grants,
+    drain,
+    fixed_values,
+    make_spec,
+    messages,
+    reply_spec,
+    request_ids,
+    request_spec,
+    texts,
+)
+
+from bitfusion_net.protocol import (
+    ERROR_DEFERRED,
+    ERROR_FATAL,
+    HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    REPLIES,
+    REQUESTS,
+    DeviceGrant,
+    ErrorCode,
+    ErrorReply,
+    Opcode,
+    ProtocolError,
+    encode_reply,
+    encode_request,
+    error_class,
+)
+from bitfusion_net.protocol import messages as m
+from bitfusion_net.protocol.frames import FLAG_REPLY, HEADER, pack_header
+
+ROUND_TRIP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_every_message_class_is_registered() -> None:
+    """'Every class' below means every class: none is defined without being on the wire tables."""
+    registered = set(REQUESTS.values()) | set(REPLIES.values())
+    assert all_message_classes() == registered
+    assert {cls.OPCODE for cls in REQUESTS.values()} == set(REQUESTS)
+    # ERROR is the one reply without a request; every other reply answers a request opcode.
+    assert set(REPLIES) - set(REQUESTS) == {Opcode.ERROR}
+    # A no-reply request has no reply layout, every other request has one.
+    for opcode, cls in REQUESTS.items():
+        assert (opcode in REPLIES) != cls.NO_REPLY, cls.__name__
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", REQUEST_CLASSES, ids=lambda cls: cls.__name__)
+@ROUND_TRIP
+@given(data=st.data())
+def test_request_round_trip(cls: type[m.Request], data: st.DataObject) -> None:
+    spec = data.draw(request_spec(cls))
+    decoder = decoder_for(False)
+    decoder.receive_data(spec.encoded)
+    frames = drain(decoder)
+    assert len(frames) == 1
+    spec.check(frames[0])
+    assert not decoder.in_frame
+    # The message alone round-trips too, and re-encodes to the same bytes.
+    assert type(spec.message).decode(spec.message.encode()) == spec.message
+    assert frames[0].message.encode() == spec.message.encode()
+
+
+@pytest.mark.parametrize(
+    ("opcode", "cls"),
+    REPLY_ENTRIES,
+    ids=[f"{Opcode(o).name}-{c.__name__}" for o, c in REPLY_ENTRIES],
+)
+@ROUND_TRIP
+@given(data=st.data())
+def test_reply_round_trip(opcode: int, cls: type[m.Reply], data: st.DataObject) -> None:
+    spec = data.draw(reply_spec(opcode, cls))
+    decoder = decoder_for(True)
+    decoder.receive_data(spec.encoded)
+    frames = drain(decoder)
+    assert len(frames) == 1
+    spec.check(frames[0])
+    assert not decoder.in_frame
+    assert frames[0].message.encode() == spec.message.encode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    session_id=fixed_values("Q"),
+    max_payload=fixed_values("Q"),
+    max_metadata=fixed_values("I"),
+    devices=st.lists(device_grants, max_size=6),
+    request_id=request_ids,
+)
+def test_hello_reply_device_list_round_trip(
+    session_id: int,
+    max_payload: int,
+    max_metadata: int,
+    devices: list[DeviceGrant],
+    request_id: int,
+) -> None:
+    reply = m.HelloReply.with_devices(session_id, max_payload, max_metadata, devices)
+    decoder = decoder_for(True)
+    decoder.receive_data(encode_reply(Opcode.HELLO, request_id, reply))
+    (frame,) = drain(decoder)
+    decoded = frame.message
+    assert isinstance(decoded, m.HelloReply)
+    assert (decoded.session_id, decoded.max_payload, decoded.max_metadata) == (
+        session_id,
+        max_payload,
+        max_metadata,
+    )
+    assert decoded.devices == devices
+
+
+@settings(max_examples=60, deadline=None)
+@given(device=device_grants)
+def test_device_grant_record_layout(device: DeviceGrant) -> None:
+    """PROTOCOL.md: u16 index, u16 server_gpu, u64 total, u64 limit, f64 fraction, str, str."""
+    name, executor = device.name.encode(), device.executor.encode()
+    expected = (
+        struct.pack(
+            "<HHQQd",
+            device.index,
+            device.server_gpu,
+            device.total_memory,
+            device.memory_limit,
+            device.fraction,
+        )
+        + struct.pack("<I", len(name))
+        + name
+        + struct.pack("<I", len(executor))
+        + executor
+    )
+    assert m.HelloReply.with_devices(1, 2, 3, [device]).grants == expected
+    assert m.HelloReply.with_devices(1, 2, 3, [device, device]).grants == expected * 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(grants=st.binary(max_size=200))
+def test_malformed_device_records_raise_protocol_error(grants: bytes) -> None:
+    reply = m.HelloReply(1, 2, 3, grants)
+    try:
+        devices = reply.devices
+    except ProtocolError:
+        return
+    assert m.HelloReply.with_devices(1, 2, 3, devices).grants == grants
+
+
+@settings(max_examples=40, deadline=None)
+@given(fraction=st.floats(allow_nan=True), bits=st.integers(0, 2**52 - 1))
+def test_float_fields_travel_bit_exact(fraction: float, bits: int) -> None:
+    """f64 fields are IEEE 754 binary64, NaN payloads included."""
+    nan = struct.unpack("<d", struct.pack("<Q", 0x7FF0_0000_0000_0000 | bits | 1))[0]
+    for value in (fraction, nan, -0.0):
+        hello = m.Hello(1, value, 0, "")
+        decoded = m.Hello.decode(hello.encode())
+        assert isinstance(decoded, m.Hello)
+        assert struct.pack("<d", decoded.fraction) == struct.pack("<d", value)
+
+
+# -- the bytes on the wire ----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_header_layout(data: st.DataObject) -> None:
+    """Offsets 0-3 magic, 4 version, 5 opcode, 6-7 flags, 8-11 request id, 12-15 metadata
+    length, 16-23 payload length; all little-endian."""
+    cls = data.draw(st.sampled_from(REQUEST_CLASSES))
+    message = data.draw(messages(cls))
+    request_id = data.draw(request_ids)
+    payload_length = data.draw(st.integers(0, 2**64 - 1)) if cls.HAS_PAYLOAD else 0
+    for encoded, flags, opcode in (
+        (encode_request(message, request_id, payload_length), 0, cls.OPCODE),
+        (encode_reply(cls.OPCODE, request_id, m.Done(), payload_length), FLAG_REPLY, cls.OPCODE),
+    ):
+        meta = encoded[HEADER_SIZE:]
+        assert HEADER_SIZE == 24
+        assert encoded[0:4] == MAGIC == b"BFNT"
+        assert encoded[4] == PROTOCOL_VERSION == 1
+        assert encoded[5] == opcode
+        assert int.from_bytes(encoded[6:8], "little") == flags
+        assert int.from_bytes(encoded[8:12], "little") == request_id
+        assert int.from_bytes(encoded[12:16], "little") == len(meta)
+        assert int.from_bytes(encoded[16:24], "little") == payload_length
+        assert encoded[:HEADER_SIZE] == pack_header(
+            opcode, flags, request_id, len(meta), payload_length
+        )
+    assert encode_request(message, request_id, payload_length)[HEADER_SIZE:] == message.encode()
+
+
+@pytest.mark.parametrize(
+    "cls",
+    sorted(all_message_classes(), key=lambda cls: cls.__name__),
+    ids=lambda cls: cls.__name__,
+)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_metadata_is_fixed_fields_then_length_prefixed_fields(
+    cls: type[m.Message], data: st.DataObject
+) -> None:
+    """The metadata encoding rule, written out independently of ``Message.encode``."""
+    message = data.draw(messages(cls))
+    expected = b""
+    for name, code in cls.FIXED:
+        value = getattr(message, name)
+        expected += struct.pack("<" + code, *(value if isinstance(value, tuple) else (value,)))
+    for name, kind in cls.VARIABLE:
+        value = getattr(message, name)
+        raw = value.encode("utf-8") if kind == "str" else bytes(value)
+        expected += struct.pack("<I", len(raw)) + raw
+    assert message.encode() == expected
+
+
+def test_no_padding_between_fixed_fields() -> None:
+    # u16 device then u8 itemsize then u32 value: 2 + 1 + 4, packed back to back.
+    meta = m.Memset(0x0102, 4, 0x0A0B0C0D, 0x1122334455667788, 9, 0).encode()
+    assert meta[:7] == bytes([0x02, 0x01, 0x04, 0x0D, 0x0C, 0x0B, 0x0A])
+    assert len(meta) == 2 + 1 + 4 + 8 + 8 + 8
+
+
+# -- metadata that breaks the rules ------------------------------------------------------------
+
+
+def _request_frame(opcode: int, meta: bytes, request_id: int = 1) -> bytes:
+    return pack_header(opcode, 0, request_id, len(meta), 0) + meta
+
+
+@pytest.mark.parametrize("cls", REQUEST_CLASSES, ids=lambda cls: cls.__name__)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_stray_or_missing_metadata_bytes_are_protocol_errors(
+    cls: type[m.Request], data: st.DataObject
+) -> None:
+    meta = data.draw(messages(cls)).encode()
+    extra = data.draw(st.binary(min_size=1, max_size=8))
+    decoder = decoder_for(False)
+    with pytest.raises(ProtocolError):
+        decoder.receive_data(_request_frame(cls.OPCODE, meta + extra))
+    if meta:
+        cut = data.draw(st.integers(0, len(meta) - 1))
+        decoder = decoder_for(False)
+        with pytest.raises(ProtocolError):
+            decoder.receive_data(_request_frame(cls.OPCODE, meta[:cut]))
+
+
+@pytest.mark.parametrize(
+    ("message", "field_offset"),
+    [
+        (m.Hello(1, 1.0, 0, ""), 18),
+        (m.GetFunction(0, 0, "", ""), 10),
+        (m.GetFunction(0, 0, "", ""), 14),
+    ],
+)
+@settings(max_examples=30, deadline=None)
+@given(junk=st.binary(min_size=1, max_size=16))
+def test_text_fields_must_be_utf8(message: m.Request, field_offset: int, junk: bytes) -> None:
+    try:
+        junk.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        junk = b"\xff" + junk  # 0xFF never occurs in UTF-8
+    meta = bytearray(message.encode())
+    meta[field_offset : field_offset + 4] = struct.pack("<I", len(junk)) + junk
+    decoder = decoder_for(False)
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        decoder.receive_data(_request_frame(message.OPCODE, bytes(meta)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(name=texts, claimed=st.integers(0, U32))
+def test_length_prefix_overrunning_the_metadata_is_a_protocol_error(
+    name: str, claimed: int
+) -> None:
+    raw = name.encode()
+    meta = m.GetFunction(0, 0, name, "").encode()
+    if claimed == len(raw):
+        claimed += 1
+    bad = meta[:10] + struct.pack("<I", claimed) + meta[14:]
+    decoder = decoder_for(False)
+    with pytest.raises(ProtocolError):
+        decoder.receive_data(_request_frame(Opcode.GET_FUNCTION, bad))
+
+
+# -- encoder input checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.MemAlloc(2**16, 1),
+        m.MemAlloc(0, 2**64),
+        m.MemAlloc(-1, 1),
+        m.Memset(0, 256, 0, 0, 0),
+        m.Memset(0, 4, 2**32, 0, 0),
+        m.Launch(0, 0, (1, 1, 2**32), (1, 1, 1), 0, 0),
+        m.Launch(0, 0, (1, 1), (1, 1, 1), 0, 0),  # type: ignore[arg-type]
+        ErrorReply(1, 0, -1, 0, ""),
+    ],
+)
+def test_out_of_range_fields_are_refused_when_encoding(message: m.Message) -> None:
+    with pytest.raises(ValueError):
+        message.encode()
+
+
+# -- kernel arguments -----------------------------------------------------------------------------
+
+_ARG_SIZES = {
+    "b": 1,
+    "B": 1,
+    "h": 2,
+    "H": 2,
+    "i": 4,
+    "I": 4,
+    "q": 8,
+    "Q": 8,
+    "f": 4,
+    "d": 8,
+    "P": 8,
+}
+_SIGNED = {"b", "h", "i", "q"}
+
+
+def _arg_value(code: str) -> st.SearchStrategy[object]:
+    if code in "fd":
+        width = 32 if code == "f" else 64
+        return st.floats(allow_nan=False, width=width)
+    bits = 8 * _ARG_SIZES[code]
+    if code in _SIGNED:
+        return st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return st.integers(0, 2**bits - 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), arg_types=st.text(alphabet="bBhHiIqQfdP", max_size=12))
+def test_kernel_args_are_little_endian_unpadded_pointers_u64(
+    data: st.DataObject, arg_types: str
+) -> None:
+    fmt = m.kernel_args_format(arg_types)
+    assert struct.calcsize(fmt) == sum(_ARG_SIZES[code] for code in arg_types)
+    values = [data.draw(_arg_value(code)) for code in arg_types]
+    packed = struct.pack(fmt, *values)
+    # Byte by byte, independent of struct's format string: each value at its running offset.
+    offset = 0
+    for code, value in zip(arg_types, values, strict=True):
+        size = _ARG_SIZES[code]
+        chunk = packed[offset : offset + size]
+        if code in "fd":
+            assert chunk == struct.pack("<f" if code == "f" else "<d", value)
+        else:
+            assert chunk == int(value).to_bytes(size, "little", signed=code in _SIGNED)  # type: ignore[call-overload]
+        offset += size
+    assert offset == len(packed)
+    launch = m.Launch(0, 1, (1, 1, 1), (1, 1, 1), 0, 0, packed)
+    decoded = m.Launch.decode(launch.encode())
+    assert isinstance(decoded, m.Launch)
+    assert decoded.args == packed
+    assert struct.unpack(fmt, decoded.args) == struct.unpack(fmt, packed)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_error_codes_and_flags_are_the_documented_values() -> None:
+    assert {code.name: int(code) for code in ErrorCode} == {
+        "PROTOCOL": 1,
+        "OUT_OF_MEMORY": 2,
+        "CAPACITY": 3,
+        "INVALID_HANDLE": 4,
+        "INVALID_VALUE": 5,
+        "KERNEL": 6,
+        "UNSUPPORTED": 7,
+        "INTERNAL": 8,
+    }
+    assert (ERROR_DEFERRED, ERROR_FATAL) == (0x1, 0x2)
+    for code in ErrorCode:
+        assert error_class(code).code == code
+    assert error_class(999).__name__ == "BitfusionError"  # a newer server's code still raises
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    code=st.sampled_from(list(ErrorCode)),
+    failed=st.integers(1, U32),
+    later=fixed_values("I"),
+    text=texts,
+    request_id=request_ids,
+)
+def test_deferred_error_frame_round_trip(
+    code: ErrorCode, failed: int, later: int, text: str, request_id: int
+) -> None:
+    spec = make_spec(
+        True, Opcode.ERROR, request_id, ErrorReply(code, ERROR_DEFERRED, failed, later, text), b""
+    )
+    decoder = decoder_for(True)
+    decoder.receive_data(spec.encoded)
+    (frame,) = drain(decoder)
+    spec.check(frame)
+    assert spec.encoded[HEADER_SIZE:] == (
+        struct.pack("<HHII", code, ERROR_DEFERRED, failed, later)
+        + struct.pack("<I", len(text.encode()))
+        + text.encode()
+    )
+
+
+def test_the_header_struct_is_24_bytes_little_endian() -> None:
+    assert HEADER.format == "<4sBBHIIQ"
+    assert HEADER.size == HEADER_SIZE == 24
+    assert SMALL_LIMITS.max_payload < 2**64  # the test limits are representable on the wire
