@@ -73,6 +73,18 @@ class DeferredError(Exception):
 Completion = Callable[[Any, BaseException | None], None]
 
 
+@dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's account on one device: measured device time, waiting, work done, memory."""
+
+    device_time: float  # seconds its work occupied the device
+    queue_wait: float  # seconds its work waited to start, summed over operations
+    operations: int  # operations run (kernels, copies, memsets, ...)
+    kernels: int  # kernels launched
+    memory_used: int
+    memory_high_water: int
+
+
 class Tenant(ABC):
     """One tenant's context on one device.
 
@@ -80,9 +92,14 @@ class Tenant(ABC):
     Methods raise the ``executors.errors`` classes for anything the caller got wrong.
     """
 
-    def __init__(self, memory_limit: int, weight: float) -> None:
+    def __init__(self, memory_limit: int, weight: float, cap: float | None = None) -> None:
         self.memory_limit = memory_limit
-        self.weight = weight
+        self.weight = weight  # compute weight in fair sharing
+        self.cap = cap  # hard limit on the share of device time, or None (work-conserving)
+        # Kept up to date by the implementation, read by anyone (plain int reads need no lock).
+        self.memory_used = 0
+        self.memory_high_water = 0
+        self.kernels_launched = 0
         self._async_failure: AsyncFailure | None = None
         self._failure_lock = threading.Lock()
 
@@ -198,8 +215,13 @@ class Executor(ABC):
     properties: DeviceProperties
 
     @abstractmethod
-    def open_tenant(self, memory_limit: int, weight: float) -> Tenant:
-        """Open a context with a hard memory limit and a compute weight."""
+    def open_tenant(self, memory_limit: int, weight: float, cap: float | None = None) -> Tenant:
+        """Open a context with a hard memory limit, a compute weight and optionally a hard cap
+        on its share of device time (even when the device is otherwise idle)."""
+
+    @abstractmethod
+    def usage(self, tenant: Tenant) -> TenantUsage:
+        """What the tenant has used so far (safe to call from any thread)."""
 
     @abstractmethod
     def submit(

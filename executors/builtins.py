@@ -37,9 +37,10 @@ _F32 = np.float32
 # Elements per chunk of the chunked kernels: 1 MiB of float32, big enough to amortise the Python
 # loop, small enough that the temporary stays negligible beside any tenant's share.
 _CHUNK = 1 << 18
-# ``busy`` sleeps until this close to its deadline, then spins: sleep wakes up late by up to about
-# a scheduler tick, spinning on the clock is exact.
-_SPIN_S = 200e-6
+# ``busy`` sleeps until this close to its deadline, then spins: a sleep wakes up some 25 us late
+# (with the worker's timer slack reduced; 75 us without), spinning on the clock is exact. The spin
+# is kept short because it holds the GIL, which the server's event loop needs.
+_SPIN_S = 50e-6
 
 
 class KernelMemory(Protocol):

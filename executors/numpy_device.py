@@ -153,13 +153,13 @@ class NumpyTenant(Tenant):
         self,
         memory_limit: int,
         weight: float,
+        cap: float | None,
         address_space: AddressSpace,
         properties: DeviceProperties,
     ) -> None:
-        super().__init__(memory_limit, weight)
+        super().__init__(memory_limit, weight, cap)
         self._address_space = address_space
         self._properties = properties
-        self._used = 0
         self._starts: list[int] = []  # sorted, for bisect lookups of interior pointers
         self._allocations: dict[int, _Allocation] = {}
         self._next_handle = 1  # one counter for streams, events and functions; 0 is never issued
@@ -209,10 +209,10 @@ class NumpyTenant(Tenant):
         if self._released:  # the executor no longer counts this tenant's limit against the device
             raise InvalidHandle("the tenant is closed")
         charged = _round_up(nbytes)
-        if self._used + charged > self.memory_limit:
+        if self.memory_used + charged > self.memory_limit:
             raise DeviceOutOfMemory(
                 f"out of memory: requested {nbytes} bytes ({charged} with alignment), "
-                f"{self._used} of the tenant's {self.memory_limit} bytes in use"
+                f"{self.memory_used} of the tenant's {self.memory_limit} bytes in use"
             )
         try:
             data = np.empty(nbytes, np.uint8)  # not zeroed: pages stay untouched until written
@@ -223,7 +223,8 @@ class NumpyTenant(Tenant):
         start = self._address_space.reserve(nbytes)
         bisect.insort(self._starts, start)
         self._allocations[start] = _Allocation(start, nbytes, charged, data)
-        self._used += charged
+        self.memory_used += charged
+        self.memory_high_water = max(self.memory_high_water, self.memory_used)
         return start
 
     def mem_free(self, ptr: int) -> None:
@@ -234,10 +235,10 @@ class NumpyTenant(Tenant):
             raise InvalidHandle(f"mem_free: {ptr:#x} {detail}")
         del self._starts[bisect.bisect_left(self._starts, ptr)]
         self._address_space.unreserve(ptr)
-        self._used -= allocation.charged
+        self.memory_used -= allocation.charged
 
     def mem_get_info(self) -> tuple[int, int]:
-        return self.memory_limit - self._used, self.memory_limit
+        return self.memory_limit - self.memory_used, self.memory_limit
 
     def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None:
         self._check_stream(stream)
@@ -331,7 +332,9 @@ class NumpyTenant(Tenant):
             raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
         self._check_stream(stream)
         props = self._properties
-        if len(grid) != 3 or any(not 1 <= g <= limit for g, limit in zip(grid, props.max_grid, strict=True)):
+        if len(grid) != 3 or any(
+            not 1 <= g <= limit for g, limit in zip(grid, props.max_grid, strict=True)
+        ):
             raise InvalidValue(f"launch: grid {grid} is outside 1..{props.max_grid}")
         if len(block) != 3 or any(b < 1 for b in block):
             raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
@@ -351,6 +354,7 @@ class NumpyTenant(Tenant):
                 f"({builtin.arg_types!r}), got {len(args)}"
             )
         # A GPU computes NaN/Inf silently; NumPy's floating-point warnings would only be noise.
+        self.kernels_launched += 1
         with np.errstate(all="ignore"):
             builtin.run(self._memory, struct.unpack(layout, args))
 
@@ -413,7 +417,7 @@ class NumpyTenant(Tenant):
             self._address_space.unreserve(start)
         self._allocations.clear()
         self._starts.clear()
-        self._used = 0
+        self.memory_used = 0
         self._streams.clear()
         self._events.clear()
         self._functions.clear()
@@ -428,13 +432,18 @@ class NumpyExecutor(WorkerExecutor):
     """
 
     def __init__(
-        self, index: int = 0, memory: int = 16 * 2**30, name: str = "NumPy reference device"
+        self,
+        index: int = 0,
+        memory: int = 16 * 2**30,
+        name: str = "NumPy reference device",
+        *,
+        scheduling: str = "fair",
     ) -> None:
         if index < 0:
             raise ValueError(f"device index must not be negative, got {index}")
         if memory <= 0:
             raise ValueError(f"device memory must be positive, got {memory}")
-        super().__init__(f"numpy-gpu{index}")
+        super().__init__(f"numpy-gpu{index}", scheduling)
         self.index = index
         self.properties = DeviceProperties(name, memory, "numpy")
         # Each device gets its own 1 TiB range, so a pointer from another device is never valid.
@@ -442,7 +451,9 @@ class NumpyExecutor(WorkerExecutor):
         self._committed = 0  # sum of the open tenants' memory limits
         self._committed_lock = threading.Lock()
 
-    def open_tenant(self, memory_limit: int, weight: float) -> NumpyTenant:
+    def open_tenant(
+        self, memory_limit: int, weight: float, cap: float | None = None
+    ) -> NumpyTenant:
         if memory_limit < 0:
             raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
         if not weight > 0:
@@ -455,7 +466,7 @@ class NumpyExecutor(WorkerExecutor):
                     f"{self._committed} of {total} bytes are promised to open tenants"
                 )
             self._committed += memory_limit
-        tenant = NumpyTenant(memory_limit, weight, self._address_space, self.properties)
+        tenant = NumpyTenant(memory_limit, weight, cap, self._address_space, self.properties)
         self._register(tenant)
         return tenant
 

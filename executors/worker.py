@@ -1,35 +1,92 @@
-"""The device worker: the one thread that submits work to a device, in arrival order.
+"""The device worker: the one thread that submits work to a device, in the scheduler's order.
 
-Arrival order (FIFO across tenants) is the queueing discipline for now; weighted fair time-slicing
-replaces the queue, not this interface.
+Every operation of every tenant goes through one scheduler (``FairScheduler`` by default, FIFO as
+the baseline to measure it against). The worker runs one operation at a time, measures how long it
+occupied the device on its own clock, and charges that to the tenant: on the NumPy device an
+operation runs synchronously, so wall time on the worker *is* device time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import queue
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import Completion, DeferredError, Executor, Tenant
-from .errors import DeviceError
+from .base import Completion, DeferredError, Executor, Tenant, TenantUsage
+from .errors import DeviceError, InvalidHandle
+from .scheduler import Dispatch, FairScheduler, FifoScheduler
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+SCHEDULERS = ("fair", "fifo")
+
+# (operation, wants a reply, tag, completion)
+_Job = tuple[Callable[[], Any], bool, int, Completion | None]
+
+
+def _precise_sleeps() -> None:
+    """Let this thread's short sleeps end on time: Linux adds up to 50 us of timer slack to every
+    sleep by default, which would distort device-time measurements of short kernels."""
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_timerslack = 29
+            ctypes.CDLL(None).prctl(pr_set_timerslack, 1, 0, 0, 0)
+        except (OSError, AttributeError):  # not fatal: sleeps are merely less precise
+            log.debug("could not reduce timer slack", exc_info=True)
 
 
 class DeviceWorker:
-    """A thread that runs submitted operations one at a time and applies the sticky-error rule."""
+    """A thread that runs tenants' operations one at a time, in the scheduler's order, applying
+    the sticky-error rule and charging each tenant the device time it used."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stopped = False  # set, under the lock, once nothing more will be taken off the queue
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        name: str,
+        scheduling: str = "fair",
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if scheduling not in SCHEDULERS:
+            raise ValueError(f"unknown scheduling {scheduling!r}; choose from {SCHEDULERS}")
+        self._scheduler: FairScheduler[_Job] = (
+            FairScheduler() if scheduling == "fair" else FifoScheduler()
+        )
+        self._clock = clock
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    # -- tenants --------------------------------------------------------------------------------
+    def add_tenant(self, tenant: Tenant) -> None:
+        with self._ready:
+            self._scheduler.add(tenant, tenant.weight, tenant.cap, self._clock())
+
+    def remove_tenant(self, tenant: Tenant) -> None:
+        """Forget a tenant; anything it still had queued is answered with an error."""
+        with self._ready:
+            leftovers = self._scheduler.remove(tenant)
+        for _op, _wants_reply, _tag, on_done in leftovers:
+            if on_done is not None:
+                on_done(None, DeviceError("the tenant was closed"))
+
+    def usage(self, tenant: Tenant) -> TenantUsage:
+        with self._ready:
+            used = self._scheduler.usage(tenant)
+            return TenantUsage(
+                used.device_time,
+                used.queue_wait,
+                used.operations,
+                tenant.kernels_launched,
+                tenant.memory_used,
+                tenant.memory_high_water,
+            )
+
+    # -- work -----------------------------------------------------------------------------------
     def submit(
         self,
         tenant: Tenant,
@@ -38,32 +95,49 @@ class DeviceWorker:
         tag: int,
         on_done: Completion | None,
     ) -> None:
-        with self._lock:
-            if not self._stopped:
-                self._queue.put((tenant, op, wants_reply, tag, on_done))
+        error: DeviceError
+        with self._ready:
+            if self._stopped:
+                error = DeviceError("the device has shut down")
+            elif not self._scheduler.has(tenant):
+                error = InvalidHandle("the tenant is closed")
+            else:
+                self._scheduler.push(tenant, (op, wants_reply, tag, on_done), self._clock())
+                self._ready.notify()
                 return
         if on_done is not None:
-            on_done(None, DeviceError("the device has shut down"))
+            on_done(None, error)
 
     def stop(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop; later submissions fail with ``DeviceError``."""
-        self._queue.put(_STOP)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            self._execute(*item)
-        # Whoever submitted after stop() still waits for an answer: give each one.
-        with self._lock:
-            self._stopped = True
+        _precise_sleeps()
+        clock, scheduler, ready = self._clock, self._scheduler, self._ready
         while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP and item[4] is not None:
-                item[4](None, DeviceError("the device has shut down"))
+            with ready:
+                while True:
+                    choice = scheduler.pop(clock())
+                    if isinstance(choice, Dispatch):
+                        break
+                    if self._stopping and not len(scheduler):
+                        self._stopped = True
+                        return
+                    # None: nothing queued. A float: only capped tenants have work, and the
+                    # first of them may run again in that many seconds.
+                    ready.wait(choice)
+            tenant: Tenant = choice.key  # type: ignore[assignment]
+            op, wants_reply, tag, on_done = choice.job
+            started = clock()
+            self._execute(tenant, op, wants_reply, tag, on_done)
+            finished = clock()
+            with ready:
+                scheduler.charge(tenant, finished - started, finished)
 
     @staticmethod
     def _execute(
@@ -95,14 +169,15 @@ class DeviceWorker:
 class WorkerExecutor(Executor):
     """An executor whose device work runs on one ``DeviceWorker`` thread."""
 
-    def __init__(self, worker_name: str) -> None:
-        self._worker = DeviceWorker(worker_name)
+    def __init__(self, worker_name: str, scheduling: str = "fair") -> None:
+        self._worker = DeviceWorker(worker_name, scheduling)
         self._tenants: set[Tenant] = set()
         self._tenants_lock = threading.Lock()
 
     def _register(self, tenant: Tenant) -> Tenant:
         with self._tenants_lock:
             self._tenants.add(tenant)
+        self._worker.add_tenant(tenant)
         return tenant
 
     def submit(
@@ -115,6 +190,9 @@ class WorkerExecutor(Executor):
         on_done: Completion | None = None,
     ) -> None:
         self._worker.submit(tenant, op, wants_reply, tag, on_done)
+
+    def usage(self, tenant: Tenant) -> TenantUsage:
+        return self._worker.usage(tenant)
 
     def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
         def release() -> None:
@@ -130,8 +208,9 @@ class WorkerExecutor(Executor):
                 self._tenant_released(tenant)
 
         def finished(_result: Any, _error: BaseException | None) -> None:
-            # An error here can only be the worker refusing work after close(), which has
-            # released every tenant itself.
+            # Runs on the worker after the release (or at once if the worker has stopped, in
+            # which case close() released every tenant itself).
+            self._worker.remove_tenant(tenant)
             if on_done is not None:
                 on_done()
 
