@@ -21,6 +21,7 @@ from .client import (
     SyncRemoteDevice,
     SyncSession,
     SyncStream,
+    TenantStats,
     connect,
     connect_sync,
 )
@@ -45,6 +46,6 @@ __all__ = [
     "BitfusionError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
     "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "Module",
     "OutOfMemoryError", "ProtocolError", "RemoteDevice", "Server", "Session", "Stream",
-    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream",
+    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats",
     "UnsupportedError", "__version__", "connect", "connect_sync", "parse_size",
 ]  # fmt: skip

@@ -6,7 +6,7 @@ an executor kind at start-up with ``create_executors``.
 
 from __future__ import annotations
 
-from .base import DeferredError, DeviceProperties, Executor, FunctionInfo, Tenant
+from .base import DeferredError, DeviceProperties, Executor, FunctionInfo, Tenant, TenantUsage
 from .builtins import BUILTINS
 from .errors import (
     DeviceError,
@@ -32,6 +32,7 @@ __all__ = [
     "KernelFault",
     "NumpyExecutor",
     "Tenant",
+    "TenantUsage",
     "Unsupported",
     "create_executors",
 ]
@@ -39,11 +40,14 @@ __all__ = [
 EXECUTOR_KINDS = ("numpy",)
 
 
-def create_executors(kind: str, count: int, memory: int) -> list[Executor]:
+def create_executors(
+    kind: str, count: int, memory: int, scheduling: str = "fair"
+) -> list[Executor]:
     """``count`` devices of one ``kind``, each with ``memory`` bytes, indexed from 0.
 
     Raises ``ValueError`` for a kind this build does not provide, so a mistyped
-    ``--executor`` fails at start-up rather than on the first lease.
+    ``--executor`` fails at start-up rather than on the first lease. ``scheduling`` is "fair"
+    (weighted fair time-slicing, the default) or "fifo" (arrival order, the baseline).
     """
     if kind not in EXECUTOR_KINDS:
         raise ValueError(
@@ -51,4 +55,4 @@ def create_executors(kind: str, count: int, memory: int) -> list[Executor]:
         )
     if count < 1:
         raise ValueError(f"executor count must be at least 1, got {count}")
-    return [NumpyExecutor(index, memory) for index in range(count)]
+    return [NumpyExecutor(index, memory, scheduling=scheduling) for index in range(count)]

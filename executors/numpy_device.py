@@ -458,6 +458,8 @@ class NumpyExecutor(WorkerExecutor):
             raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
         if not weight > 0:
             raise InvalidValue(f"compute weight must be positive, got {weight}")
+        if cap is not None and not 0 < cap <= 1:
+            raise InvalidValue(f"a cap on device time must be in (0, 1], got {cap}")
         total = self.properties.total_memory
         with self._committed_lock:
             if self._committed + memory_limit > total:

@@ -14,7 +14,8 @@
 Work-conserving by default (``share``): idle time goes to the busy tenants in proportion to weight.
 A tenant with a ``cap`` (a fraction of device time) is also held to it when the device is otherwise
 idle, by a token bucket that refills at ``cap`` device-seconds per second and holds at most
-``CAP_BURST`` seconds, so over any window of length W its share is at most cap + CAP_BURST / W.
+``CAP_BURST`` seconds, so over any window of length W its share is at most
+cap + (CAP_BURST + its longest job) / W (a job that started cannot be stopped; its overrun is charged).
 
 Pure logic on an injected clock: no threads, no sleeping. The device worker owns the locking.
 """
@@ -103,7 +104,9 @@ class FairScheduler(Generic[T]):
         return key in self._tenants
 
     def usage(self, key: Hashable) -> Usage:
-        return self._tenants[key].usage
+        """The tenant's usage (all zero for a tenant that is not, or no longer, scheduled)."""
+        state = self._tenants.get(key)
+        return state.usage if state is not None else Usage()
 
     def __len__(self) -> int:
         """Jobs queued and not yet dispatched."""
@@ -140,7 +143,9 @@ class FairScheduler(Generic[T]):
                 job, submitted = state.jobs.popleft()
                 self._pending -= 1
                 state.in_flight += 1
-                self._virtual = entry[0]
+                # max: a capped tenant held back keeps an old start tag; serving it must not
+                # turn the clock back, or whoever arrives meanwhile would start in the past.
+                self._virtual = max(self._virtual, entry[0])
                 waited = now - submitted
                 state.usage.queue_wait += waited
                 self._make_ready(key, state)

@@ -175,9 +175,9 @@ class WorkerExecutor(Executor):
         self._tenants_lock = threading.Lock()
 
     def _register(self, tenant: Tenant) -> Tenant:
+        self._worker.add_tenant(tenant)
         with self._tenants_lock:
             self._tenants.add(tenant)
-        self._worker.add_tenant(tenant)
         return tenant
 
     def submit(

@@ -9,11 +9,11 @@ from .blocking import (
     SyncStream,
     connect_sync,
 )
-from .device import DevicePtr, Event, Function, Module, RemoteDevice, Stream
+from .device import DevicePtr, Event, Function, Module, RemoteDevice, Stream, TenantStats
 from .session import Session, connect
 
 __all__ = [
     "DevicePtr", "Event", "Function", "Module", "RemoteDevice", "Session", "Stream", "SyncEvent",
-    "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "connect",
+    "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats", "connect",
     "connect_sync",
 ]  # fmt: skip

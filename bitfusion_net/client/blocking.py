@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..transport import new_event_loop
-from .device import DevicePtr, Dim3, Event, Function, Module, RemoteDevice, Stream
+from .device import DevicePtr, Dim3, Event, Function, Module, RemoteDevice, Stream, TenantStats
 from .session import DEFAULT_CONNECT_TIMEOUT, Session, open_session
 
 T = TypeVar("T")
@@ -121,6 +121,8 @@ class SyncRemoteDevice:
         self.total_memory = device.total_memory
         self.memory_limit = device.memory_limit
         self.fraction = device.fraction
+        self.weight = device.weight
+        self.mode = device.mode
         self.server_gpu = device.server_gpu
 
     def __repr__(self) -> str:
@@ -158,6 +160,9 @@ class SyncRemoteDevice:
 
     def synchronize(self) -> None:
         self._runner.run(self._device.synchronize())
+
+    def stats(self) -> TenantStats:
+        return self._runner.run(self._device.stats())
 
     def builtin(self, name: str) -> SyncFunction:
         function = self._builtins.get(name)
@@ -216,6 +221,8 @@ def connect_sync(
     fraction: float | None = None,
     memory: str | int | None = None,
     *,
+    mode: str = "share",
+    weight: float | None = None,
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> SyncSession:
@@ -223,7 +230,16 @@ def connect_sync(
     runner = _LoopThread()
     try:
         session = runner.run(
-            open_session(address, gpus, fraction, memory, client_name=client_name, timeout=timeout)
+            open_session(
+                address,
+                gpus,
+                fraction,
+                memory,
+                mode=mode,
+                weight=weight,
+                client_name=client_name,
+                timeout=timeout,
+            )
         )
     except BaseException:
         runner.stop()

@@ -12,6 +12,7 @@ import asyncio
 import operator
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..protocol import DeviceGrant, InvalidValueError
@@ -75,6 +76,18 @@ _TYPE_NAMES = {
     "b": "int8", "B": "uint8", "h": "int16", "H": "uint16", "i": "int32", "I": "uint32",
     "q": "int64", "Q": "uint64", "f": "float32", "d": "float64", "P": "device pointer",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TenantStats:
+    """This lease's account on its GPU, as the server measured it."""
+
+    device_time: float  # seconds of device time its work used
+    queue_wait: float  # seconds its work waited for the device, summed over operations
+    operations: int  # operations run: kernels, copies, memsets, ...
+    kernels: int  # kernels launched
+    memory_used: int  # bytes allocated now
+    memory_high_water: int  # most bytes allocated at once
 
 
 class Stream:
@@ -195,12 +208,15 @@ class RemoteDevice:
         self.total_memory = grant.total_memory
         self.memory_limit = grant.memory_limit
         self.fraction = grant.fraction
+        self.weight = grant.weight  # compute weight in fair sharing
+        self.mode = "cap" if grant.mode == m.MODE_CAP else "share"
         self.server_gpu = grant.server_gpu
 
     def __repr__(self) -> str:
         return (
             f"<RemoteDevice {self.index}: {self.name} (server GPU {self.server_gpu}), "
-            f"fraction {self.fraction:g}, {self.memory_limit} bytes>"
+            f"fraction {self.fraction:g} ({self.mode}, weight {self.weight:g}), "
+            f"{self.memory_limit} bytes>"
         )
 
     # -- memory ---------------------------------------------------------------------------------
@@ -264,6 +280,18 @@ class RemoteDevice:
     async def synchronize(self) -> None:
         """Wait for all work queued on this device; raises any sticky error from earlier calls."""
         await self._core.request(m.Synchronize(self.index))
+
+    async def stats(self) -> TenantStats:
+        """Device time, queue wait, work done and memory of this lease (after earlier calls ran)."""
+        reply = await self._core.request(m.TenantStats(self.index))
+        return TenantStats(
+            reply.device_time_ns / 1e9,
+            reply.queue_wait_ns / 1e9,
+            reply.operations,
+            reply.kernels,
+            reply.memory_used,
+            reply.memory_high_water,
+        )
 
     # -- code -----------------------------------------------------------------------------------
     async def builtin(self, name: str) -> Function:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from collections.abc import Generator
 from types import TracebackType
@@ -59,6 +60,14 @@ class Session:
         await self.close()
 
 
+def _scheduling_request(mode: str, weight: float | None) -> tuple[int, float]:
+    if mode not in m.MODES:
+        raise InvalidValueError(f"mode must be one of {sorted(m.MODES)}, got {mode!r}")
+    if weight is not None and not (math.isfinite(weight) and 0 < weight <= 1000):
+        raise InvalidValueError(f"weight must be in (0, 1000], got {weight}")
+    return m.MODES[mode], 0.0 if weight is None else float(weight)
+
+
 def _lease_request(fraction: float | None, memory: str | int | None) -> tuple[float, int]:
     if fraction is not None and memory is not None:
         raise InvalidValueError("give either fraction or memory, not both")
@@ -79,6 +88,8 @@ async def open_session(
     fraction: float | None = None,
     memory: str | int | None = None,
     *,
+    mode: str = "share",
+    weight: float | None = None,
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> Session:
@@ -87,6 +98,7 @@ async def open_session(
     if gpus < 1:
         raise InvalidValueError("gpus must be at least 1")
     lease_fraction, lease_memory = _lease_request(fraction, memory)
+    mode_code, lease_weight = _scheduling_request(mode, weight)
     name = client_name if client_name is not None else socket.gethostname()
 
     def factory() -> FrameConnection:
@@ -98,7 +110,10 @@ async def open_session(
             core = connection.handler
             assert isinstance(core, ClientCore)
             try:
-                reply = await core.request(m.Hello(gpus, lease_fraction, lease_memory, name))
+                hello = m.Hello(
+                    gpus, lease_fraction, lease_memory, name, weight=lease_weight, mode=mode_code
+                )
+                reply = await core.request(hello)
             except BaseException:
                 connection.abort()
                 raise
@@ -140,15 +155,29 @@ def connect(
     fraction: float | None = None,
     memory: str | int | None = None,
     *,
+    mode: str = "share",
+    weight: float | None = None,
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> _SessionOpener:
     """Lease ``gpus`` GPUs on the server at ``address`` (``tcp://HOST:PORT``).
 
     Each GPU is leased at ``fraction`` of the device (memory limit and compute weight; the default
-    is a whole GPU) or with an explicit ``memory`` size such as ``"2GiB"``. Use
+    is a whole GPU) or with an explicit ``memory`` size such as ``"2GiB"``. ``mode="share"`` (the
+    default) is work-conserving: the lease gets at least its share of the GPU's time whenever it
+    has work, and more when others are idle; ``mode="cap"`` holds it to its fraction even on an
+    idle GPU. ``weight`` sets the compute weight apart from the fraction. Use
     ``session = await connect(...)`` or ``async with connect(...) as session``.
     Raises CapacityError when the server cannot place the lease, ConnectionLostError when it
     cannot be reached within ``timeout`` seconds.
     """
-    return _SessionOpener(address, gpus, fraction, memory, client_name=client_name, timeout=timeout)
+    return _SessionOpener(
+        address,
+        gpus,
+        fraction,
+        memory,
+        mode=mode,
+        weight=weight,
+        client_name=client_name,
+        timeout=timeout,
+    )

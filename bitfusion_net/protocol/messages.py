@@ -27,6 +27,7 @@ class Opcode(IntEnum):
     MEMCPY_DTOD = 0x15
     MEMSET = 0x16
     SYNCHRONIZE = 0x17
+    TENANT_STATS = 0x18
     MODULE_LOAD = 0x20
     MODULE_UNLOAD = 0x21
     GET_FUNCTION = 0x22
@@ -133,17 +134,24 @@ class Reply(Message):
 # Session
 
 
+MODE_SHARE = 0  # work-conserving: idle device time goes to busy tenants by weight
+MODE_CAP = 1  # hard cap at the lease's fraction of device time, even when the device is idle
+MODES = {"share": MODE_SHARE, "cap": MODE_CAP}
+
+
 @dataclass(frozen=True)
 class Hello(Request):
     """First frame of a connection: ask for ``gpus`` GPUs, each at ``fraction`` or ``memory`` bytes."""
 
     OPCODE = Opcode.HELLO
-    FIXED = (("gpus", "H"), ("fraction", "d"), ("memory", "Q"))
+    FIXED = (("gpus", "H"), ("fraction", "d"), ("memory", "Q"), ("weight", "d"), ("mode", "B"))
     VARIABLE = (("client_name", "str"),)
     gpus: int
     fraction: float  # 0 when ``memory`` is given
     memory: int  # 0 when ``fraction`` is given
     client_name: str = ""
+    weight: float = 0.0  # compute weight; 0 means "the lease's fraction"
+    mode: int = MODE_SHARE
 
 
 @dataclass(frozen=True)
@@ -155,10 +163,12 @@ class DeviceGrant:
     total_memory: int
     memory_limit: int
     fraction: float
+    weight: float  # compute weight in fair sharing
+    mode: int  # MODE_SHARE or MODE_CAP
     name: str
     executor: str
 
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<HHQQd")
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<HHQQddB")
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,8 @@ class HelloReply(Reply):
                 grant.total_memory,
                 grant.memory_limit,
                 grant.fraction,
+                grant.weight,
+                grant.mode,
             )
             for text in (grant.name, grant.executor):
                 raw = text.encode()
@@ -334,6 +346,33 @@ class Synchronize(Request):
     OPCODE = Opcode.SYNCHRONIZE
     FIXED = (("device", "H"),)
     device: int
+
+
+@dataclass(frozen=True)
+class TenantStats(Request):
+    """The lease's account on its GPU (after everything sent before it has run)."""
+
+    OPCODE = Opcode.TENANT_STATS
+    FIXED = (("device", "H"),)
+    device: int
+
+
+@dataclass(frozen=True)
+class TenantStatsReply(Reply):
+    FIXED = (
+        ("device_time_ns", "Q"),
+        ("queue_wait_ns", "Q"),
+        ("operations", "Q"),
+        ("kernels", "Q"),
+        ("memory_used", "Q"),
+        ("memory_high_water", "Q"),
+    )
+    device_time_ns: int  # device time its work used
+    queue_wait_ns: int  # time its work waited to start, summed
+    operations: int  # operations run (kernels, copies, memsets, ...)
+    kernels: int  # kernels launched
+    memory_used: int
+    memory_high_water: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,7 +548,7 @@ REQUESTS: dict[int, type[Request]] = {
     cls.OPCODE: cls
     for cls in (
         Hello, MemAlloc, MemFree, MemGetInfo, MemcpyHtoD, MemcpyDtoH, MemcpyDtoD, Memset,
-        Synchronize, ModuleLoad, ModuleUnload, GetFunction, Launch, StreamCreate, StreamDestroy,
+        Synchronize, TenantStats, ModuleLoad, ModuleUnload, GetFunction, Launch, StreamCreate, StreamDestroy,
         StreamSynchronize, EventCreate, EventDestroy, EventRecord, EventSynchronize, EventElapsed,
     )
 }  # fmt: skip
@@ -521,6 +560,7 @@ REPLIES: dict[int, type[Reply]] = {
     Opcode.MEM_GET_INFO: MemGetInfoReply,
     Opcode.MEMCPY_DTOH: MemcpyDtoHReply,
     Opcode.SYNCHRONIZE: Done,
+    Opcode.TENANT_STATS: TenantStatsReply,
     Opcode.MODULE_LOAD: ModuleLoadReply,
     Opcode.GET_FUNCTION: GetFunctionReply,
     Opcode.STREAM_CREATE: HandleReply,

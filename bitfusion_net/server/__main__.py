@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest bulk payload in one frame; clients split larger copies (default: 64MiB)",
     )
     parser.add_argument(
+        "--scheduling",
+        default="fair",
+        choices=["fair", "fifo"],
+        help="how each GPU's time is shared between its tenants: 'fair' is weighted fair "
+        "time-slicing on measured device time (a tenant gets at least its fraction whenever it "
+        "has work); 'fifo' is arrival order, for comparison (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -85,6 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
         gpu_memory=args.gpu_memory,
         min_fraction=args.min_fraction,
         max_payload=args.max_payload,
+        scheduling=args.scheduling,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

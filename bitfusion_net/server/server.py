@@ -24,7 +24,8 @@ class Server:
     ``listen``: ``tcp://HOST:PORT`` (port 0 picks a free port). ``executor``: ``"numpy"`` (the
     embedded reference device). ``gpus`` and ``gpu_memory`` size the NumPy devices.
     ``min_fraction``: the smallest slice of a GPU a client may lease. ``max_payload``: the largest
-    bulk payload of one frame; clients split larger copies.
+    bulk payload of one frame; clients split larger copies. ``scheduling``: ``"fair"`` (weighted
+    fair time-slicing of each GPU between its tenants) or ``"fifo"`` (arrival order, a baseline).
     """
 
     def __init__(
@@ -36,13 +37,17 @@ class Server:
         *,
         min_fraction: float = 0.05,
         max_payload: str | int = "64MiB",
+        scheduling: str = "fair",
     ) -> None:
         self._listen = parse_address(listen)
         if gpus < 1:
             raise ValueError("a server needs at least one GPU")
         if not 0 < min_fraction <= 1:
             raise ValueError("min_fraction must be in (0, 1]")
+        if scheduling not in ("fair", "fifo"):
+            raise ValueError(f"scheduling must be 'fair' or 'fifo', got {scheduling!r}")
         self._executor_kind = executor
+        self._scheduling = scheduling
         self._gpu_count = gpus
         self._gpu_memory = parse_size(gpu_memory)
         self._min_share = round(min_fraction * SHARE_UNITS)
@@ -61,7 +66,9 @@ class Server:
         return str(self._address)
 
     async def start(self) -> None:
-        self._executors = create_executors(self._executor_kind, self._gpu_count, self._gpu_memory)
+        self._executors = create_executors(
+            self._executor_kind, self._gpu_count, self._gpu_memory, self._scheduling
+        )
         self._pool = GpuPool(
             [GpuSlot(i, e.properties.total_memory) for i, e in enumerate(self._executors)],
             min_share=self._min_share,
@@ -74,11 +81,12 @@ class Server:
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = TcpAddress(host, port)
         log.info(
-            "serving %d %s GPU(s) of %s on %s",
+            "serving %d %s GPU(s) of %s on %s (%s scheduling)",
             len(self._executors),
             self._executor_kind,
             format_size(self._gpu_memory),
             self._address,
+            self._scheduling,
         )
 
     def _new_connection(self) -> FrameConnection:
@@ -127,6 +135,7 @@ class Server:
         ]
 
     def sessions(self) -> list[dict[str, Any]]:
+        """Every connected session with its leases: fraction, weight, mode and usage so far."""
         return [session.status() for session in self._sessions]
 
     async def __aenter__(self) -> Server:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from executors import Executor, Tenant
@@ -172,6 +173,12 @@ class ServerSession:
         if self.leases:
             raise ProtocolError("HELLO sent twice")
         try:
+            if hello.mode not in (m.MODE_SHARE, m.MODE_CAP):
+                raise InvalidValueError(f"unknown scheduling mode {hello.mode} (0 share, 1 cap)")
+            if not (
+                hello.weight == 0 or (math.isfinite(hello.weight) and 0 < hello.weight <= 1000)
+            ):
+                raise InvalidValueError(f"weight must be in (0, 1000], got {hello.weight}")
             placements = self._pool.request(hello.gpus, hello.fraction, hello.memory)
         except BitfusionError as exc:
             log.info("session %d (%s): refused: %s", self.id, self.connection.peer, exc)
@@ -181,7 +188,11 @@ class ServerSession:
         try:
             for placement in placements:
                 executor = self._executors[placement.gpu]
-                tenant = executor.open_tenant(placement.memory_limit, placement.fraction)
+                tenant = executor.open_tenant(
+                    placement.memory_limit,
+                    weight=hello.weight or placement.fraction,
+                    cap=placement.fraction if hello.mode == m.MODE_CAP else None,
+                )
                 leases.append(Lease(placement, executor, tenant))
         except DeviceError as exc:  # the executor disagrees with the pool: report, undo, close
             for lease in leases:
@@ -199,6 +210,8 @@ class ServerSession:
                 total_memory=lease.executor.properties.total_memory,
                 memory_limit=lease.placement.memory_limit,
                 fraction=lease.placement.fraction,
+                weight=lease.tenant.weight,
+                mode=hello.mode,
                 name=lease.executor.properties.name,
                 executor=lease.executor.properties.executor,
             )
@@ -209,7 +222,11 @@ class ServerSession:
             self.id,
             self.connection.peer,
             f", {hello.client_name}" if hello.client_name else "",
-            ", ".join(f"gpu{g.server_gpu}@{g.fraction:g}" for g in grants),
+            ", ".join(
+                f"gpu{g.server_gpu}@{g.fraction:g} (weight {g.weight:g}, "
+                f"{'cap' if g.mode == m.MODE_CAP else 'share'})"
+                for g in grants
+            ),
         )
         reply = m.HelloReply.with_devices(
             self.id, self._limits.max_payload, self._limits.max_metadata, grants
@@ -233,7 +250,7 @@ class ServerSession:
                 f"copy of {message.nbytes} bytes exceeds the frame payload limit "
                 f"{self._limits.max_payload}; split it"
             )
-        op, to_reply = _work(lease.tenant, message, frame.payload)
+        op, to_reply = _work(lease.executor, lease.tenant, message, frame.payload)
         if frame.payload is not None:
             op = self._unstaging(op, len(frame.payload))
         if no_reply:
@@ -343,11 +360,17 @@ class ServerSession:
             "peer": self.connection.peer,
             "client": self._client_name,
             "leases": [
-                {"gpu": lease.placement.gpu, "fraction": lease.placement.fraction,
-                 "memory_limit": lease.placement.memory_limit}
+                {
+                    "gpu": lease.placement.gpu,
+                    "fraction": lease.placement.fraction,
+                    "memory_limit": lease.placement.memory_limit,
+                    "weight": lease.tenant.weight,
+                    "mode": "share" if lease.tenant.cap is None else "cap",
+                    "usage": asdict(lease.executor.usage(lease.tenant)),
+                }
                 for lease in self.leases
             ],
-        }  # fmt: skip
+        }
 
 
 def _done(_result: Any) -> tuple[Reply, None]:
@@ -358,7 +381,7 @@ def _handle(result: int) -> tuple[Reply, None]:
     return m.HandleReply(result), None
 
 
-def _work(tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
+def _work(executor: Executor, tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
     """The device operation for a request and how its result becomes the reply."""
     t = tenant
     if isinstance(msg, m.MemAlloc):
@@ -384,6 +407,18 @@ def _work(tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
         return (lambda: t.memset(msg.ptr, msg.value, msg.itemsize, msg.count, msg.stream)), None
     if isinstance(msg, m.Synchronize):
         return t.synchronize, _done
+    if isinstance(msg, m.TenantStats):
+        return (lambda: executor.usage(t)), lambda u: (
+            m.TenantStatsReply(
+                round(u.device_time * 1e9),
+                round(u.queue_wait * 1e9),
+                u.operations,
+                u.kernels,
+                u.memory_used,
+                u.memory_high_water,
+            ),
+            None,
+        )
     if isinstance(msg, m.ModuleLoad):
         image = bytes(payload) if payload is not None else b""
         return (lambda: t.module_load(image)), lambda r: (m.ModuleLoadReply(r), None)

@@ -110,7 +110,7 @@ def frame(opcode: int, meta: bytes, payload_len: int = 0, **fields: object) -> b
 
 
 HELLO_META = hello_meta()
-HELLO_FIXED = HELLO_META[:18]  # gpus u16, fraction f64, memory u64; then the length-prefixed name
+HELLO_FIXED = HELLO_META[: m.Hello._struct.size]  # the fixed fields; then the length-prefixed name
 NOT_UTF8 = struct.pack("<I", 2) + b"\xff\xfe"
 HTOD_META = m.MemcpyHtoD(0, 0).encode()
 ALLOC_META = m.MemAlloc(0, 8).encode()

@@ -134,16 +134,19 @@ def test_hello_reply_device_list_round_trip(
 @settings(max_examples=60, deadline=None)
 @given(device=device_grants)
 def test_device_grant_record_layout(device: DeviceGrant) -> None:
-    """PROTOCOL.md: u16 index, u16 server_gpu, u64 total, u64 limit, f64 fraction, str, str."""
+    """PROTOCOL.md: u16 index, u16 server_gpu, u64 total, u64 limit, f64 fraction, f64 weight,
+    u8 mode, str, str."""
     name, executor = device.name.encode(), device.executor.encode()
     expected = (
         struct.pack(
-            "<HHQQd",
+            "<HHQQddB",
             device.index,
             device.server_gpu,
             device.total_memory,
             device.memory_limit,
             device.fraction,
+            device.weight,
+            device.mode,
         )
         + struct.pack("<I", len(name))
         + name
@@ -266,7 +269,7 @@ def test_stray_or_missing_metadata_bytes_are_protocol_errors(
 @pytest.mark.parametrize(
     ("message", "field_offset"),
     [
-        (m.Hello(1, 1.0, 0, ""), 18),
+        (m.Hello(1, 1.0, 0, ""), 27),
         (m.GetFunction(0, 0, "", ""), 10),
         (m.GetFunction(0, 0, "", ""), 14),
     ],

@@ -43,7 +43,7 @@ EXAMPLES = {
             7,
             64 * 2**20,
             64 * 1024,
-            [DeviceGrant(0, 0, 16 * GiB, 8 * GiB, 0.5, "NumPy reference device", "numpy")],
+            [DeviceGrant(0, 0, 16 * GiB, 8 * GiB, 0.5, 0.5, 0, "NumPy reference device", "numpy")],
         ),
     ),
     "mem-alloc-request": encode_request(m.MemAlloc(0, 4096), 2),

@@ -58,6 +58,8 @@ device_grants = st.builds(
     total_memory=fixed_values("Q"),
     memory_limit=fixed_values("Q"),
     fraction=fixed_values("d"),
+    weight=fixed_values("d"),
+    mode=fixed_values("B"),
     name=texts,
     executor=texts,
 )
