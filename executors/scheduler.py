@@ -1,13 +1,17 @@
 """Queueing disciplines for a device's work: weighted fair (the default) and FIFO (the baseline).
 
-``FairScheduler`` is start-time fair queuing (SFQ, Goyal et al. 1996) over **measured** device time:
+``FairScheduler`` is weighted fair queuing on **measured** device time, in the WF2Q+ family
+(Bennett and Zhang 1997) with start-time tags as in SFQ (Goyal et al. 1996):
 
-- Each tenant has a start tag S and a finish tag F in virtual time. The backlogged tenant with the
-  smallest S runs next; the virtual clock v becomes that S.
-- A job's cost is only known after it ran, so it is charged then: F = S + measured / weight, and the
-  tenant's next job starts at max(v, F). Kernels are never pre-empted; an overrun is simply charged.
-- A tenant that was idle restarts at max(v, F): it cannot bank credit while idle, and it is served
-  within about one job of arriving, whoever else is backlogged.
+- Each tenant has a start tag S and a finish tag F in virtual time; the system virtual time v grows
+  by (device time served) / (sum of the weights of the tenants with work). A job's cost is only
+  known after it ran, so it is charged then: F = S + measured / weight, and a tenant that stays
+  backlogged starts its next job at F. Kernels are never pre-empted; an overrun is simply charged.
+- A tenant is *eligible* when S <= v, i.e. when it is not ahead of its share. Among the eligible
+  the one whose next job would finish first (S + its usual job length / weight) runs next. That is
+  what lets a light tenant that has just woken up run right after the job in service, instead of
+  waiting for a whole round of heavy tenants that happen to hold the same start tag.
+- A tenant that was idle restarts at max(v, F): it cannot bank credit while idle.
 - ``in_flight_budget`` bounds how many jobs of one tenant may be on the device at once, so a deep
   backlog never delays another tenant by more than about one kernel (1 on a synchronous device).
 
@@ -22,7 +26,6 @@ Pure logic on an injected clock: no threads, no sleeping. The device worker owns
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Hashable
@@ -32,6 +35,16 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 CAP_BURST = 0.002  # seconds of device time a capped tenant may save up
+# A tenant's usual job length is a decaying peak of its measured jobs: it follows a longer job at
+# once and forgets it by this factor per job, so the cheap synchronising calls between kernels do
+# not make a tenant of long kernels look light.
+ESTIMATE_DECAY = 0.99
+# Finish tags closer than this fraction of a job are treated as equal, and the tenant that has
+# waited longer goes first: a few microseconds of noise in measured kernel times would otherwise
+# reshuffle equal tenants every round, and a tenant served first in one round and last in the next
+# gets two jobs in one second and none in another.
+STABLE_ORDER = 0.5
+_SLACK = 1e-12  # float tolerance of the eligibility test
 
 
 @dataclass
@@ -50,11 +63,16 @@ class _TenantState(Generic[T]):
     jobs: deque[tuple[T, float]] = field(default_factory=deque)  # (job, time submitted)
     start: float = 0.0  # S: virtual start tag of its head job
     finish: float = 0.0  # F: virtual finish tag of its last charged job
+    typical: float = 0.0  # its usual job length (a decaying peak of measured device time)
     in_flight: int = 0
+    order: int = 0  # tie-break: when it became ready
     credit: float = 0.0  # capped tenants: device-seconds they may still use
     credit_time: float = 0.0  # when credit was last refilled
-    queued: bool = False  # in the ready heap
     usage: Usage = field(default_factory=Usage)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.jobs) or self.in_flight > 0
 
 
 @dataclass(frozen=True)
@@ -67,16 +85,17 @@ class Dispatch(Generic[T]):
 
 
 class FairScheduler(Generic[T]):
-    """Weighted start-time fair queuing with optional hard caps (see the module docstring)."""
+    """Weighted fair queuing with optional hard caps (see the module docstring)."""
 
     def __init__(self, *, in_flight_budget: int = 1) -> None:
         if in_flight_budget < 1:
             raise ValueError("in_flight_budget must be at least 1")
         self._budget = in_flight_budget
         self._tenants: dict[Hashable, _TenantState[T]] = {}
-        self._ready: list[tuple[float, int, Hashable]] = []  # (start tag, tie-break, key)
+        self._ready: dict[Hashable, _TenantState[T]] = {}  # tenants with a job they may start
         self._order = itertools.count()
         self._virtual = 0.0
+        self._active_weight = 0.0  # sum of the weights of tenants with work queued or running
         self._pending = 0
 
     # -- tenants --------------------------------------------------------------------------------
@@ -94,10 +113,10 @@ class FairScheduler(Generic[T]):
         state = self._tenants.pop(key, None)
         if state is None:
             return []
+        if state.active:
+            self._active_weight -= state.weight
         self._pending -= len(state.jobs)
-        if state.queued:
-            self._ready = [entry for entry in self._ready if entry[2] != key]
-            heapq.heapify(self._ready)
+        self._ready.pop(key, None)
         return [job for job, _ in state.jobs]
 
     def has(self, key: Hashable) -> bool:
@@ -115,72 +134,84 @@ class FairScheduler(Generic[T]):
     # -- jobs -----------------------------------------------------------------------------------
     def push(self, key: Hashable, job: T, now: float) -> None:
         state = self._tenants[key]
+        if not state.active:
+            # Newly backlogged: it restarts at the current virtual time, no earlier.
+            self._active_weight += state.weight
+            state.start = max(self._virtual, state.finish)
         state.jobs.append((job, now))
         self._pending += 1
-        if len(state.jobs) == 1 and state.in_flight == 0:
-            # Newly backlogged: it restarts at the current virtual time, no earlier.
-            state.start = max(self._virtual, state.finish)
         self._make_ready(key, state)
 
     def pop(self, now: float) -> Dispatch[T] | float | None:
         """The next job to run; or, if only capped tenants have work, seconds until one may run;
         or None when nothing is runnable."""
-        held: list[tuple[float, int, Hashable]] = []
+        candidates: list[tuple[float, int, Hashable, float]] = []  # (finish, order, key, span)
+        earliest: tuple[float, int, Hashable] | None = None  # (start, order, key)
         wait: float | None = None
-        try:
-            while self._ready:
-                entry = heapq.heappop(self._ready)
-                key = entry[2]
-                state = self._tenants[key]
-                if state.cap is not None:
-                    self._refill(state, now)
-                    if state.credit <= 0:
-                        held.append(entry)
-                        until = -state.credit / state.cap + 1e-6
-                        wait = until if wait is None else min(wait, until)
-                        continue
-                state.queued = False
-                job, submitted = state.jobs.popleft()
-                self._pending -= 1
-                state.in_flight += 1
-                # max: a capped tenant held back keeps an old start tag; serving it must not
-                # turn the clock back, or whoever arrives meanwhile would start in the past.
-                self._virtual = max(self._virtual, entry[0])
-                waited = now - submitted
-                state.usage.queue_wait += waited
-                self._make_ready(key, state)
-                return Dispatch(key, job, waited)
-        finally:
-            for entry in held:
-                heapq.heappush(self._ready, entry)
-        return wait
+        virtual = self._virtual + _SLACK
+        for key, state in self._ready.items():
+            if state.cap is not None:
+                self._refill(state, now)
+                if state.credit <= 0:
+                    until = -state.credit / state.cap + 1e-6
+                    wait = until if wait is None else min(wait, until)
+                    continue
+            if earliest is None or (state.start, state.order) < earliest[:2]:
+                earliest = (state.start, state.order, key)
+            if state.start <= virtual:
+                span = state.typical / state.weight
+                candidates.append((state.start + span, state.order, key, span))
+        if candidates:
+            # The earliest finisher runs, but tenants whose tags differ by less than the jitter of
+            # measured time keep their turn order, so equals take turns in a stable round.
+            first = min(candidates)
+            tolerance = first[0] + STABLE_ORDER * first[3]
+            best = min((c for c in candidates if c[0] <= tolerance), key=lambda c: c[1])[:3]
+        else:
+            if earliest is None:
+                return wait
+            # Everyone with work is ahead of v: v moves up to the earliest of them.
+            self._virtual = max(self._virtual, earliest[0])
+            best = earliest
+        key = best[2]
+        state = self._ready.pop(key)
+        job, submitted = state.jobs.popleft()
+        self._pending -= 1
+        state.in_flight += 1
+        waited = now - submitted
+        state.usage.queue_wait += waited
+        self._make_ready(key, state)
+        return Dispatch(key, job, waited)
 
     def charge(self, key: Hashable, seconds: float, now: float) -> None:
         """A job of ``key`` finished after running ``seconds`` of device time."""
         state = self._tenants.get(key)
         if state is None:  # removed while its last job ran
             return
+        self._virtual += seconds / max(self._active_weight, state.weight)
         state.in_flight -= 1
-        state.finish = max(state.finish, state.start) + seconds / state.weight
+        state.finish = state.start + seconds / state.weight
+        state.start = state.finish  # a tenant that stays backlogged goes on from here
+        # A job much shorter than usual (a synchronising call between kernels) does not use up
+        # the tenant's turn: it keeps its place in line.
+        keep_turn = seconds < STABLE_ORDER * state.typical
+        state.typical = max(seconds, state.typical * ESTIMATE_DECAY)
         state.usage.device_time += seconds
         state.usage.operations += 1
         if state.cap is not None:
             self._refill(state, now)
             state.credit -= seconds
-        if state.jobs and not state.queued:
-            state.start = max(self._virtual, state.finish)
-        elif state.jobs:
-            # Its next job was already ready at the old start tag; move it to the new one.
-            self._ready = [entry for entry in self._ready if entry[2] != key]
-            heapq.heapify(self._ready)
-            state.queued = False
-            state.start = max(self._virtual, state.finish)
-        self._make_ready(key, state)
+        if not state.active:
+            self._active_weight -= state.weight
+            if self._active_weight < 1e-9:  # nobody is active: drop the float residue
+                self._active_weight = 0.0
+        self._make_ready(key, state, keep_turn)
 
-    def _make_ready(self, key: Hashable, state: _TenantState[T]) -> None:
-        if state.jobs and not state.queued and state.in_flight < self._budget:
-            state.queued = True
-            heapq.heappush(self._ready, (state.start, next(self._order), key))
+    def _make_ready(self, key: Hashable, state: _TenantState[T], keep_turn: bool = False) -> None:
+        if state.jobs and key not in self._ready and state.in_flight < self._budget:
+            if not keep_turn:
+                state.order = next(self._order)
+            self._ready[key] = state
 
     @staticmethod
     def _refill(state: _TenantState[T], now: float) -> None:

@@ -58,6 +58,7 @@ class DeviceWorker:
         self._ready = threading.Condition()
         self._stopping = False
         self._stopped = False
+        self._running: tuple[Tenant, float] | None = None  # whose job is on the device, since when
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -75,10 +76,15 @@ class DeviceWorker:
                 on_done(None, DeviceError("the tenant was closed"))
 
     def usage(self, tenant: Tenant) -> TenantUsage:
+        """The tenant's account, including the part of a job it is running right now (so that
+        device time sampled at any moment is exact, not rounded down to whole jobs)."""
         with self._ready:
             used = self._scheduler.usage(tenant)
+            running = 0.0
+            if self._running is not None and self._running[0] is tenant:
+                running = self._clock() - self._running[1]
             return TenantUsage(
-                used.device_time,
+                used.device_time + running,
                 used.queue_wait,
                 used.operations,
                 tenant.kernels_launched,
@@ -131,12 +137,14 @@ class DeviceWorker:
                     # None: nothing queued. A float: only capped tenants have work, and the
                     # first of them may run again in that many seconds.
                     ready.wait(choice)
-            tenant: Tenant = choice.key  # type: ignore[assignment]
+                tenant: Tenant = choice.key  # type: ignore[assignment]
+                started = clock()
+                self._running = (tenant, started)
             op, wants_reply, tag, on_done = choice.job
-            started = clock()
             self._execute(tenant, op, wants_reply, tag, on_done)
             finished = clock()
             with ready:
+                self._running = None
                 scheduler.charge(tenant, finished - started, finished)
 
     @staticmethod
