@@ -220,6 +220,10 @@ class Executor(ABC):
         on its share of device time (even when the device is otherwise idle)."""
 
     @abstractmethod
+    def queued(self, tenant: Tenant) -> int:
+        """How many of the tenant's operations wait to run (safe to call from any thread)."""
+
+    @abstractmethod
     def usage(self, tenant: Tenant) -> TenantUsage:
         """What the tenant has used so far (safe to call from any thread)."""
 
@@ -243,7 +247,8 @@ class Executor(ABC):
 
     @abstractmethod
     def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
-        """Release the tenant after its queued work; ``on_done`` runs once its memory is back."""
+        """Release the tenant: its queued work is dropped, what is running finishes, then its
+        memory is freed; ``on_done`` runs once the memory is back."""
 
     @abstractmethod
     def close(self) -> None:

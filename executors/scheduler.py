@@ -122,6 +122,19 @@ class FairScheduler(Generic[T]):
     def has(self, key: Hashable) -> bool:
         return key in self._tenants
 
+    def clear(self, key: Hashable) -> list[T]:
+        """Take back the jobs ``key`` has queued (not the one running); it stays scheduled."""
+        state = self._tenants.get(key)
+        if state is None:
+            return []
+        jobs = [job for job, _ in state.jobs]
+        self._pending -= len(jobs)
+        state.jobs.clear()
+        self._ready.pop(key, None)
+        if jobs and not state.active:
+            self._active_weight -= state.weight
+        return jobs
+
     def usage(self, key: Hashable) -> Usage:
         """The tenant's usage (all zero for a tenant that is not, or no longer, scheduled)."""
         state = self._tenants.get(key)
@@ -130,6 +143,11 @@ class FairScheduler(Generic[T]):
     def __len__(self) -> int:
         """Jobs queued and not yet dispatched."""
         return self._pending
+
+    def queued(self, key: Hashable) -> int:
+        """Jobs of ``key`` queued and not yet dispatched."""
+        state = self._tenants.get(key)
+        return len(state.jobs) if state is not None else 0
 
     # -- jobs -----------------------------------------------------------------------------------
     def push(self, key: Hashable, job: T, now: float) -> None:
@@ -226,17 +244,23 @@ class FifoScheduler(FairScheduler[T]):
     def __init__(self) -> None:
         super().__init__()
         self._arrivals: deque[tuple[Hashable, T, float]] = deque()
+        self._counts: dict[Hashable, int] = {}
 
     def push(self, key: Hashable, job: T, now: float) -> None:
         self._tenants[key]  # noqa: B018 - an unknown tenant is an error, as in FairScheduler
         self._arrivals.append((key, job, now))
+        self._counts[key] = self._counts.get(key, 0) + 1
         self._pending += 1
+
+    def queued(self, key: Hashable) -> int:
+        return self._counts.get(key, 0)
 
     def pop(self, now: float) -> Dispatch[T] | float | None:
         if not self._arrivals:
             return None
         key, job, submitted = self._arrivals.popleft()
         self._pending -= 1
+        self._counts[key] -= 1
         state = self._tenants[key]
         state.usage.queue_wait += now - submitted
         return Dispatch(key, job, now - submitted)
@@ -250,6 +274,13 @@ class FifoScheduler(FairScheduler[T]):
     def remove(self, key: Hashable) -> list[T]:
         if self._tenants.pop(key, None) is None:
             return []
+        return self._take(key)
+
+    def clear(self, key: Hashable) -> list[T]:
+        return self._take(key) if key in self._tenants else []
+
+    def _take(self, key: Hashable) -> list[T]:
+        self._counts.pop(key, None)
         mine = [job for k, job, _ in self._arrivals if k == key]
         self._arrivals = deque(entry for entry in self._arrivals if entry[0] != key)
         self._pending -= len(mine)

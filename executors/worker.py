@@ -71,9 +71,23 @@ class DeviceWorker:
         """Forget a tenant; anything it still had queued is answered with an error."""
         with self._ready:
             leftovers = self._scheduler.remove(tenant)
-        for _op, _wants_reply, _tag, on_done in leftovers:
+        self._refuse(leftovers)
+
+    def drop_queued(self, tenant: Tenant) -> None:
+        """Discard the tenant's queued work (its client is gone); what runs now finishes."""
+        with self._ready:
+            leftovers = self._scheduler.clear(tenant)
+        self._refuse(leftovers)
+
+    @staticmethod
+    def _refuse(jobs: list[_Job]) -> None:
+        for _op, _wants_reply, _tag, on_done in jobs:
             if on_done is not None:
                 on_done(None, DeviceError("the tenant was closed"))
+
+    def queued(self, tenant: Tenant) -> int:
+        with self._ready:
+            return self._scheduler.queued(tenant)
 
     def usage(self, tenant: Tenant) -> TenantUsage:
         """The tenant's account, including the part of a job it is running right now (so that
@@ -202,7 +216,15 @@ class WorkerExecutor(Executor):
     def usage(self, tenant: Tenant) -> TenantUsage:
         return self._worker.usage(tenant)
 
+    def queued(self, tenant: Tenant) -> int:
+        return self._worker.queued(tenant)
+
     def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
+        # Whoever would have read the results of its queued work is gone: skip it, free now.
+        self._worker.drop_queued(tenant)
+        self._release_after_queued(tenant, on_done)
+
+    def _release_after_queued(self, tenant: Tenant, on_done: Callable[[], None] | None) -> None:
         def release() -> None:
             with self._tenants_lock:
                 if tenant not in self._tenants:
@@ -231,6 +253,6 @@ class WorkerExecutor(Executor):
     def close(self) -> None:
         with self._tenants_lock:
             remaining = list(self._tenants)
-        for tenant in remaining:
-            self.close_tenant(tenant)
+        for tenant in remaining:  # their queued work still runs: stop() promises that
+            self._release_after_queued(tenant, None)
         self._worker.stop()

@@ -58,6 +58,10 @@ _DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     Unsupported: ErrorCode.UNSUPPORTED,
 }
 _session_ids = itertools.count(1)
+# Operations one lease may have queued on its GPU before the session stops reading (each costs a
+# few hundred bytes of server memory; far more than any pipeline needs to keep a GPU busy).
+MAX_QUEUED_OPERATIONS = 10_000
+BACKLOG_POLL_S = 0.002
 
 
 @dataclass
@@ -99,6 +103,7 @@ class ServerSession:
         self._staged = 0
         self._staging_budget = limits.max_payload
         self._client_name = ""
+        self._backlog_check: asyncio.TimerHandle | None = None
 
         self.decoder = FrameDecoder(
             receives_replies=False, limits=limits, payload_sink=self._payload_buffer
@@ -149,6 +154,8 @@ class ServerSession:
         if self._closed:
             return
         self._closed = True
+        if self._backlog_check is not None:
+            self._backlog_check.cancel()
         how = f"lost ({error})" if error else "closed"
         log.info(
             "session %d (%s) %s; releasing %d lease(s)",
@@ -351,8 +358,31 @@ class ServerSession:
             return
         if self._staged > self._staging_budget or not self.connection.writable:
             self.connection.pause_reading()
+        elif self._backlogged():
+            # Queued operations finish on the device, which tells nobody: look again shortly.
+            self.connection.pause_reading()
+            if self._backlog_check is None:
+                self._backlog_check = self._loop.call_later(BACKLOG_POLL_S, self._recheck_backlog)
         else:
             self.connection.resume_reading()
+
+    def _backlogged(self) -> bool:
+        """True while one of the leases has more operations queued than a session may queue:
+        a client that pipelines without limit is held back instead of filling server memory."""
+        limit = MAX_QUEUED_OPERATIONS if self._backlog_check is None else MAX_QUEUED_OPERATIONS // 2
+        return any(lease.executor.queued(lease.tenant) > limit for lease in self.leases)
+
+    def _recheck_backlog(self) -> None:
+        self._backlog_check = None
+        if self._closed:
+            return
+        if not self.connection.peer_alive():  # gone while we were not reading: free its GPUs now
+            self.connection.abort()
+            return
+        if self._backlogged():
+            self._backlog_check = self._loop.call_later(BACKLOG_POLL_S, self._recheck_backlog)
+        else:
+            self._update_flow()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -366,6 +396,7 @@ class ServerSession:
                     "memory_limit": lease.placement.memory_limit,
                     "weight": lease.tenant.weight,
                     "mode": "share" if lease.tenant.cap is None else "cap",
+                    "queued": lease.executor.queued(lease.tenant),
                     "usage": asdict(lease.executor.usage(lease.tenant)),
                 }
                 for lease in self.leases

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SLICE = 4 * 2**20  # the most of one payload handed to the transport at once
 DEFAULT_QUEUE_LIMIT = 8 * 2**20  # queued bytes above which drain() waits
+_TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
 
 
 class FrameHandler(Protocol):
@@ -239,6 +240,23 @@ class FrameConnection(asyncio.BufferedProtocol):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def peer_alive(self) -> bool:
+        """Whether the peer is still connected. A connection that is not reading notices a reset
+        or a close only when it reads again; an owner holding one paused for long asks here."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or self._closed:
+            return not self._closed
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            if hasattr(socket, "TCP_INFO"):  # Linux: anything but ESTABLISHED means it is gone
+                return (
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
+                )
+        except OSError:
+            return False
+        return True
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed_waiter)

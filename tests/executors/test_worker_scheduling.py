@@ -158,6 +158,8 @@ def test_a_worker_stopped_directly_answers_later_work_with_device_error() -> Non
 
 def test_work_for_a_closed_tenant_is_refused_with_invalid_handle(device: NumpyExecutor) -> None:
     tenant = device.open_tenant(MiB, 0.5)
+    gate = threading.Event()  # hold the device so that the tenant's work is still queued at close
+    device.submit(tenant, lambda: gate.wait(TIMEOUT_S), wants_reply=False)
     other = device.open_tenant(MiB, 0.5)
     ran: list[str] = []
     queued = Outcomes()
@@ -165,8 +167,14 @@ def test_work_for_a_closed_tenant_is_refused_with_invalid_handle(device: NumpyEx
         device.submit(
             tenant, lambda i=i: ran.append(f"t{i}"), wants_reply=True, on_done=queued.on_done
         )
+    threading.Timer(0.05, gate.set).start()
     close(device, tenant)
-    assert ran == [f"t{i}" for i in range(5)]  # its queued work ran before it was released
+    # Work still queued when the tenant closed is dropped, and answered; what had run ran in order.
+    outcomes = queued.wait(5)
+    assert ran == [f"t{i}" for i in range(len(ran))]
+    dropped = [error for _result, error in outcomes if error is not None]
+    assert len(dropped) == 5 - len(ran)
+    assert all(type(error) is DeviceError for error in dropped)
     late = Outcomes()
     device.submit(tenant, lambda: ran.append("late"), wants_reply=True, on_done=late.on_done)
     [(result, error)] = late.wait(1)

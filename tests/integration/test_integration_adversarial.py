@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import struct
 import time
 
@@ -600,6 +601,38 @@ def test_request_id_zero_is_refused() -> None:
             frames = await peer.until_closed()
             assert [type(f.message) for f in frames] == [m.ErrorReply], frames
             assert_error(frames[0], ErrorCode.PROTOCOL, fatal=True, request_id=0)
+            await assert_server_healthy(server)
+
+    run(main())
+
+
+def test_a_client_that_pipelines_without_limit_is_held_back_not_buffered() -> None:
+    """50,000 launches sent without waiting: the server stops reading once a lease has
+    MAX_QUEUED_OPERATIONS queued, so its queue stays bounded whatever the client sends; when the
+    client vanishes, its queued work is dropped and the lease comes back at once."""
+    from bitfusion_net.server.session import MAX_QUEUED_OPERATIONS
+
+    async def main() -> None:
+        async with serve() as server:
+            peer = await RawPeer.open(server.address)
+            await peer.hello(fraction=0.5)
+            peer.send_request(m.GetFunction(0, 0, "busy"))
+            function = (await peer.frame()).message.function
+            launch = m.Launch(0, function, (1, 1, 1), (1, 1, 1), 0, 0, struct.pack("<q", 200))
+            peer.send(b"".join(encode_request(launch, peer.next_id()) for _ in range(50_000)))
+            most = 0
+            for _ in range(50):  # 0.5 s: the device runs about 2,500 of the 200 us kernels
+                await asyncio.sleep(0.01)
+                [lease] = [lease for s in server.sessions() for lease in s["leases"]]
+                most = max(most, lease["queued"])
+            # The queue filled up to the limit (the flood arrived) and not beyond it, but for
+            # one read's worth of frames that may arrive as the limit is crossed.
+            assert MAX_QUEUED_OPERATIONS <= most <= MAX_QUEUED_OPERATIONS + 256 * 1024 // 50, most
+            # A reset (what a crashed host's kernel sends) is noticed while the server holds the
+            # connection paused; a FIN would wait behind the unread flood until the queue drains.
+            sock = peer.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.abort()
             await assert_server_healthy(server)
 
     run(main())
