@@ -24,6 +24,7 @@ setup(
             "ruff==0.17.6",
             "mypy==2.4.1",
         ],
+        "bench": ["pyzmq>=25", "grpcio>=1.60", "matplotlib>=3.7", "tqdm>=4.66"],
         "gpu": ["pycuda>=2024.1"],
         "rdma": ["pyverbs>=50"],
     },

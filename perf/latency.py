@@ -1,0 +1,788 @@
+"""Latency, bandwidth and launch-rate benchmark of bitfusion-net, beside baselines, in one run.
+
+    python perf/latency.py                          # start a server on loopback and measure
+    python perf/latency.py --quick --output /tmp/r  # a fast run (the smoke test's)
+    python perf/latency.py --server tcp://HOST:PORT # measure a server started elsewhere
+
+Measures, side by side (perf/README.md explains each figure):
+
+1. round trip of the smallest synchronising call (``mem_get_info``), async and blocking API;
+2. ``memcpy_htod`` (+ ``synchronize``) and ``memcpy_dtoh`` from 8 B to 256 MiB: latency, GB/s;
+3. pipelined no-reply launches of the built-in ``fill`` kernel (n=1): launches per second;
+4. training steps of a small MLP with the built-in kernels, remote versus the same NumPy executor
+   in-process (the results must match);
+5. baselines on the same machine: C TCP ping-pong and bulk copies (``native/tcp_baseline.c``,
+   compiled here), a raw uvloop echo server, pyzmq REQ/REP and grpcio unary calls (optional).
+
+Writes a table on stdout, ``latency.json`` and ``latency.png`` into ``perf/results`` (or
+``--output``). Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# One BLAS thread, for this process and the server it starts, unless the caller chose otherwise
+# (set before NumPy loads). The NumPy device runs kernels on one worker thread; on small shared
+# machines multithreaded OpenBLAS sgemm was measured 300x slower on the MLP's small matrices
+# (15 ms instead of 0.05 ms for 64x256 @ 256x128), which would measure BLAS threads fighting,
+# not the network path. Both sides of the MLP comparison run with the same setting.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# perf/ is on sys.path when this file runs as a script, so its sibling modules import by name.
+import baselines as bl  # noqa: E402
+import latency_report as report  # noqa: E402
+import mlp_workload as workload  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bitfusion_net as bf  # noqa: E402
+from bitfusion_net.transport import loop_factory  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+SERVER_MEMORY = "2GiB"
+HEAD_TO_HEAD_SIZE = 64 * MiB
+format_size = report.format_size
+
+
+# -- configuration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    rtt_samples: int
+    rtt_warmup: int
+    grpc_samples: int
+    sizes: tuple[int, ...]
+    copy_budget: int  # bytes moved per size and direction (bounds the repetitions)
+    copy_min_reps: int
+    copy_max_reps: int
+    launches: int
+    launch_runs: int
+    blocking_launches: int
+    posts: int  # pipelined messages per baseline run
+    mlp: workload.MlpShape
+    mlp_warmup: int
+    mlp_rounds: int
+    mlp_steps: int
+    h2h_rounds: int  # interleaved rounds of ours / C / uvloop for the targets
+    h2h_samples: int  # round trips per round and contender
+    h2h_reps: int  # HEAD_TO_HEAD_SIZE copies per round, contender and direction
+
+
+def make_config(quick: bool) -> Config:
+    if quick:
+        return Config(
+            quick=True,
+            rtt_samples=1000,
+            rtt_warmup=200,
+            grpc_samples=300,
+            sizes=(8, 512, 32 * KiB, 2 * MiB, 16 * MiB),
+            copy_budget=32 * MiB,
+            copy_min_reps=2,
+            copy_max_reps=200,
+            launches=2000,
+            launch_runs=2,
+            blocking_launches=500,
+            posts=20_000,
+            mlp=workload.MlpShape(batch=64, inputs=256, hidden=128, classes=10),
+            mlp_warmup=2,
+            mlp_rounds=2,
+            mlp_steps=5,
+            h2h_rounds=2,
+            h2h_samples=500,
+            h2h_reps=2,
+        )
+    sizes = tuple(8 * 4**k for k in range(12)) + (64 * MiB, 128 * MiB, 256 * MiB)
+    return Config(
+        quick=False,
+        rtt_samples=20_000,
+        rtt_warmup=2000,
+        grpc_samples=5000,
+        sizes=sizes,
+        copy_budget=512 * MiB,
+        copy_min_reps=6,
+        copy_max_reps=1000,
+        launches=20_000,
+        launch_runs=5,
+        blocking_launches=5000,
+        posts=200_000,
+        mlp=workload.MlpShape(batch=128, inputs=784, hidden=256, classes=10),
+        mlp_warmup=5,
+        mlp_rounds=10,
+        mlp_steps=20,
+        h2h_rounds=12,
+        h2h_samples=2000,
+        h2h_reps=4,
+    )
+
+
+def copy_reps(cfg: Config, size: int) -> int:
+    return max(cfg.copy_min_reps, min(cfg.copy_max_reps, cfg.copy_budget // size))
+
+
+# -- progress -------------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar on stderr when tqdm is installed, otherwise a plain progress line."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self._total = total
+        self._done = 0
+        self._label = ""
+        self._enabled = enabled
+        self._bar: Any = None
+        self._tty = sys.stderr.isatty()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, file=sys.stderr, unit="step", leave=False)
+
+    def stage(self, label: str) -> None:
+        self._label = label
+        if self._bar is not None:
+            self._bar.set_description(label)
+        else:
+            self._line()
+
+    def advance(self, steps: int = 1) -> None:
+        self._done = min(self._total, self._done + steps)
+        if self._bar is not None:
+            self._bar.update(steps)
+        elif self._tty:
+            self._line()
+
+    def _line(self) -> None:
+        if not self._enabled:
+            return
+        text = f"[{self._done:3d}/{self._total}] {self._label}"
+        if self._tty:
+            print(f"\r{text:<72}", end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._enabled and self._tty:
+            print(file=sys.stderr)
+
+
+def count_steps(cfg: Config) -> int:
+    fixed = 2 + 2 + 3 + 1 + 1 + 2 + 2 + 1  # build, servers, round trips, launches, MLP, C,
+    # uvloop round trip and posts, zmq and grpc, report
+    return fixed + 2 * len(cfg.sizes) + cfg.h2h_rounds
+
+
+# -- timing helpers -------------------------------------------------------------------------------
+async def time_async(call: Callable[[], Awaitable[Any]], reps: int, warmup: int) -> list[int]:
+    """Nanoseconds of ``reps`` awaited calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        await call()
+    gc.collect()
+    clock = time.perf_counter_ns
+    timings = [0] * reps
+    for i in range(reps):
+        started = clock()
+        await call()
+        timings[i] = clock() - started
+    return timings
+
+
+def time_sync(call: Callable[[], Any], reps: int, warmup: int) -> list[int]:
+    for _ in range(warmup):
+        call()
+    gc.collect()
+    clock = time.perf_counter_ns
+    timings = [0] * reps
+    for i in range(reps):
+        started = clock()
+        call()
+        timings[i] = clock() - started
+    return timings
+
+
+def copy_result(size: int, timings: Sequence[int]) -> dict[str, float]:
+    summary = bl.summarize(timings)
+    return {
+        "size": size,
+        "reps": len(timings),
+        "p50_us": summary["p50_us"],
+        "min_us": summary["min_us"],
+        "mean_us": summary["mean_us"],
+        "gbps": size / summary["p50_us"] / 1e3,  # bytes per microsecond / 1000 = GB/s
+    }
+
+
+def rate_result(count: int, seconds: Sequence[float]) -> dict[str, float]:
+    rates = [count / s for s in seconds]
+    return {
+        "per_second": statistics.median(rates),
+        "best_per_second": max(rates),
+        "count": count,
+        "runs": len(rates),
+    }
+
+
+# -- 1. round trip --------------------------------------------------------------------------------
+async def bench_round_trip_async(gpu: bf.RemoteDevice, cfg: Config) -> dict[str, float]:
+    return bl.summarize(await time_async(gpu.mem_get_info, cfg.rtt_samples, cfg.rtt_warmup))
+
+
+def bench_round_trip_blocking(gpu: bf.SyncRemoteDevice, cfg: Config) -> dict[str, float]:
+    return bl.summarize(time_sync(gpu.mem_get_info, cfg.rtt_samples, cfg.rtt_warmup))
+
+
+# -- 2. copies ------------------------------------------------------------------------------------
+async def bench_copies(
+    gpu: bf.RemoteDevice, cfg: Config, host: memoryview, progress: Progress
+) -> dict[str, list[dict[str, float]]]:
+    """memcpy_htod + synchronize, and memcpy_dtoh, for each size, into one device buffer."""
+    device = await gpu.mem_alloc(max(cfg.sizes))
+    htod: list[dict[str, float]] = []
+    dtoh: list[dict[str, float]] = []
+    try:
+        for size in cfg.sizes:
+            progress.stage(f"ours: copies of {format_size(size)}")
+            view = host[:size]
+            reps = copy_reps(cfg, size)
+
+            async def to_device(view: memoryview = view) -> None:
+                await gpu.memcpy_htod(device, view)
+                await gpu.synchronize()
+
+            async def to_host(view: memoryview = view) -> None:
+                await gpu.memcpy_dtoh(view, device)
+
+            htod.append(copy_result(size, await time_async(to_device, reps, max(1, reps // 10))))
+            dtoh.append(copy_result(size, await time_async(to_host, reps, max(1, reps // 10))))
+            progress.advance()
+    finally:
+        await gpu.mem_free(device)
+    return {"htod": htod, "dtoh": dtoh}
+
+
+# -- 3. pipelined launches ------------------------------------------------------------------------
+async def bench_launches_async(gpu: bf.RemoteDevice, cfg: Config) -> dict[str, float]:
+    """N no-reply launches of fill(n=1), then one synchronize; launches per second end to end."""
+    fill = await gpu.builtin("fill")
+    out = await gpu.mem_alloc(4)
+    args = [1, 0.0, out]
+
+    async def burst(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            await fill.launch(1, 1, args)
+        await gpu.synchronize()
+        return time.perf_counter() - started
+
+    await burst(min(1000, cfg.launches))
+    gc.collect()
+    seconds = [await burst(cfg.launches) for _ in range(cfg.launch_runs)]
+    await gpu.mem_free(out)
+    return rate_result(cfg.launches, seconds)
+
+
+def bench_launches_blocking(gpu: bf.SyncRemoteDevice, cfg: Config) -> dict[str, float]:
+    fill = gpu.builtin("fill")
+    out = gpu.mem_alloc(4)
+    args = [1, 0.0, out]
+
+    def burst(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            fill.launch(1, 1, args)
+        gpu.synchronize()
+        return time.perf_counter() - started
+
+    burst(min(200, cfg.blocking_launches))
+    gc.collect()
+    seconds = [burst(cfg.blocking_launches) for _ in range(cfg.launch_runs)]
+    gpu.mem_free(out)
+    return rate_result(cfg.blocking_launches, seconds)
+
+
+def bench_launches_inprocess(cfg: Config) -> dict[str, float]:
+    """The same launches submitted straight to an in-process NumPy executor: the device's ceiling."""
+    with workload.local_driver() as driver:
+        run = workload.drive
+
+        async def burst(count: int) -> float:
+            started = time.perf_counter()
+            for _ in range(count):
+                await driver.launch("fill", 1, [1, 0.0, out])
+            await driver.synchronize()
+            return time.perf_counter() - started
+
+        out = run(driver.alloc(4))
+        run(driver.load("fill"))
+        run(burst(min(1000, cfg.launches)))
+        gc.collect()
+        seconds = [run(burst(cfg.launches)) for _ in range(cfg.launch_runs)]
+    return rate_result(cfg.launches, seconds)
+
+
+# -- 4. the MLP training step: see mlp_workload.py ------------------------------------------------
+
+
+# -- 5. baselines ---------------------------------------------------------------------------------
+def bench_c(cfg: Config, binary: Path, address: str) -> dict[str, Any]:
+    """The C client against the C server: ping-pong, put/get at every size, pipelined posts."""
+    plan = [("ping", bl.PING_SIZE, cfg.rtt_samples)]
+    plan += [("put", size, copy_reps(cfg, size)) for size in cfg.sizes]
+    plan += [("get", size, copy_reps(cfg, size)) for size in cfg.sizes]
+    plan += [("post", bl.POST_SIZE, cfg.posts)]
+    lines = bl.run_c_client(binary, address, plan, timeout=600)
+    by_op: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_op.setdefault(line["op"], []).append(line)
+
+    def copies(op: str) -> list[dict[str, float]]:
+        return [
+            {
+                "size": r["size"],
+                "reps": r["count"],
+                "p50_us": r["p50_us"],
+                "min_us": r["min_us"],
+                "mean_us": r["mean_us"],
+                "gbps": r["size"] / r["p50_us"] / 1e3,
+            }
+            for r in by_op[op]
+        ]
+
+    ping = by_op["ping"][0]
+    return {
+        "round_trip": {k: ping[k] for k in ("p50_us", "p99_us", "p999_us", "min_us", "mean_us")}
+        | {"samples": ping["count"], "message_bytes": bl.PING_SIZE + bl.HEADER.size},
+        "put": copies("put"),
+        "get": copies("get"),
+        "posts": {"per_second": by_op["post"][0]["per_second"], "count": cfg.posts},
+    }
+
+
+async def bench_uvloop(
+    cfg: Config, client: bl.UvloopBaselineClient, host: memoryview, progress: Progress
+) -> dict[str, Any]:
+    """The raw uvloop echo: the same round trips, copies and pipelined messages as ours."""
+    progress.stage("uvloop echo: round trip")
+    message = bl.ping_message()
+
+    async def ping() -> None:
+        await client.ping(message, bl.PING_SIZE)
+
+    round_trip = bl.summarize(await time_async(ping, cfg.rtt_samples, cfg.rtt_warmup))
+    round_trip["message_bytes"] = len(message)
+    progress.advance()
+    put: list[dict[str, float]] = []
+    get: list[dict[str, float]] = []
+    for size in cfg.sizes:
+        progress.stage(f"uvloop echo: copies of {format_size(size)}")
+        view, reps = host[:size], copy_reps(cfg, size)
+        warm = max(1, reps // 10)
+
+        async def to_server(view: memoryview = view) -> None:
+            await client.put(view)
+
+        async def from_server(view: memoryview = view) -> None:
+            await client.get(view)
+
+        put.append(copy_result(size, await time_async(to_server, reps, warm)))
+        get.append(copy_result(size, await time_async(from_server, reps, warm)))
+        progress.advance()
+    progress.stage("uvloop echo: pipelined messages")
+    burst = [bl.post_message()] * cfg.posts
+    await client.post_burst(burst[: min(len(burst), 10_000)])
+    seconds = []
+    for _ in range(cfg.launch_runs):
+        started = time.perf_counter()
+        await client.post_burst(burst)
+        seconds.append(time.perf_counter() - started)
+    progress.advance()
+    return {
+        "round_trip": round_trip,
+        "put": put,
+        "get": get,
+        "posts": rate_result(cfg.posts, seconds),
+    }
+
+
+def bench_optional_rpc(
+    kind: str, cfg: Config, address: str | None, progress: Progress
+) -> dict[str, Any]:
+    """pyzmq REQ/REP or grpcio unary round trips; skipped with a note when not importable."""
+    module = "zmq" if kind == "zmq" else "grpc"
+    package = "pyzmq" if kind == "zmq" else "grpcio"
+    progress.stage(f"{package}: round trip")
+    try:
+        __import__(module)
+    except ImportError:
+        return {"skipped": f"{package} is not installed (pip install -e '.[bench]')"}
+    measure = bl.zmq_round_trip if kind == "zmq" else bl.grpc_round_trip
+    samples = cfg.rtt_samples if kind == "zmq" else cfg.grpc_samples
+    warmup = max(10, samples // 10)
+    with contextlib.ExitStack() as stack:
+        if address is None:
+            command = "zmq-rep-server" if kind == "zmq" else "grpc-server"
+            address = stack.enter_context(bl.server_process(bl.python_server(command), package))
+        return {"round_trip": measure(address, samples, warmup) | {"message_bytes": bl.PING_SIZE}}
+
+
+# -- 6. head to head, for the targets -------------------------------------------------------------
+def _median_ratio(mine: Sequence[float], theirs: Sequence[float]) -> float | None:
+    pairs = [a / b for a, b in zip(mine, theirs, strict=False) if b]
+    return statistics.median(pairs) if pairs else None
+
+
+async def bench_head_to_head(
+    gpu: bf.RemoteDevice,
+    uv: bl.UvloopBaselineClient,
+    c: tuple[Path, str] | None,
+    cfg: Config,
+    host: memoryview,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Rounds of ours, uvloop and C back to back: round-trip p50 and 64 MiB copies each way.
+
+    On a shared, noisy machine the sweeps run seconds to minutes apart, and the machine's speed
+    may change between them. Here every contender is measured in every short round; the targets
+    compare each contender's best round (lowest p50, highest GB/s: its speed when the machine was
+    quiet), and the median of the per-round ratios is reported beside it.
+    """
+    size = min(HEAD_TO_HEAD_SIZE, max(cfg.sizes))
+    samples, reps = cfg.h2h_samples, cfg.h2h_reps
+    view = host[:size]
+    message = bl.ping_message()
+    rtt: dict[str, list[float]] = {"ours": [], "uvloop": [], "c": []}
+    kinds = ("ours_htod", "ours_dtoh", "uvloop_put", "uvloop_get", "c_put", "c_get")
+    gbps: dict[str, list[float]] = {kind: [] for kind in kinds}
+
+    async def p50(call: Callable[[], Awaitable[Any]]) -> float:
+        return bl.summarize(await time_async(call, samples, samples // 10))["p50_us"]
+
+    async def bandwidth(call: Callable[[], Awaitable[Any]]) -> float:
+        return copy_result(size, await time_async(call, reps, 1))["gbps"]
+
+    device = await gpu.mem_alloc(size)
+
+    async def to_device() -> None:
+        await gpu.memcpy_htod(device, view)
+        await gpu.synchronize()
+
+    async def to_host() -> None:
+        await gpu.memcpy_dtoh(view, device)
+
+    try:
+        for round_ in range(cfg.h2h_rounds):
+            progress.stage(f"head to head: round {round_ + 1} of {cfg.h2h_rounds}")
+            gc.collect()
+            rtt["ours"].append(await p50(gpu.mem_get_info))
+            rtt["uvloop"].append(await p50(lambda: uv.ping(message, bl.PING_SIZE)))
+            gbps["ours_htod"].append(await bandwidth(to_device))
+            gbps["ours_dtoh"].append(await bandwidth(to_host))
+            gbps["uvloop_put"].append(await bandwidth(lambda: uv.put(view)))
+            gbps["uvloop_get"].append(await bandwidth(lambda: uv.get(view)))
+            if c is not None:
+                plan = [("ping", bl.PING_SIZE, samples), ("put", size, reps), ("get", size, reps)]
+                ping, put, get = bl.run_c_client(c[0], c[1], plan, timeout=300)
+                rtt["c"].append(ping["p50_us"])
+                gbps["c_put"].append(size / put["p50_us"] / 1e3)
+                gbps["c_get"].append(size / get["p50_us"] / 1e3)
+            progress.advance()
+    finally:
+        await gpu.mem_free(device)
+    best_rtt = {k: min(v) for k, v in rtt.items() if v}
+    best_gbps = {k: max(v) for k, v in gbps.items() if v}
+    pairs = {
+        "rtt_vs_uvloop": ("ours", "uvloop"),
+        "rtt_vs_c": ("ours", "c"),
+        "htod_vs_c": ("ours_htod", "c_put"),
+        "dtoh_vs_c": ("ours_dtoh", "c_get"),
+        "htod_vs_uvloop": ("ours_htod", "uvloop_put"),
+        "dtoh_vs_uvloop": ("ours_dtoh", "uvloop_get"),
+    }
+    ratios: dict[str, float | None] = {}
+    median_ratios: dict[str, float | None] = {}
+    for name, (mine, theirs) in pairs.items():
+        series, best = (rtt, best_rtt) if name.startswith("rtt") else (gbps, best_gbps)
+        ratios[name] = best[mine] / best[theirs] if theirs in best else None
+        median_ratios[name] = _median_ratio(series[mine], series[theirs])
+    return {
+        "rounds": cfg.h2h_rounds,
+        "samples_per_round": samples,
+        "copy_size": size,
+        "copy_reps_per_round": reps,
+        "round_trip_p50_us": best_rtt,
+        "copy_gbps": best_gbps,
+        "ratios": ratios,
+        "median_of_round_ratios": median_ratios,
+        "per_round": {"round_trip_p50_us": rtt, "copy_gbps": gbps},
+    }
+
+
+# -- orchestration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Peers:
+    """Where everything listens: our server, the C baseline (binary and address), uvloop echo."""
+
+    server: str
+    c: tuple[Path, str] | None
+    c_note: str
+    uvloop: str
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, load {load:.2f}"
+    )
+
+
+@contextlib.contextmanager
+def bitfusion_server(address: str | None) -> Iterator[str]:
+    """The server to measure: the one given, or a subprocess on a free loopback port."""
+    if address is not None:
+        yield address
+        return
+    argv = [
+        sys.executable, "-m", "bitfusion_net.server", "--listen", "tcp://127.0.0.1:0",
+        "--gpu-memory", SERVER_MEMORY, "--log-level", "WARNING",
+    ]  # fmt: skip
+    with bl.server_process(argv, "bitfusion-net server") as started:
+        yield started
+
+
+async def measure_async(
+    peers: Peers, cfg: Config, host: memoryview, progress: Progress
+) -> dict[str, Any]:
+    """Everything that runs on this process's event loop: ours (async API), C, uvloop."""
+    results: dict[str, Any] = {}
+    baselines: dict[str, Any] = {}
+    lease = max(cfg.sizes) + 64 * MiB  # the copy buffer, the MLP, the launch target
+    async with bf.connect(peers.server, memory=lease, client_name="perf/latency") as session:
+        gpu = session.devices[0]
+        progress.stage("ours: round trip, async API")
+        results["round_trip_async"] = await bench_round_trip_async(gpu, cfg)
+        progress.advance()
+        results["memcpy"] = await bench_copies(gpu, cfg, host, progress)
+        progress.stage("ours: pipelined launches, async API")
+        results["launches_async"] = await bench_launches_async(gpu, cfg)
+        progress.advance()
+        progress.stage("ours: MLP training steps, remote vs in-process")
+        results["mlp"] = await workload.compare_remote_local(
+            gpu, cfg.mlp, cfg.mlp_warmup, cfg.mlp_rounds, cfg.mlp_steps
+        )
+        progress.advance()
+        progress.stage("C TCP baseline")
+        baselines["c"] = (
+            bench_c(cfg, *peers.c) if peers.c is not None else {"skipped": peers.c_note}
+        )
+        progress.advance()
+        uv = await bl.UvloopBaselineClient.connect(peers.uvloop)
+        try:
+            baselines["uvloop"] = await bench_uvloop(cfg, uv, host, progress)
+            results["head_to_head"] = await bench_head_to_head(
+                gpu, uv, peers.c, cfg, host, progress
+            )
+        finally:
+            uv.close()
+    results["baselines"] = baselines
+    return results
+
+
+def measure_blocking(address: str, cfg: Config, progress: Progress) -> dict[str, Any]:
+    """The blocking API (its own loop thread), from this thread."""
+    with bf.connect_sync(address, memory="64MiB", client_name="perf/latency-sync") as session:
+        gpu = session.devices[0]
+        progress.stage("ours: round trip, blocking API")
+        round_trip = bench_round_trip_blocking(gpu, cfg)
+        progress.advance()
+        progress.stage("ours: pipelined launches, blocking API")
+        launches = bench_launches_blocking(gpu, cfg)
+        progress.advance()
+    return {"round_trip": round_trip, "launches": launches}
+
+
+def baseline_addresses(spec: str | None) -> dict[str, str | None]:
+    """``--baselines-at HOST:PORT``: C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3."""
+    if spec is None:
+        return dict.fromkeys(("c", "uvloop", "zmq", "grpc"))
+    host, _, port_text = spec.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise SystemExit(f"--baselines-at wants HOST:PORT, got {spec!r}")
+    port = int(port_text)
+    return {
+        kind: f"tcp://{host}:{port + offset}"
+        for offset, kind in enumerate(("c", "uvloop", "zmq", "grpc"))
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = make_config(args.quick)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    baseline_addresses(args.baselines_at)  # refuse a malformed --baselines-at before starting
+    host_array = np.full(max(cfg.sizes), 0x5A, np.uint8)  # pages touched, as a real buffer's are
+    meta: dict[str, Any] = {
+        "machine": machine(),
+        "quick": cfg.quick,
+        "argv": sys.argv[1:],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sizes": list(cfg.sizes),
+        "numpy": np.__version__,
+        "bitfusion_net": bf.__version__,
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "keep_awake": args.keep_awake,
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("sizes", "mlp")},
+    }
+    progress = Progress(count_steps(cfg), enabled=not args.no_progress)
+    try:
+        with bl.keep_awake(args.keep_awake):
+            return measure_all(args, cfg, progress, host_array.data, meta)
+    finally:
+        progress.close()
+
+
+def measure_all(
+    args: argparse.Namespace,
+    cfg: Config,
+    progress: Progress,
+    host: memoryview,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Every measurement, the targets, the JSON and the plot; returns the results."""
+    output, remote, notes = Path(args.output), baseline_addresses(args.baselines_at), []
+    progress.stage("building the C baseline")
+    binary, c_note = bl.build_c_baseline(Path(args.build_dir))
+    notes.append(c_note)
+    progress.advance()
+
+    progress.stage("starting the servers")
+    with contextlib.ExitStack() as servers:
+        address = servers.enter_context(bitfusion_server(args.server))
+        c_peer = None
+        if binary is not None:
+            c_address = remote["c"] or servers.enter_context(
+                bl.server_process([str(binary), "server", "127.0.0.1", "0"], "C server")
+            )
+            c_peer = (binary, c_address)
+        uv_address = remote["uvloop"] or servers.enter_context(
+            bl.server_process(bl.python_server("uvloop-echo-server"), "uvloop echo server")
+        )
+        meta["server"] = address
+        progress.advance()
+        peers = Peers(address, c_peer, c_note, uv_address)
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            measured = runner.run(measure_async(peers, cfg, host, progress))
+        blocking = measure_blocking(address, cfg, progress)
+
+    progress.stage("in-process executor: pipelined launches")
+    inprocess = bench_launches_inprocess(cfg)
+    progress.advance()
+    baselines = measured["baselines"]
+    for kind in ("zmq", "grpc"):
+        baselines[kind] = bench_optional_rpc(kind, cfg, remote[kind], progress)
+        progress.advance()
+
+    progress.stage("report")
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta["load_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results: dict[str, Any] = {
+        "meta": meta,
+        "round_trip": {
+            "async": measured["round_trip_async"],
+            "blocking": blocking["round_trip"],
+        },
+        "memcpy": measured["memcpy"],
+        "launches": {
+            "kernel": "fill(n=1)",
+            "async": measured["launches_async"],
+            "blocking": blocking["launches"],
+            "inprocess": inprocess,
+        },
+        "mlp": measured["mlp"],
+        "baselines": baselines,
+        "head_to_head": measured["head_to_head"],
+        "notes": notes,
+    }
+    results["targets"] = report.evaluate_targets(results)
+    notes.append(report.plot(results, output / "latency.png"))
+    report.write_json(results, output / "latency.json")
+    notes.append(f"results written to {output / 'latency.json'}")
+    progress.advance()
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python perf/latency.py",
+        description=(
+            "Measure bitfusion-net's round-trip latency, copy bandwidth, pipelined launch rate "
+            "and a small MLP training step (remote vs in-process), beside C, uvloop, pyzmq and "
+            "grpcio baselines on the same machine, in one run. Prints a table and writes "
+            "latency.json and latency.png. Targets are reported, never asserted."
+        ),
+        epilog="See perf/README.md for what each figure means and for runs across two hosts.",
+    )
+    parser.add_argument(
+        "--server",
+        metavar="tcp://HOST:PORT",
+        help="measure this running server instead of starting one on loopback (the run leases "
+        "384 MiB of device memory, 144 MiB with --quick)",
+    )
+    parser.add_argument(
+        "--baselines-at",
+        metavar="HOST:PORT",
+        help="use baseline servers started elsewhere by 'python perf/baselines.py serve-all "
+        "--port PORT' (C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3) instead of "
+        "starting them on loopback",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer samples, copies up to 16 MiB: a run of seconds (the smoke test's)",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(HERE / "results"),
+        metavar="DIR",
+        help="where latency.json and latency.png go (default: perf/results)",
+    )
+    parser.add_argument(
+        "--build-dir",
+        default=str(HERE / "build"),
+        metavar="DIR",
+        help="where the C baseline is compiled (default: perf/build, ignored by git)",
+    )
+    parser.add_argument(
+        "--keep-awake",
+        action="store_true",
+        help="run a nice-19 busy loop meanwhile, so that an idle (virtual) CPU never halts: on "
+        "VMs, waking a halted vCPU adds tens of microseconds to every loopback round trip",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    results = run(args)
+    report.print_report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
