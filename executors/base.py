@@ -245,6 +245,17 @@ class Executor(ABC):
         ``on_done(result, error)`` runs on the worker thread and must be quick.
         """
 
+    def run_if_idle(self, tenant: Tenant, op: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run a query on the calling thread when the tenant has no work queued or running.
+
+        A call that only reads state (memory info, accounting) or waits for nothing (a
+        synchronize with nothing to wait for) is then answered without a hop to the worker thread.
+        Returns (True, result) if it ran (raising what ``op`` raised, or the tenant's pending
+        ``DeferredError``), (False, None) if the caller must ``submit`` it. Executors whose
+        device may still be busy when the worker is idle (asynchronous GPUs) never run it here.
+        """
+        return False, None
+
     @abstractmethod
     def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
         """Release the tenant: its queued work is dropped, what is running finishes, then its

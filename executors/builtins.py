@@ -21,14 +21,16 @@ Conventions shared by both twins:
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from .base import arg_struct_format
 from .errors import InvalidValue
 
 __all__ = ["BUILTINS", "Builtin", "KernelMemory"]
@@ -63,6 +65,10 @@ class Builtin:
     arg_types: str
     run: Callable[[KernelMemory, tuple[Any, ...]], None]
     doc: str
+    layout: struct.Struct = field(init=False, repr=False)  # packs and unpacks the arguments
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", struct.Struct(arg_struct_format(self.arg_types)))
 
 
 def _check_sizes(**sizes: int) -> None:

@@ -18,7 +18,6 @@ Stepping outside is always an error, never a crash or a silent read of someone e
 from __future__ import annotations
 
 import bisect
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from .base import (
     DeviceProperties,
     FunctionInfo,
     Tenant,
-    arg_struct_format,
 )
 from .builtins import BUILTINS, Builtin
 from .errors import (
@@ -331,14 +329,14 @@ class NumpyTenant(Tenant):
         if builtin is None:
             raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
         self._check_stream(stream)
+        # Written out rather than looped: this runs for every kernel of every tenant.
         props = self._properties
-        if len(grid) != 3 or any(
-            not 1 <= g <= limit for g, limit in zip(grid, props.max_grid, strict=True)
-        ):
-            raise InvalidValue(f"launch: grid {grid} is outside 1..{props.max_grid}")
-        if len(block) != 3 or any(b < 1 for b in block):
+        (gx, gy, gz), (bx, by, bz), max_grid = grid, block, props.max_grid
+        if not (1 <= gx <= max_grid[0] and 1 <= gy <= max_grid[1] and 1 <= gz <= max_grid[2]):
+            raise InvalidValue(f"launch: grid {grid} is outside 1..{max_grid}")
+        if bx < 1 or by < 1 or bz < 1:
             raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
-        if block[0] * block[1] * block[2] > props.max_threads_per_block:
+        if bx * by * bz > props.max_threads_per_block:
             raise InvalidValue(
                 f"launch: block {block} has more than {props.max_threads_per_block} threads"
             )
@@ -347,16 +345,16 @@ class NumpyTenant(Tenant):
                 f"launch: shared memory {shared_mem} is outside "
                 f"0..{props.max_shared_memory_per_block} bytes"
             )
-        layout = arg_struct_format(builtin.arg_types)
-        if len(args) != struct.calcsize(layout):
+        layout = builtin.layout
+        if len(args) != layout.size:
             raise InvalidValue(
-                f"launch: {builtin.name} takes {struct.calcsize(layout)} bytes of arguments "
+                f"launch: {builtin.name} takes {layout.size} bytes of arguments "
                 f"({builtin.arg_types!r}), got {len(args)}"
             )
-        # A GPU computes NaN/Inf silently; NumPy's floating-point warnings would only be noise.
         self.kernels_launched += 1
+        # A GPU computes NaN/Inf silently; NumPy's floating-point warnings would only be noise.
         with np.errstate(all="ignore"):
-            builtin.run(self._memory, struct.unpack(layout, args))
+            builtin.run(self._memory, layout.unpack(args))
 
     # -- streams and events ---------------------------------------------------------------------
     def _check_stream(self, stream: int) -> None:
@@ -450,6 +448,8 @@ class NumpyExecutor(WorkerExecutor):
         self._address_space = AddressSpace(_ADDRESS_BASE + index * _ADDRESS_SPAN, _ADDRESS_SPAN)
         self._committed = 0  # sum of the open tenants' memory limits
         self._committed_lock = threading.Lock()
+
+    completes_synchronously = True  # kernels and copies run to the end on the worker thread
 
     def open_tenant(
         self, memory_limit: int, weight: float, cap: float | None = None

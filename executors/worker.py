@@ -89,6 +89,19 @@ class DeviceWorker:
         with self._ready:
             return self._scheduler.queued(tenant)
 
+    def run_if_idle(self, tenant: Tenant, op: Callable[[], Any]) -> tuple[bool, Any]:
+        """See ``Executor.run_if_idle``; holds the scheduler lock so nothing of the tenant starts."""
+        with self._ready:
+            running = self._running is not None and self._running[0] is tenant
+            if self._stopped or running or self._scheduler.queued(tenant):
+                return False, None
+            if not self._scheduler.has(tenant):
+                raise InvalidHandle("the tenant is closed")
+            failure = tenant.take_async_failure()
+            if failure is not None:
+                raise DeferredError(failure)
+            return True, op()
+
     def usage(self, tenant: Tenant) -> TenantUsage:
         """The tenant's account, including the part of a job it is running right now (so that
         device time sampled at any moment is exact, not rounded down to whole jobs)."""
@@ -218,6 +231,15 @@ class WorkerExecutor(Executor):
 
     def queued(self, tenant: Tenant) -> int:
         return self._worker.queued(tenant)
+
+    # True for devices where an operation has finished when the worker returns from it, so a
+    # tenant with nothing queued or running has nothing in flight (see ``run_if_idle``).
+    completes_synchronously = False
+
+    def run_if_idle(self, tenant: Tenant, op: Callable[[], Any]) -> tuple[bool, Any]:
+        if not self.completes_synchronously:
+            return False, None
+        return self._worker.run_if_idle(tenant, op)
 
     def close_tenant(self, tenant: Tenant, on_done: Callable[[], None] | None = None) -> None:
         # Whoever would have read the results of its queued work is gone: skip it, free now.

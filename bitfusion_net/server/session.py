@@ -62,6 +62,10 @@ _session_ids = itertools.count(1)
 # few hundred bytes of server memory; far more than any pipeline needs to keep a GPU busy).
 MAX_QUEUED_OPERATIONS = 10_000
 BACKLOG_POLL_S = 0.002
+# Requests that only read state or wait: answered on the event loop when the lease is idle.
+_QUERIES = frozenset(
+    {m.MemGetInfo, m.Synchronize, m.StreamSynchronize, m.EventSynchronize, m.TenantStats}
+)
 
 
 @dataclass
@@ -265,6 +269,17 @@ class ServerSession:
             return
         assert to_reply is not None
         opcode, request_id = frame.opcode, frame.request_id
+        if request in _QUERIES:
+            error: BaseException | None
+            try:
+                ran, result = lease.executor.run_if_idle(lease.tenant, op)
+            except Exception as exc:  # noqa: BLE001 - its error is the reply, as from the worker
+                ran, result, error = True, None, exc
+            else:
+                error = None
+            if ran:
+                self._complete(opcode, request_id, to_reply, result, error, 0)
+                return
         staged = message.nbytes if request is m.MemcpyDtoH else 0
         self._staged += staged
 
@@ -415,6 +430,12 @@ def _handle(result: int) -> tuple[Reply, None]:
 def _work(executor: Executor, tenant: Tenant, msg: Any, payload: memoryview | None) -> Work:
     """The device operation for a request and how its result becomes the reply."""
     t = tenant
+    if isinstance(msg, m.Launch):  # first: the most frequent request by far
+        return (
+            lambda: t.launch(
+                msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args
+            )
+        ), None
     if isinstance(msg, m.MemAlloc):
         return (lambda: t.mem_alloc(msg.nbytes)), lambda r: (m.MemAllocReply(r), None)
     if isinstance(msg, m.MemFree):
@@ -460,12 +481,6 @@ def _work(executor: Executor, tenant: Tenant, msg: Any, payload: memoryview | No
             m.GetFunctionReply(r.handle, r.arg_types),
             None,
         )
-    if isinstance(msg, m.Launch):
-        return (
-            lambda: t.launch(
-                msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args
-            )
-        ), None
     if isinstance(msg, m.StreamCreate):
         return t.stream_create, _handle
     if isinstance(msg, m.StreamDestroy):

@@ -253,3 +253,50 @@ def test_a_refused_cap_does_not_leak_the_tenants_memory_promise() -> None:
         assert call(executor, tenant, lambda: 1) == 1
     finally:
         executor.close()
+
+
+def test_a_query_runs_inline_only_when_the_tenant_is_idle(device: NumpyExecutor) -> None:
+    tenant = device.open_tenant(MiB, 0.5)
+    other = device.open_tenant(MiB, 0.5)
+    caller = threading.current_thread()
+    ran, where = device.run_if_idle(tenant, lambda: threading.current_thread())
+    assert ran and where is caller  # idle: answered on the calling thread, no hop
+
+    gate = threading.Event()
+    device.submit(tenant, lambda: gate.wait(TIMEOUT_S), wants_reply=False)
+    device.submit(tenant, lambda: None, wants_reply=False)
+    assert device.run_if_idle(tenant, lambda: "jumped the queue") == (False, None)
+    assert device.run_if_idle(other, lambda: "another tenant") == (True, "another tenant")
+    gate.set()
+    assert call(device, tenant, lambda: "in order") == "in order"
+
+
+def test_an_inline_query_reports_a_pending_sticky_error(device: NumpyExecutor) -> None:
+    from executors import DeferredError
+
+    tenant = device.open_tenant(MiB, 0.5)
+    failed = threading.Event()
+
+    def fail() -> None:
+        failed.set()
+        raise InvalidValue("bad launch")
+
+    device.submit(tenant, fail, wants_reply=False, tag=7)
+    assert failed.wait(TIMEOUT_S)
+    call(device, device.open_tenant(MiB, 0.5), lambda: None)  # the worker has moved on
+    with pytest.raises(DeferredError) as caught:
+        device.run_if_idle(tenant, lambda: "answer")
+    assert caught.value.failure.tag == 7
+    assert device.run_if_idle(tenant, lambda: "answer") == (True, "answer")  # reported once
+
+
+def test_an_executor_that_completes_asynchronously_never_runs_inline() -> None:
+    class AsyncDevice(NumpyExecutor):
+        completes_synchronously = False
+
+    executor = AsyncDevice(memory=16 * MiB)
+    try:
+        tenant = executor.open_tenant(MiB, 0.5)
+        assert executor.run_if_idle(tenant, lambda: "never") == (False, None)
+    finally:
+        executor.close()
