@@ -13,7 +13,9 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ..protocol import Request
 from ..transport import new_event_loop
+from .core import ClientCore
 from .device import DevicePtr, Dim3, Event, Function, Module, RemoteDevice, Stream, TenantStats
 from .session import DEFAULT_CONNECT_TIMEOUT, Session, open_session
 
@@ -33,6 +35,15 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result()
+
+    def post(self, core: ClientCore, message: Request) -> None:
+        """Queue a no-reply frame without waiting for the loop thread: a blocking launch costs
+        a wake-up, not a round trip between threads. It waits only while the send queue is full."""
+        if core.failure is not None:
+            raise core.failure
+        if not core.connection.writable:
+            self.run(core.connection.drain())
+        self.loop.call_soon_threadsafe(core.post_nowait, message)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -91,7 +102,8 @@ class SyncFunction:
         shared_mem: int = 0,
         stream: SyncStream | None = None,
     ) -> None:
-        self._runner.run(self._function.launch(grid, block, args, shared_mem, _stream(stream)))
+        message = self._function.launch_message(grid, block, args, shared_mem, _stream(stream))
+        self._runner.post(self._function.device._core, message)
 
 
 class SyncModule:

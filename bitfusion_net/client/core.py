@@ -77,6 +77,12 @@ class ClientCore:
             await self.connection.drain()
         return await future
 
+    def post_nowait(self, message: Request) -> None:
+        """Queue a no-reply ``message`` that has no payload (on the loop thread; never waits).
+        If the connection has failed, the next call that waits raises why."""
+        if self._failure is None:
+            self.connection.send(encode_request(message, self._new_id()))
+
     async def post(self, message: Request, payload: memoryview | None = None) -> int:
         """Send a no-reply ``message``; returns its request id once the caller's buffer is free."""
         self._check_open()

@@ -168,7 +168,18 @@ class Function:
         stream: Stream | None = None,
     ) -> None:
         """Queue the kernel; returns without a round trip. Errors surface at the next synchronising call."""
-        message = m.Launch(
+        await self.device._core.post(self.launch_message(grid, block, args, shared_mem, stream))
+
+    def launch_message(
+        self,
+        grid: Dim3,
+        block: Dim3,
+        args: Sequence[Any],
+        shared_mem: int = 0,
+        stream: Stream | None = None,
+    ) -> m.Launch:
+        """The LAUNCH frame's metadata; raises here for arguments that do not fit the kernel."""
+        return m.Launch(
             self.device.index,
             self.handle,
             _dim3(grid, "grid"),
@@ -177,7 +188,6 @@ class Function:
             stream.handle if stream is not None else 0,
             self.pack_args(args),
         )
-        await self.device._core.post(message)
 
 
 class Module:
