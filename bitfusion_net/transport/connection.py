@@ -234,10 +234,6 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     @property
-    def queued_bytes(self) -> int:
-        return self._queued
-
-    @property
     def closed(self) -> bool:
         return self._closed
 
