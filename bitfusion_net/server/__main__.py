@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Share this host's GPUs, whole or in fractions down to 1/20, with bitfusion-net "
             "clients over TCP. Prints 'listening on tcp://HOST:PORT' on stdout when ready; "
-            "SIGINT or SIGTERM shut it down cleanly, releasing every lease."
+            "SIGINT or SIGTERM shut it down cleanly, releasing every lease; SIGUSR1 logs every "
+            "tenant's lease (fraction, mode, weight) and usage (device time, queue wait, memory)."
         ),
     )
     parser.add_argument(
@@ -100,6 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with server:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("tenants:\n%s", server.report()))
         print(f"listening on {server.address}", flush=True)
         await stop.wait()
         log.info("shutting down")

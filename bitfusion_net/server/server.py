@@ -138,6 +138,28 @@ class Server:
         """Every connected session with its leases: fraction, weight, mode and usage so far."""
         return [session.status() for session in self._sessions]
 
+    def report(self) -> str:
+        """A table of every GPU and every tenant's lease and usage, for operators' logs."""
+        lines = []
+        for gpu in self.gpus():
+            lines.append(
+                f"gpu{gpu['gpu']}: {gpu['leased_fraction']:.2f} leased to {gpu['tenants']} tenant(s), "
+                f"{format_size(gpu['leased_memory'])} of {format_size(gpu['total_memory'])} promised"
+            )
+        for session in sorted(self.sessions(), key=lambda s: s["session"]):
+            for lease in session["leases"]:
+                usage = lease["usage"]
+                lines.append(
+                    f"  session {session['session']} {session['client'] or session['peer']} "
+                    f"gpu{lease['gpu']} {lease['fraction']:g} {lease['mode']} "
+                    f"weight {lease['weight']:g}: device {usage['device_time']:.3f} s, "
+                    f"waited {usage['queue_wait']:.3f} s, {usage['operations']} ops, "
+                    f"{usage['kernels']} kernels, {lease['queued']} queued, memory "
+                    f"{format_size(usage['memory_used'])} (peak "
+                    f"{format_size(usage['memory_high_water'])})"
+                )
+        return "\n".join(lines)
+
     async def __aenter__(self) -> Server:
         await self.start()
         return self

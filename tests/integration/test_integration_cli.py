@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from integration_support import CliServer, GiB, MiB, cli_server, run
+from integration_support import CliServer, GiB, MiB, cli_server, poll_until, run
 
 import bitfusion_net as bf
 
@@ -132,3 +132,21 @@ def test_cli_device_memory_is_what_was_asked() -> None:
                 assert device.memory_limit == 3 * GiB // 8
 
         run(main())
+
+
+def test_sigusr1_logs_every_tenants_lease_and_usage() -> None:
+    with cli_server("--gpu-memory", "1GiB", "--log-level", "INFO") as server:
+        with bf.connect_sync(
+            server.address, fraction=0.25, mode="cap", client_name="reporter"
+        ) as s:
+            gpu = s.devices[0]
+            gpu.mem_alloc(MiB)
+            gpu.builtin("busy").launch(1, 1, [1000])
+            gpu.synchronize()
+            server.proc.send_signal(signal.SIGUSR1)
+            poll_until(lambda: " kernels, " in server.stderr_text(), "the tenants report")
+        report = server.stderr_text()
+        assert "gpu0: 0.25 leased to 1 tenant(s)" in report
+        assert "reporter gpu0 0.25 cap weight 0.25" in report
+        assert "1 kernels" in report and "1 MiB" in report
+        assert server.terminate() == 0
