@@ -124,6 +124,10 @@ class Tenant(ABC):
         Called on the event loop thread while a payload arrives, so it must be cheap.
         """
 
+    def return_staging(self, buffer: memoryview) -> None:  # noqa: B027 - optional by design
+        """Hand back a buffer from ``staging_buffer`` once its copy is done, for reuse (any
+        thread). Optional: a buffer never returned is simply freed by the garbage collector."""
+
     # -- memory ---------------------------------------------------------------------------------
     @abstractmethod
     def mem_alloc(self, nbytes: int) -> int: ...

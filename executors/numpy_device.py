@@ -140,6 +140,45 @@ class _TenantMemory:
         return found.view(dt)
 
 
+STAGING_POOL_BYTES = 256 * 2**20  # host memory a device keeps in idle staging buffers, at most
+
+
+class StagingPool:
+    """Idle host buffers for copies' payloads, reused so a large copy does not pay for fresh pages
+    (page faults, then unmapping) every time. Shared by a device's tenants; bounded in bytes."""
+
+    MIN_POOLED = 64 * 1024  # smaller buffers are cheaper to allocate than to look up
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._idle: list[np.ndarray] = []
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> memoryview:
+        if nbytes >= self.MIN_POOLED:
+            with self._lock:
+                # The smallest idle buffer that fits, unless it is more than twice too big.
+                fits = [i for i, a in enumerate(self._idle) if nbytes <= a.nbytes <= 2 * nbytes]
+                if fits:
+                    array = self._idle.pop(min(fits, key=lambda i: self._idle[i].nbytes))
+                    self._idle_bytes -= array.nbytes
+                    return memoryview(array.data)[:nbytes]
+        # np.empty does not touch the pages, so asking for a buffer costs nothing until written.
+        return np.empty(nbytes, np.uint8).data
+
+    def give_back(self, buffer: memoryview) -> None:
+        array = buffer.obj  # the ndarray behind the view that ``take`` handed out
+        if not isinstance(array, np.ndarray) or array.nbytes < self.MIN_POOLED:
+            return
+        with self._lock:
+            if self._idle_bytes + array.nbytes <= self._capacity and all(
+                a is not array for a in self._idle
+            ):
+                self._idle.append(array)
+                self._idle_bytes += array.nbytes
+
+
 class NumpyTenant(Tenant):
     """One tenant's context on a ``NumpyExecutor``: its allocations, streams, events, functions.
 
@@ -154,8 +193,10 @@ class NumpyTenant(Tenant):
         cap: float | None,
         address_space: AddressSpace,
         properties: DeviceProperties,
+        staging: StagingPool,
     ) -> None:
         super().__init__(memory_limit, weight, cap)
+        self._staging = staging
         self._address_space = address_space
         self._properties = properties
         self._starts: list[int] = []  # sorted, for bisect lookups of interior pointers
@@ -177,8 +218,10 @@ class NumpyTenant(Tenant):
     def staging_buffer(self, nbytes: int) -> memoryview:
         if nbytes < 0:
             raise InvalidValue(f"staging buffer size must not be negative, got {nbytes}")
-        # np.empty does not touch the pages, so asking for a buffer costs nothing until written.
-        return np.empty(nbytes, np.uint8).data
+        return self._staging.take(nbytes)
+
+    def return_staging(self, buffer: memoryview) -> None:
+        self._staging.give_back(buffer)
 
     # -- memory ---------------------------------------------------------------------------------
     def _resolve(self, ptr: int, nbytes: int) -> np.ndarray | None:
@@ -446,6 +489,7 @@ class NumpyExecutor(WorkerExecutor):
         self.properties = DeviceProperties(name, memory, "numpy")
         # Each device gets its own 1 TiB range, so a pointer from another device is never valid.
         self._address_space = AddressSpace(_ADDRESS_BASE + index * _ADDRESS_SPAN, _ADDRESS_SPAN)
+        self._staging = StagingPool(STAGING_POOL_BYTES)
         self._committed = 0  # sum of the open tenants' memory limits
         self._committed_lock = threading.Lock()
 
@@ -468,7 +512,9 @@ class NumpyExecutor(WorkerExecutor):
                     f"{self._committed} of {total} bytes are promised to open tenants"
                 )
             self._committed += memory_limit
-        tenant = NumpyTenant(memory_limit, weight, cap, self._address_space, self.properties)
+        tenant = NumpyTenant(
+            memory_limit, weight, cap, self._address_space, self.properties, self._staging
+        )
         self._register(tenant)
         return tenant
 

@@ -263,7 +263,7 @@ class ServerSession:
             )
         op, to_reply = _work(lease.executor, lease.tenant, message, frame.payload)
         if frame.payload is not None:
-            op = self._unstaging(op, len(frame.payload))
+            op = self._unstaging(op, lease.tenant, frame.payload)
         if no_reply:
             lease.executor.submit(lease.tenant, op, wants_reply=False, tag=frame.request_id)
             return
@@ -278,26 +278,29 @@ class ServerSession:
             else:
                 error = None
             if ran:
-                self._complete(opcode, request_id, to_reply, result, error, 0)
+                self._complete(opcode, request_id, to_reply, result, error, 0, lease.tenant)
                 return
         staged = message.nbytes if request is m.MemcpyDtoH else 0
         self._staged += staged
 
         def on_done(result: Any, error: BaseException | None) -> None:  # on the worker thread
             self._loop.call_soon_threadsafe(
-                self._complete, opcode, request_id, to_reply, result, error, staged
+                self._complete, opcode, request_id, to_reply, result, error, staged, lease.tenant
             )
 
         lease.executor.submit(lease.tenant, op, wants_reply=True, tag=request_id, on_done=on_done)
 
-    def _unstaging(self, op: Callable[[], Any], nbytes: int) -> Callable[[], Any]:
-        """Wrap ``op`` so the staged payload is accounted as gone once the device has it."""
+    def _unstaging(
+        self, op: Callable[[], Any], tenant: Tenant, payload: memoryview
+    ) -> Callable[[], Any]:
+        """Wrap ``op`` so the staged payload goes back for reuse once the device has it."""
 
         def run() -> Any:
             try:
                 return op()
             finally:
-                self._loop.call_soon_threadsafe(self._unstage, nbytes)
+                tenant.return_staging(payload)
+                self._loop.call_soon_threadsafe(self._unstage, len(payload))
 
         return run
 
@@ -313,8 +316,10 @@ class ServerSession:
         result: Any,
         error: BaseException | None,
         staged: int,
+        tenant: Tenant,
     ) -> None:
-        """Send the reply of a finished request (on the event loop). ``staged``: its host bytes."""
+        """Send the reply of a finished request (on the event loop). ``staged``: its host bytes;
+        a payload is handed back to ``tenant`` for reuse once sent."""
         if self._closed:
             return
         if error is not None:
@@ -326,10 +331,13 @@ class ServerSession:
             self.connection.send(encode_reply(opcode, request_id, reply))
             self._unstage(staged)
         else:
+
+            def sent() -> None:
+                tenant.return_staging(payload)
+                self._unstage(staged)
+
             self.connection.send(
-                encode_reply(opcode, request_id, reply, len(payload)),
-                payload,
-                on_sent=lambda: self._unstage(staged),
+                encode_reply(opcode, request_id, reply, len(payload)), payload, on_sent=sent
             )
             self._update_flow()
 

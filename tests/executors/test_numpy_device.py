@@ -581,3 +581,26 @@ def test_address_space_roves_then_wraps_around() -> None:
     space.unreserve(second)
     with pytest.raises(DeviceOutOfMemory):
         space.reserve(257)  # a single free gap of 256 bytes cannot hold it
+
+
+def test_staging_buffers_are_reused_within_bounds() -> None:
+    from executors.numpy_device import StagingPool
+
+    pool = StagingPool(capacity=3 * MiB)
+    first = pool.take(MiB)
+    first[:4] = b"data"
+    pool.give_back(first)
+    again = pool.take(MiB - 100)  # fits in the idle 1 MiB buffer: the same memory comes back
+    assert again.obj is first.obj and len(again) == MiB - 100
+    assert pool.take(MiB).obj is not first.obj  # it is taken: never handed out twice
+    pool.give_back(again)
+    assert pool.take(MiB // 4).obj is not again.obj  # four times too big: not wasted on this
+    small = pool.take(100)
+    pool.give_back(small)
+    assert pool.take(100).obj is not small.obj  # small buffers are not worth pooling
+
+    big = [pool.take(2 * MiB) for _ in range(3)]
+    for buffer in big:
+        pool.give_back(buffer)
+    kept = {id(pool.take(2 * MiB).obj) for _ in range(3)}
+    assert len(kept & {id(b.obj) for b in big}) == 1  # only 3 MiB may sit idle: one of them
