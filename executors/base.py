@@ -1,7 +1,8 @@
 """The executor interface: one ``Executor`` per GPU, one ``Tenant`` per lease on it.
 
 The interface is shaped for asynchronous GPUs. Every device operation is *submitted* to the
-executor and runs later, in order, on the executor's own worker thread (never on the event loop).
+executor and runs later on the executor's own worker thread (never on the event loop): each
+tenant's work in the order it was submitted, tenants interleaved by the fair scheduler.
 Calls with asynchronous CUDA semantics are submitted with ``wants_reply=False``: nobody waits for
 them, so their errors are kept on the tenant (sticky) and delivered to the next submission that
 does want a reply, exactly as CUDA reports asynchronous errors at the next synchronising call.
@@ -88,7 +89,8 @@ class TenantUsage:
 class Tenant(ABC):
     """One tenant's context on one device.
 
-    Every method except ``staging_buffer`` runs on the executor's worker thread, in submission order.
+    Every method except ``staging_buffer`` and ``return_staging`` runs on the executor's worker
+    thread, in the tenant's submission order.
     Methods raise the ``executors.errors`` classes for anything the caller got wrong.
     """
 
@@ -241,7 +243,7 @@ class Executor(ABC):
         tag: int = 0,
         on_done: Completion | None = None,
     ) -> None:
-        """Run ``op`` on the worker thread after everything submitted before it.
+        """Run ``op`` on the worker thread after everything this tenant submitted before it.
 
         ``wants_reply=True``: if an earlier no-reply call of this tenant failed, ``op`` does not run
         and ``on_done`` gets a ``DeferredError``; otherwise it gets ``op``'s result or exception.

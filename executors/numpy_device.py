@@ -6,8 +6,8 @@ built-in library's NumPy twins, and streams and events exist. It is a reference 
 development, CI and integration tests, not a CUDA emulator, so user modules (PTX, cubin, fatbin)
 are refused with an error that names the GPU executors.
 
-Ordering: all work runs in submission order on the device's one worker thread and each operation
-finishes before the next starts, so stream ordering, event ordering and ``synchronize`` hold
+Ordering: a tenant's work runs in submission order on the device's one worker thread (tenants
+interleaved by the fair scheduler) and each operation finishes before the next starts, so stream ordering, event ordering and ``synchronize`` hold
 trivially; streams are kept as handles so that client programs written for GPUs run unchanged.
 
 Pointers: a device address is valid for a tenant only inside one of its own allocations. API calls
