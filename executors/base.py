@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidValue
+
 # struct codes a kernel argument may have; 'P' is a device pointer (an unsigned 64-bit address).
 ARG_TYPE_CODES = frozenset("bBhHiIqQfdP")
 DEFAULT_STREAM = 0
@@ -44,6 +46,30 @@ class DeviceProperties:
     max_threads_per_block: int = 1024
     max_grid: tuple[int, int, int] = (2**31 - 1, 65535, 65535)
     max_shared_memory_per_block: int = 48 * 1024
+
+
+def check_launch(
+    props: DeviceProperties,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    shared_mem: int,
+) -> None:
+    """Raise ``InvalidValue`` for a launch geometry the device cannot run."""
+    # Written out rather than looped: this runs for every kernel of every tenant.
+    (gx, gy, gz), (bx, by, bz), max_grid = grid, block, props.max_grid
+    if not (1 <= gx <= max_grid[0] and 1 <= gy <= max_grid[1] and 1 <= gz <= max_grid[2]):
+        raise InvalidValue(f"launch: grid {grid} is outside 1..{max_grid}")
+    if bx < 1 or by < 1 or bz < 1:
+        raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
+    if bx * by * bz > props.max_threads_per_block:
+        raise InvalidValue(
+            f"launch: block {block} has more than {props.max_threads_per_block} threads"
+        )
+    if not 0 <= shared_mem <= props.max_shared_memory_per_block:
+        raise InvalidValue(
+            f"launch: shared memory {shared_mem} is outside "
+            f"0..{props.max_shared_memory_per_block} bytes"
+        )
 
 
 @dataclass(frozen=True)

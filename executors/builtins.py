@@ -57,18 +57,42 @@ class KernelMemory(Protocol):
         ...
 
 
+# The device memory one launch addresses: (pointer, bytes) for each buffer it reads or writes.
+Footprint = Callable[[tuple[Any, ...]], list[tuple[int, int]]]
+
+
 @dataclass(frozen=True)
 class Builtin:
-    """One built-in kernel: what ``get_function(0, name)`` finds and ``launch`` runs."""
+    """One built-in kernel: what ``get_function(0, name)`` finds and ``launch`` runs.
+
+    ``sizes`` and ``footprint`` describe a launch without running it, so that a GPU executor can
+    refuse what the NumPy twin refuses (negative sizes, memory outside the tenant's allocations)
+    before its CUDA twin runs, with the same errors, rather than faulting the tenant's context.
+    """
 
     name: str
     arg_types: str
     run: Callable[[KernelMemory, tuple[Any, ...]], None]
     doc: str
+    sizes: tuple[int, ...]  # positions of the arguments that are sizes (never negative)
+    footprint: Footprint
     layout: struct.Struct = field(init=False, repr=False)  # packs and unpacks the arguments
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", struct.Struct(arg_struct_format(self.arg_types)))
+
+    def check(self, args: tuple[Any, ...]) -> list[tuple[int, int]]:
+        """Raise ``InvalidValue`` for a negative size; else the buffers the launch addresses."""
+        for position in self.sizes:
+            if args[position] < 0:
+                name = self.doc.split("(", 1)[1].split(")", 1)[0].split(", ")[position]
+                raise InvalidValue(f"{name} must not be negative, got {args[position]}")
+        return self.footprint(args)
+
+
+def _floats(*buffers: tuple[int, int]) -> list[tuple[int, int]]:
+    """(pointer, float32 count) pairs as (pointer, bytes), leaving out empty ones."""
+    return [(ptr, 4 * count) for ptr, count in buffers if count > 0]
 
 
 def _check_sizes(**sizes: int) -> None:
@@ -180,28 +204,66 @@ def _busy(mem: KernelMemory, args: tuple[Any, ...]) -> None:
 BUILTINS: dict[str, Builtin] = {
     kernel.name: kernel
     for kernel in (
-        Builtin("saxpy", "ifPP", _saxpy, "saxpy(n, a, x, y): y[i] = a*x[i] + y[i]"),
-        Builtin("fill", "ifP", _fill, "fill(n, value, out): out[i] = value"),
+        Builtin(
+            "saxpy",
+            "ifPP",
+            _saxpy,
+            "saxpy(n, a, x, y): y[i] = a*x[i] + y[i]",
+            (0,),
+            lambda a: _floats((a[2], a[0]), (a[3], a[0])),
+        ),
+        Builtin(
+            "fill",
+            "ifP",
+            _fill,
+            "fill(n, value, out): out[i] = value",
+            (0,),
+            lambda a: _floats((a[2], a[0])),
+        ),
         Builtin(
             "gemm",
             "iiifPPfP",
             _gemm,
             "gemm(m, n, k, alpha, A, B, beta, C): C = alpha*(A@B) + beta*C with A m*k, B k*n, "
             "C m*n, row-major; C is not read when beta == 0",
+            (0, 1, 2),
+            lambda a: (
+                []
+                if a[0] == 0 or a[1] == 0
+                else _floats((a[4], a[0] * a[2]), (a[5], a[2] * a[1]), (a[7], a[0] * a[1]))
+            ),
         ),
-        Builtin("relu", "iPP", _relu, "relu(n, x, y): y[i] = max(x[i], 0); NaN becomes 0"),
+        Builtin(
+            "relu",
+            "iPP",
+            _relu,
+            "relu(n, x, y): y[i] = max(x[i], 0); NaN becomes 0",
+            (0,),
+            lambda a: _floats((a[1], a[0]), (a[2], a[0])),
+        ),
         Builtin(
             "softmax",
             "iiPP",
             _softmax,
             "softmax(rows, cols, x, y): row-wise softmax of a rows*cols matrix, max-subtracted",
+            (0, 1),
+            lambda a: _floats((a[2], a[0] * a[1]), (a[3], a[0] * a[1])),
         ),
-        Builtin("reduce_sum", "iPP", _reduce_sum, "reduce_sum(n, x, out): out[0] = sum(x)"),
+        Builtin(
+            "reduce_sum",
+            "iPP",
+            _reduce_sum,
+            "reduce_sum(n, x, out): out[0] = sum(x)",
+            (0,),
+            lambda a: _floats((a[1], a[0]), (a[2], 1 if a[0] > 0 else 0)),
+        ),
         Builtin(
             "busy",
             "q",
             _busy,
             "busy(microseconds): occupy the device for that long (for scheduler tests)",
+            (0,),
+            lambda a: [],
         ),
     )
 }

@@ -31,6 +31,7 @@ from .base import (
     DeviceProperties,
     FunctionInfo,
     Tenant,
+    check_launch,
 )
 from .builtins import BUILTINS, Builtin
 from .errors import (
@@ -40,6 +41,7 @@ from .errors import (
     KernelFault,
     Unsupported,
 )
+from .staging import STAGING_POOL_BYTES, StagingPool
 from .worker import WorkerExecutor
 
 __all__ = ["NumpyExecutor", "NumpyTenant"]
@@ -138,45 +140,6 @@ class _TenantMemory:
                 f"({count * dt.itemsize} bytes) is not inside one of the tenant's allocations"
             )
         return found.view(dt)
-
-
-STAGING_POOL_BYTES = 256 * 2**20  # host memory a device keeps in idle staging buffers, at most
-
-
-class StagingPool:
-    """Idle host buffers for copies' payloads, reused so a large copy does not pay for fresh pages
-    (page faults, then unmapping) every time. Shared by a device's tenants; bounded in bytes."""
-
-    MIN_POOLED = 64 * 1024  # smaller buffers are cheaper to allocate than to look up
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._idle: list[np.ndarray] = []
-        self._idle_bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> memoryview:
-        if nbytes >= self.MIN_POOLED:
-            with self._lock:
-                # The smallest idle buffer that fits, unless it is more than twice too big.
-                fits = [i for i, a in enumerate(self._idle) if nbytes <= a.nbytes <= 2 * nbytes]
-                if fits:
-                    array = self._idle.pop(min(fits, key=lambda i: self._idle[i].nbytes))
-                    self._idle_bytes -= array.nbytes
-                    return memoryview(array.data)[:nbytes]
-        # np.empty does not touch the pages, so asking for a buffer costs nothing until written.
-        return np.empty(nbytes, np.uint8).data
-
-    def give_back(self, buffer: memoryview) -> None:
-        array = buffer.obj  # the ndarray behind the view that ``take`` handed out
-        if not isinstance(array, np.ndarray) or array.nbytes < self.MIN_POOLED:
-            return
-        with self._lock:
-            if self._idle_bytes + array.nbytes <= self._capacity and all(
-                a is not array for a in self._idle
-            ):
-                self._idle.append(array)
-                self._idle_bytes += array.nbytes
 
 
 class NumpyTenant(Tenant):
@@ -372,22 +335,7 @@ class NumpyTenant(Tenant):
         if builtin is None:
             raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
         self._check_stream(stream)
-        # Written out rather than looped: this runs for every kernel of every tenant.
-        props = self._properties
-        (gx, gy, gz), (bx, by, bz), max_grid = grid, block, props.max_grid
-        if not (1 <= gx <= max_grid[0] and 1 <= gy <= max_grid[1] and 1 <= gz <= max_grid[2]):
-            raise InvalidValue(f"launch: grid {grid} is outside 1..{max_grid}")
-        if bx < 1 or by < 1 or bz < 1:
-            raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
-        if bx * by * bz > props.max_threads_per_block:
-            raise InvalidValue(
-                f"launch: block {block} has more than {props.max_threads_per_block} threads"
-            )
-        if not 0 <= shared_mem <= props.max_shared_memory_per_block:
-            raise InvalidValue(
-                f"launch: shared memory {shared_mem} is outside "
-                f"0..{props.max_shared_memory_per_block} bytes"
-            )
+        check_launch(self._properties, grid, block, shared_mem)
         layout = builtin.layout
         if len(args) != layout.size:
             raise InvalidValue(
@@ -490,34 +438,15 @@ class NumpyExecutor(WorkerExecutor):
         # Each device gets its own 1 TiB range, so a pointer from another device is never valid.
         self._address_space = AddressSpace(_ADDRESS_BASE + index * _ADDRESS_SPAN, _ADDRESS_SPAN)
         self._staging = StagingPool(STAGING_POOL_BYTES)
-        self._committed = 0  # sum of the open tenants' memory limits
-        self._committed_lock = threading.Lock()
 
     completes_synchronously = True  # kernels and copies run to the end on the worker thread
 
     def open_tenant(
         self, memory_limit: int, weight: float, cap: float | None = None
     ) -> NumpyTenant:
-        if memory_limit < 0:
-            raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
-        if not weight > 0:
-            raise InvalidValue(f"compute weight must be positive, got {weight}")
-        if cap is not None and not 0 < cap <= 1:
-            raise InvalidValue(f"a cap on device time must be in (0, 1], got {cap}")
-        total = self.properties.total_memory
-        with self._committed_lock:
-            if self._committed + memory_limit > total:
-                raise DeviceOutOfMemory(
-                    f"device out of memory: a tenant limit of {memory_limit} bytes does not fit, "
-                    f"{self._committed} of {total} bytes are promised to open tenants"
-                )
-            self._committed += memory_limit
+        self._admit(memory_limit, weight, cap)
         tenant = NumpyTenant(
             memory_limit, weight, cap, self._address_space, self.properties, self._staging
         )
         self._register(tenant)
         return tenant
-
-    def _tenant_released(self, tenant: Tenant) -> None:
-        with self._committed_lock:
-            self._committed -= tenant.memory_limit

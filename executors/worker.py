@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import Completion, DeferredError, Executor, Tenant, TenantUsage
-from .errors import DeviceError, InvalidHandle
+from .base import Completion, DeferredError, DeviceProperties, Executor, Tenant, TenantUsage
+from .errors import DeviceError, DeviceOutOfMemory, InvalidHandle, InvalidValue
 from .scheduler import Dispatch, FairScheduler, FifoScheduler
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,36 @@ class DeviceWorker:
 class WorkerExecutor(Executor):
     """An executor whose device work runs on one ``DeviceWorker`` thread."""
 
+    properties: DeviceProperties
+
     def __init__(self, worker_name: str, scheduling: str = "fair") -> None:
         self._worker = DeviceWorker(worker_name, scheduling)
         self._tenants: set[Tenant] = set()
         self._tenants_lock = threading.Lock()
+        self._committed = 0  # sum of the open tenants' memory limits
+        self._committed_lock = threading.Lock()
+
+    def _admit(self, memory_limit: int, weight: float, cap: float | None) -> None:
+        """Check a new tenant's terms and promise it ``memory_limit`` of the device's memory.
+
+        The sum of the open tenants' limits never exceeds the device's memory, so a tenant's
+        limit is a guarantee: an allocation within it never fails because a neighbour used the
+        device up. The promise is taken back when the tenant is released.
+        """
+        if memory_limit < 0:
+            raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
+        if not weight > 0:
+            raise InvalidValue(f"compute weight must be positive, got {weight}")
+        if cap is not None and not 0 < cap <= 1:
+            raise InvalidValue(f"a cap on device time must be in (0, 1], got {cap}")
+        total = self.properties.total_memory
+        with self._committed_lock:
+            if self._committed + memory_limit > total:
+                raise DeviceOutOfMemory(
+                    f"device out of memory: a tenant limit of {memory_limit} bytes does not fit, "
+                    f"{self._committed} of {total} bytes are promised to open tenants"
+                )
+            self._committed += memory_limit
 
     def _register(self, tenant: Tenant) -> Tenant:
         self._worker.add_tenant(tenant)
@@ -270,7 +296,8 @@ class WorkerExecutor(Executor):
         self._worker.submit(tenant, release, False, 0, finished)
 
     def _tenant_released(self, tenant: Tenant) -> None:
-        """Hook for subclasses: give the tenant's share of the device back."""
+        with self._committed_lock:
+            self._committed -= tenant.memory_limit
 
     def close(self) -> None:
         with self._tenants_lock:

@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 
+from executors import EXECUTOR_KINDS, GpuUnavailable
+
 from ..transport import loop_factory
 from ..units import parse_size
 from .server import Server
@@ -33,20 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--executor",
-        default="numpy",
-        choices=["numpy"],
-        help="what runs the work: 'numpy' is the embedded NumPy reference device, a GPU-like "
-        "device for machines without one (default: %(default)s)",
+        default="auto",
+        choices=list(EXECUTOR_KINDS),
+        help="what runs the work: 'pycuda' is this host's NVIDIA GPUs (needs the [gpu] extra "
+        "and a driver), 'numpy' the embedded NumPy reference device, a GPU-like device for "
+        "machines without one; 'auto' picks PyCUDA when a GPU is usable and says so on start-up "
+        "(default: %(default)s)",
     )
     parser.add_argument(
-        "--gpus", type=int, default=1, metavar="N", help="number of NumPy devices (default: 1)"
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of devices to share (default: every GPU, or one NumPy device)",
     )
     parser.add_argument(
         "--gpu-memory",
-        default="16GiB",
+        default=None,
         type=_size,
         metavar="SIZE",
-        help="memory of each NumPy device, e.g. 1GiB, 16GiB (default: 16GiB)",
+        help="memory of each NumPy device (default: 16GiB), or the most of each real GPU's "
+        "memory offered to tenants (default: its free memory less a headroom), e.g. 1GiB",
     )
     parser.add_argument(
         "--min-fraction",
@@ -110,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.gpus < 1:
+    if args.gpus is not None and args.gpus < 1:
         parser.error("--gpus must be at least 1")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -118,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(serve(args))
+    except GpuUnavailable as exc:
+        print(
+            f"error: --executor {args.executor} needs a usable NVIDIA GPU: {exc}", file=sys.stderr
+        )
+        return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,11 @@ class Server:
     """A bitfusion-net server. Use ``async with Server(...) as server:``, then ``server.address``.
 
     ``listen``: ``tcp://HOST:PORT`` (port 0 picks a free port). ``executor``: ``"numpy"`` (the
-    embedded reference device). ``gpus`` and ``gpu_memory`` size the NumPy devices.
+    embedded reference device, the default here), ``"pycuda"`` (this host's NVIDIA GPUs) or
+    ``"auto"`` (PyCUDA if a GPU is usable, else NumPy; the command line's default). ``gpus``: how
+    many devices (default: every GPU, or one NumPy device). ``gpu_memory``: each NumPy device's
+    size (default 16 GiB), or a cap on the memory offered to tenants of each real GPU (default:
+    its free memory less a headroom).
     ``min_fraction``: the smallest slice of a GPU a client may lease. ``max_payload``: the largest
     bulk payload of one frame; clients split larger copies. ``scheduling``: ``"fair"`` (weighted
     fair time-slicing of each GPU between its tenants) or ``"fifo"`` (arrival order, a baseline).
@@ -32,15 +36,15 @@ class Server:
         self,
         listen: str = "tcp://127.0.0.1:0",
         executor: str = "numpy",
-        gpus: int = 1,
-        gpu_memory: str | int = "16GiB",
+        gpus: int | None = None,
+        gpu_memory: str | int | None = None,
         *,
         min_fraction: float = 0.05,
         max_payload: str | int = "64MiB",
         scheduling: str = "fair",
     ) -> None:
         self._listen = parse_address(listen)
-        if gpus < 1:
+        if gpus is not None and gpus < 1:
             raise ValueError("a server needs at least one GPU")
         if not 0 < min_fraction <= 1:
             raise ValueError("min_fraction must be in (0, 1]")
@@ -49,7 +53,7 @@ class Server:
         self._executor_kind = executor
         self._scheduling = scheduling
         self._gpu_count = gpus
-        self._gpu_memory = parse_size(gpu_memory)
+        self._gpu_memory = None if gpu_memory is None else parse_size(gpu_memory)
         self._min_share = round(min_fraction * SHARE_UNITS)
         self._limits = Limits(max_payload=parse_size(max_payload))
         self._executors: list[Executor] = []
@@ -80,11 +84,19 @@ class Server:
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = TcpAddress(host, port)
+        for index, executor in enumerate(self._executors):
+            props = executor.properties
+            log.info(
+                "gpu%d: %s (%s executor), %s for tenants",
+                index,
+                props.name,
+                props.executor,
+                format_size(props.total_memory),
+            )
         log.info(
-            "serving %d %s GPU(s) of %s on %s (%s scheduling)",
+            "serving %d %s GPU(s) on %s (%s scheduling)",
             len(self._executors),
-            self._executor_kind,
-            format_size(self._gpu_memory),
+            self._executors[0].properties.executor,
             self._address,
             self._scheduling,
         )

@@ -584,7 +584,7 @@ def test_address_space_roves_then_wraps_around() -> None:
 
 
 def test_staging_buffers_are_reused_within_bounds() -> None:
-    from executors.numpy_device import StagingPool
+    from executors.staging import StagingPool
 
     pool = StagingPool(capacity=3 * MiB)
     first = pool.take(MiB)

@@ -1,0 +1,832 @@
+"""The PyCUDA executor: a real NVIDIA GPU behind the executor interface.
+
+Isolation: every tenant gets its **own CUDA context** on the GPU, created on its first operation.
+Memory one context allocates is not addressable from another, and a kernel fault (an illegal
+address, say) destroys only the faulting context: that tenant's later calls fail with
+``KernelFault`` until it releases its lease, and its neighbours never notice.
+
+Accounting: a tenant's memory is what it allocates (rounded up to 256 bytes, as on the NumPy
+device) plus what its context and its modules cost the GPU, measured as the drop in the device's
+free memory around their creation (``CUDA_MODULE_LOADING=EAGER`` is set before CUDA starts, so a
+module's code is resident, and paid for, from the moment it loads). Copies and built-in kernels are
+bounds-checked against the tenant's allocations before they reach the GPU, with the NumPy device's
+errors; user kernels run unchecked, inside their own context.
+
+Time-slicing: all device work goes through the executor's one worker thread, in the fair
+scheduler's order, and each operation runs to completion before the next starts: the worker
+records CUDA events around it on the tenant's stream and waits for the second. The device is thus
+never shared by two tenants' work at once, the scheduler decides every switch, and the time the
+worker held the device for a tenant (which includes that tenant's launch overhead, not just its
+kernels, so a tenant of many tiny kernels cannot starve the others of throughput) is what the
+tenant is charged. The events' own measure of GPU time is kept per tenant as ``gpu_time``.
+
+Because every operation has finished when the worker returns, a tenant's streams all run in one
+FIFO (stronger ordering than CUDA promises, and correct), events complete as they are recorded,
+and ``synchronize`` has nothing left to wait for.
+
+PyCUDA is imported lazily: this module imports on machines without it, and ``load_driver`` says
+precisely what is missing when a GPU is asked for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import (
+    ARG_TYPE_CODES,
+    BUILTIN_MODULE,
+    DEFAULT_STREAM,
+    DeviceProperties,
+    FunctionInfo,
+    Tenant,
+    arg_struct_format,
+    check_launch,
+)
+from .builtins import BUILTINS, Builtin
+from .cuda_build import NvccError, builtins_image
+from .errors import (
+    DeviceError,
+    DeviceOutOfMemory,
+    InvalidHandle,
+    InvalidValue,
+    KernelFault,
+    Unsupported,
+)
+from .ptx import check_arg_types, kernel_params
+from .staging import STAGING_POOL_BYTES, StagingPool
+from .worker import WorkerExecutor
+
+__all__ = ["GpuUnavailable", "PycudaExecutor", "PycudaTenant", "gpu_count", "load_driver"]
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT = 256  # what an allocation is charged in multiples of (cudaMalloc's alignment)
+# Device memory kept back from tenants' limits: allocation granularity (the driver maps memory in
+# 2 MiB pages) and the per-thread stacks a launch may grow make real use exceed the bytes asked.
+HEADROOM_FRACTION = 0.03
+MIN_HEADROOM = 256 * 2**20
+PINNED_MIN = StagingPool.MIN_POOLED  # smaller payloads are staged in ordinary memory
+
+# Messages of the CUDA errors after which a context is unusable ("sticky" errors).
+_CONTEXT_LOST = (
+    "illegal memory access",
+    "illegal address",
+    "misaligned address",
+    "illegal instruction",
+    "unspecified launch failure",
+    "launch failed",
+    "hardware stack error",
+    "exception on",
+    "invalid program counter",
+    "launch timed out",
+    "context is destroyed",
+    "an assert",
+    "device-side assert",
+)
+
+_driver: Any = None
+_driver_lock = threading.Lock()
+
+
+class GpuUnavailable(RuntimeError):
+    """No usable NVIDIA GPU here; the message says what is missing and how to fix it."""
+
+
+def load_driver() -> Any:
+    """``pycuda.driver``, initialised; raises ``GpuUnavailable`` saying what is missing."""
+    global _driver
+    with _driver_lock:
+        if _driver is not None:
+            return _driver
+        # Eager loading makes a module's device memory appear when it loads, where it is measured
+        # and charged, rather than at its kernels' first launches.
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        try:
+            import pycuda.driver as cuda
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and exc.name.split(".")[0] == "pycuda":
+                raise GpuUnavailable(
+                    "PyCUDA is not installed: install the GPU extra, "
+                    "`CUDA_ROOT=/usr/local/cuda pip install 'bitfusion-net[gpu]'` "
+                    "(it builds from source against the CUDA toolkit)"
+                ) from None
+            raise GpuUnavailable(f"PyCUDA could not be imported: {exc}") from None
+        except ImportError as exc:
+            # PyCUDA's extension links against the driver's libcuda.so.1.
+            raise GpuUnavailable(
+                f"the NVIDIA driver could not be loaded ({exc}); is an NVIDIA driver installed "
+                "and is libcuda.so.1 on the library path?"
+            ) from None
+        try:
+            cuda.init()
+        except Exception as exc:  # noqa: BLE001 - any failure here means "no usable GPU"
+            raise GpuUnavailable(
+                f"CUDA could not start: {exc} (no NVIDIA GPU visible, or the driver is too old "
+                "for this PyCUDA build)"
+            ) from None
+        _driver = cuda
+        return cuda
+
+
+def gpu_count() -> int:
+    """How many NVIDIA GPUs CUDA sees; raises ``GpuUnavailable`` if none can be used."""
+    cuda = load_driver()
+    count = int(cuda.Device.count())
+    if count == 0:
+        raise GpuUnavailable(
+            "the NVIDIA driver is loaded but sees no GPU (check CUDA_VISIBLE_DEVICES)"
+        )
+    return count
+
+
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def _image_kind(image: bytes) -> str:
+    """'cubin', 'fatbin' or 'ptx'; raises ``InvalidValue`` for anything else."""
+    if image.startswith(b"\x7fELF"):
+        return "cubin"
+    if image.startswith(b"\x50\xed\x55\xba"):  # the fatbin magic 0xBA55ED50, little-endian
+        return "fatbin"
+    head = image[:4096]
+    if b".version" in head and b".target" in head:
+        return "ptx"
+    raise InvalidValue(
+        f"not a PTX, cubin or fatbin image ({len(image)} bytes starting {image[:8]!r})"
+    )
+
+
+@dataclass(eq=False)
+class _Allocation:
+    start: int
+    nbytes: int
+    charged: int
+    memory: Any  # pycuda DeviceAllocation; freed explicitly, never left to the garbage collector
+
+
+@dataclass(eq=False)
+class _Module:
+    module: Any  # pycuda Module
+    charged: int  # device memory its load took
+    kernels: dict[str, list[str]] | None  # PTX parameter types by kernel, for PTX modules
+
+
+@dataclass(eq=False)
+class _Kernel:
+    function: Any  # pycuda Function
+    module: int
+    arg_types: str
+    wire: struct.Struct  # the arguments as the client packed them: little-endian, no padding
+    native: struct.Struct  # as CUDA wants them: each at its natural alignment
+    builtin: Builtin | None
+
+
+class PycudaTenant(Tenant):
+    """One tenant's CUDA context on a ``PycudaExecutor``.
+
+    Every method but ``staging_buffer``/``return_staging`` and the pure bookkeeping queries
+    (``mem_get_info``, the synchronisations) runs on the device's worker thread, which makes the
+    tenant's context current first.
+    """
+
+    def __init__(
+        self, memory_limit: int, weight: float, cap: float | None, device: PycudaExecutor
+    ) -> None:
+        super().__init__(memory_limit, weight, cap)
+        self._device = device
+        self._context: Any = None
+        self._stream: Any = None
+        self._timing: tuple[Any, Any] | None = None  # events around every device operation
+        self._overhead = 0  # device memory of the context itself
+        self._starts: list[int] = []
+        self._allocations: dict[int, _Allocation] = {}
+        self._modules: dict[int, _Module] = {}
+        self._builtins_module: int | None = None
+        self._functions: dict[int, _Kernel] = {}
+        self._function_handles: dict[tuple[int, str], int] = {}
+        self._streams: set[int] = set()
+        self._events: dict[int, Any] = {}
+        self._recorded: set[int] = set()
+        self._next_handle = 1
+        self._lost: str | None = None  # why the context is unusable, after a fault
+        self._released = False
+        self.gpu_time = 0.0  # seconds of GPU time its operations took, by CUDA events
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    # -- context --------------------------------------------------------------------------------
+    def _activate(self) -> Any:
+        """Make this tenant's context current on the worker (creating it the first time)."""
+        if self._released:
+            raise InvalidHandle("the tenant is closed")
+        if self._lost is not None:
+            raise KernelFault(self._lost)
+        if self._context is None:
+            self._create_context()
+        self._device.make_current(self._context)
+        return self._device.cuda
+
+    def _create_context(self) -> None:
+        cuda, device = self._device.cuda, self._device
+        device.make_current(device.primary)
+        free_before = cuda.mem_get_info()[0]
+        context = device.cuda_device.make_context(cuda.ctx_flags.SCHED_AUTO)
+        # make_context pushed it on this thread's stack; record that so make_current stays exact.
+        device.pushed(context)
+        try:
+            self._stream = cuda.Stream()
+            self._timing = (cuda.Event(), cuda.Event())
+            cost = max(0, free_before - cuda.mem_get_info()[0])
+            if cost > self.memory_limit:
+                raise DeviceOutOfMemory(
+                    f"out of memory: a CUDA context on this GPU takes {cost} bytes, more than "
+                    f"the lease's {self.memory_limit}; lease a larger fraction"
+                )
+        except BaseException:
+            self._stream = self._timing = None
+            device.destroy(context)
+            raise
+        self._context = context
+        self._overhead = cost
+        self._charge(cost)
+
+    def _charge(self, nbytes: int) -> None:
+        self.memory_used += nbytes
+        self.memory_high_water = max(self.memory_high_water, self.memory_used)
+
+    @contextmanager
+    def _cuda_errors(self, what: str) -> Iterator[None]:
+        """Turn PyCUDA's errors into executor errors; remember a lost context."""
+        cuda = self._device.cuda
+        try:
+            yield
+        except cuda.Error as exc:
+            text = str(exc)
+            lowered = text.lower()
+            if any(marker in lowered for marker in _CONTEXT_LOST):
+                self._lost = (
+                    f"{what}: the GPU reported '{text}'; this tenant's CUDA context is lost "
+                    "(its memory and modules are gone): release the lease and request a new one"
+                )
+                raise KernelFault(self._lost) from None
+            if isinstance(exc, cuda.MemoryError) or "out of memory" in lowered:
+                raise DeviceOutOfMemory(f"{what}: the GPU is out of memory ({text})") from None
+            if "too many resources" in lowered or "invalid" in lowered:
+                raise InvalidValue(f"{what}: {text}") from None
+            raise DeviceError(f"{what}: {text}") from None
+
+    def _on_device(self, what: str, work: Callable[[Any], None]) -> None:
+        """Run ``work(stream)`` on the GPU between the timing events and wait for it to finish."""
+        self._activate()
+        assert self._timing is not None
+        start, end = self._timing
+        with self._cuda_errors(what):
+            start.record(self._stream)
+            work(self._stream)
+            end.record(self._stream)
+            end.synchronize()
+            self.gpu_time += end.time_since(start) * 1e-3
+
+    # -- host side ------------------------------------------------------------------------------
+    def staging_buffer(self, nbytes: int) -> memoryview:
+        if nbytes < 0:
+            raise InvalidValue(f"staging buffer size must not be negative, got {nbytes}")
+        return self._device.staging.take(nbytes)
+
+    def return_staging(self, buffer: memoryview) -> None:
+        self._device.staging.give_back(buffer)
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _find(self, ptr: int, nbytes: int) -> _Allocation | None:
+        index = bisect.bisect_right(self._starts, ptr) - 1
+        if index < 0:
+            return None
+        allocation = self._allocations[self._starts[index]]
+        offset = ptr - allocation.start
+        if offset >= allocation.nbytes or ptr + nbytes > allocation.start + allocation.nbytes:
+            return None
+        return allocation
+
+    def _check_range(self, ptr: int, nbytes: int, what: str) -> None:
+        if self._find(ptr, nbytes) is None:
+            raise InvalidHandle(
+                f"{what}: {nbytes} bytes at {ptr:#x} are not inside "
+                "one of this tenant's allocations"
+            )
+
+    def mem_alloc(self, nbytes: int) -> int:
+        if nbytes <= 0:
+            raise InvalidValue(f"allocation size must be positive, got {nbytes}")
+        cuda = self._activate()
+        charged = _round_up(nbytes)
+        if self.memory_used + charged > self.memory_limit:
+            raise DeviceOutOfMemory(
+                f"out of memory: requested {nbytes} bytes ({charged} with alignment), "
+                f"{self.memory_used} of the tenant's {self.memory_limit} bytes in use "
+                f"({self._overhead} by its CUDA context, {self._module_bytes()} by modules)"
+            )
+        with self._cuda_errors("mem_alloc"):
+            memory = cuda.mem_alloc(nbytes)
+        start = int(memory)
+        bisect.insort(self._starts, start)
+        self._allocations[start] = _Allocation(start, nbytes, charged, memory)
+        self._charge(charged)
+        return start
+
+    def _module_bytes(self) -> int:
+        return sum(module.charged for module in self._modules.values())
+
+    def mem_free(self, ptr: int) -> None:
+        allocation = self._allocations.get(ptr)
+        if allocation is None:
+            inside = self._find(ptr, 0) is not None
+            detail = "is inside an allocation but not its start" if inside else "is not allocated"
+            raise InvalidHandle(f"mem_free: {ptr:#x} {detail}")
+        self._activate()
+        with self._cuda_errors("mem_free"):
+            allocation.memory.free()
+        del self._allocations[ptr]
+        del self._starts[bisect.bisect_left(self._starts, ptr)]
+        self.memory_used -= allocation.charged
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return self.memory_limit - self.memory_used, self.memory_limit
+
+    def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None:
+        self._check_stream(stream)
+        if src.nbytes == 0:
+            return
+        self._check_range(dst, src.nbytes, "memcpy_htod destination")
+        cuda = self._device.cuda
+        self._on_device("memcpy_htod", lambda s: cuda.memcpy_htod_async(dst, src, s))
+
+    def memcpy_dtoh(self, dst: memoryview, src: int, stream: int) -> None:
+        self._check_stream(stream)
+        if dst.readonly:
+            raise InvalidValue("memcpy_dtoh: the host destination buffer is read-only")
+        if dst.nbytes == 0:
+            return
+        self._check_range(src, dst.nbytes, "memcpy_dtoh source")
+        cuda = self._device.cuda
+        self._on_device("memcpy_dtoh", lambda s: cuda.memcpy_dtoh_async(dst, src, s))
+
+    def memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check_stream(stream)
+        if nbytes < 0:
+            raise InvalidValue(f"memcpy_dtod: size must not be negative, got {nbytes}")
+        if nbytes == 0:
+            return
+        self._check_range(src, nbytes, "memcpy_dtod source")
+        self._check_range(dst, nbytes, "memcpy_dtod destination")
+        if dst < src + nbytes and src < dst + nbytes:
+            # cuMemcpy leaves overlapping ranges undefined; the NumPy device moves them like
+            # memmove. Going through the host keeps the twins equal for this rare case.
+            bounce = np.empty(nbytes, np.uint8).data
+            self.memcpy_dtoh(bounce, src, stream)
+            self.memcpy_htod(dst, bounce, stream)
+            return
+        cuda = self._device.cuda
+        self._on_device("memcpy_dtod", lambda s: cuda.memcpy_dtod_async(dst, src, nbytes, s))
+
+    def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
+        self._check_stream(stream)
+        if itemsize not in (1, 4):
+            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
+        if count < 0:
+            raise InvalidValue(f"memset: count must not be negative, got {count}")
+        if itemsize == 4 and ptr % 4:
+            raise InvalidValue(
+                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
+            )
+        if count == 0:
+            return
+        self._check_range(ptr, count * itemsize, "memset")
+        cuda = self._device.cuda
+        if itemsize == 1:
+            self._on_device("memset", lambda s: cuda.memset_d8_async(ptr, value & 0xFF, count, s))
+        else:
+            self._on_device(
+                "memset", lambda s: cuda.memset_d32_async(ptr, value & 0xFFFF_FFFF, count, s)
+            )
+
+    # -- code -----------------------------------------------------------------------------------
+    def module_load(self, image: bytes) -> int:
+        kind = _image_kind(image)
+        if kind == "ptx" and not image.endswith(b"\0"):
+            image = image + b"\0"  # cuModuleLoadData reads PTX as a C string
+        kernels = kernel_params(image.decode("utf-8", "replace")) if kind == "ptx" else None
+        return self._load(bytes(image), kind, kernels)
+
+    def _load(self, image: bytes, kind: str, kernels: dict[str, list[str]] | None = None) -> int:
+        cuda = self._activate()
+        jit_log: list[str] = []
+
+        def keep_log(success: bool, info: str, error: str) -> None:
+            if error:
+                jit_log.append(error.strip())
+
+        free_before = cuda.mem_get_info()[0]
+        try:
+            module = cuda.module_from_buffer(image, message_handler=keep_log)
+        except cuda.Error as exc:
+            detail = f": {jit_log[0]}" if jit_log else ""
+            if any(marker in str(exc).lower() for marker in _CONTEXT_LOST):
+                with self._cuda_errors("module_load"):
+                    raise
+            raise InvalidValue(f"the GPU refused the {kind} module ({exc}){detail}") from None
+        cost = max(0, free_before - cuda.mem_get_info()[0])
+        handle = self._new_handle()
+        self._modules[handle] = _Module(module, cost, kernels)
+        self._charge(cost)
+        if self.memory_used > self.memory_limit:
+            self._unload(handle)
+            raise DeviceOutOfMemory(
+                f"out of memory: loading the {kind} module takes {cost} bytes of device memory, "
+                f"{self.memory_used - cost} of the tenant's {self.memory_limit} bytes are in use"
+            )
+        return handle
+
+    def module_unload(self, module: int) -> None:
+        if module == BUILTIN_MODULE:
+            raise InvalidValue("the built-in kernel library (module 0) cannot be unloaded")
+        if module not in self._modules or module == self._builtins_module:
+            raise InvalidHandle(f"module {module} is not loaded")
+        self._activate()
+        self._unload(module)
+
+    def _unload(self, module: int) -> None:
+        entry = self._modules.pop(module)
+        for handle in [h for h, kernel in self._functions.items() if kernel.module == module]:
+            del self._functions[handle]
+        for key in [key for key in self._function_handles if key[0] == module]:
+            del self._function_handles[key]
+        # PyCUDA unloads a module when its last reference goes; the functions above were the
+        # others, so this is the unload.
+        del entry.module
+        self.memory_used -= entry.charged
+
+    def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
+        builtin: Builtin | None = None
+        if module == BUILTIN_MODULE:
+            builtin = BUILTINS.get(name)
+            if builtin is None:
+                raise InvalidHandle(
+                    f"no built-in kernel {name!r}; available: {', '.join(sorted(BUILTINS))}"
+                )
+            if arg_types is not None and arg_types != builtin.arg_types:
+                raise InvalidValue(
+                    f"built-in {name!r} takes arg_types {builtin.arg_types!r}, not {arg_types!r}"
+                )
+            arg_types = builtin.arg_types
+        elif module not in self._modules or module == self._builtins_module:
+            raise InvalidHandle(f"module {module} is not loaded")
+        elif not arg_types:
+            raise InvalidValue(
+                f"declare the argument types of kernel {name!r} (struct codes such as 'iPP': "
+                "i int32, q int64, f float32, d float64, P device pointer)"
+            )
+        elif not set(arg_types) <= ARG_TYPE_CODES:
+            raise InvalidValue(
+                f"argument types {arg_types!r} of {name!r} use codes outside "
+                f"{''.join(sorted(ARG_TYPE_CODES))!r}"
+            )
+        else:
+            kernels = self._modules[module].kernels
+            if kernels is not None:  # PTX says what the kernel takes: hold the declaration to it
+                if name not in kernels:
+                    raise InvalidHandle(
+                        f"no kernel {name!r} in module {module}; it has "
+                        f"{', '.join(sorted(kernels)) or 'none'}"
+                    )
+                check_arg_types(name, arg_types, kernels[name])
+        handle = self._function_handles.get((module, name))
+        if handle is not None:
+            known = self._functions[handle]
+            if known.arg_types != arg_types:
+                raise InvalidValue(
+                    f"kernel {name!r} was declared with arg_types {known.arg_types!r}, "
+                    f"not {arg_types!r}"
+                )
+            return FunctionInfo(handle, arg_types)
+        cuda = self._activate()
+        source = self._builtins() if builtin is not None else module
+        try:
+            function = self._modules[source].module.get_function(name)
+        except cuda.Error as exc:
+            raise InvalidHandle(f"no kernel {name!r} in module {module} ({exc})") from None
+        handle = self._new_handle()
+        wire = struct.Struct(arg_struct_format(arg_types))
+        native = struct.Struct("@" + arg_types.replace("P", "Q"))
+        self._functions[handle] = _Kernel(function, source, arg_types, wire, native, builtin)
+        self._function_handles[(module, name)] = handle
+        return FunctionInfo(handle, arg_types)
+
+    def _builtins(self) -> int:
+        """The built-in library's module in this context, loaded the first time it is needed."""
+        if self._builtins_module is None:
+            image = self._device.builtins_image()
+            self._builtins_module = self._load(image, "built-in")
+        return self._builtins_module
+
+    def launch(
+        self,
+        function: int,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_mem: int,
+        stream: int,
+        args: bytes,
+    ) -> None:
+        kernel = self._functions.get(function)
+        if kernel is None:
+            raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
+        self._check_stream(stream)
+        check_launch(self._device.properties, grid, block, shared_mem)
+        if len(args) != kernel.wire.size:
+            raise InvalidValue(
+                f"launch: the kernel takes {kernel.wire.size} bytes of arguments "
+                f"({kernel.arg_types!r}), got {len(args)}"
+            )
+        values = kernel.wire.unpack(args)
+        if kernel.builtin is not None:
+            self._check_builtin(kernel.builtin, values)
+        # CUDA reads each parameter at its natural alignment; the wire packs them without gaps.
+        parameters = kernel.native.pack(*values)
+        self.kernels_launched += 1
+        self._on_device(
+            "launch",
+            lambda s: kernel.function._launch_kernel(grid, block, parameters, shared_mem, s),
+        )
+
+    def _check_builtin(self, builtin: Builtin, values: tuple[Any, ...]) -> None:
+        """Refuse what the NumPy twin refuses, with its errors, before the GPU sees it."""
+        for ptr, nbytes in builtin.check(values):
+            if ptr % 4:
+                raise KernelFault(f"misaligned address {ptr:#x} for 4-byte float32")
+            if self._find(ptr, nbytes) is None:
+                raise KernelFault(
+                    f"illegal address: {builtin.name} would address {nbytes} bytes at {ptr:#x}, "
+                    "which are not inside one of the tenant's allocations"
+                )
+
+    # -- streams and events ---------------------------------------------------------------------
+    def _check_stream(self, stream: int) -> None:
+        if stream != DEFAULT_STREAM and stream not in self._streams:
+            raise InvalidHandle(f"stream {stream} is not one of this tenant's")
+
+    def _check_event(self, event: int) -> None:
+        if event not in self._events:
+            raise InvalidHandle(f"event {event} is not one of this tenant's")
+
+    def _check_alive(self) -> None:
+        if self._released:
+            raise InvalidHandle("the tenant is closed")
+        if self._lost is not None:
+            raise KernelFault(self._lost)
+
+    def stream_create(self) -> int:
+        self._check_alive()
+        stream = self._new_handle()
+        self._streams.add(stream)
+        return stream
+
+    def stream_destroy(self, stream: int) -> None:
+        if stream == DEFAULT_STREAM:
+            raise InvalidValue("the default stream cannot be destroyed")
+        self._check_stream(stream)
+        self._streams.discard(stream)
+
+    def stream_synchronize(self, stream: int) -> None:
+        self._check_stream(stream)
+        self._check_alive()
+
+    def event_create(self) -> int:
+        cuda = self._activate()
+        with self._cuda_errors("event_create"):
+            event = cuda.Event()
+        handle = self._new_handle()
+        self._events[handle] = event
+        return handle
+
+    def event_destroy(self, event: int) -> None:
+        self._check_event(event)
+        del self._events[event]
+        self._recorded.discard(event)
+
+    def event_record(self, event: int, stream: int) -> None:
+        self._check_event(event)
+        self._check_stream(stream)
+        cuda_event = self._events[event]
+        self._activate()
+        with self._cuda_errors("event_record"):
+            cuda_event.record(self._stream)
+            cuda_event.synchronize()  # keeps "finished when the worker returns" true
+        self._recorded.add(event)
+
+    def event_synchronize(self, event: int) -> None:
+        self._check_event(event)
+        self._check_alive()
+
+    def event_elapsed_ms(self, start: int, end: int) -> float:
+        self._check_event(start)
+        self._check_event(end)
+        for event in (start, end):
+            if event not in self._recorded:
+                raise InvalidValue(f"event {event} has never been recorded")
+        self._activate()
+        with self._cuda_errors("event_elapsed_ms"):
+            return float(self._events[end].time_since(self._events[start]))
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: each operation finished on the worker before the next began."""
+        self._check_alive()
+
+    def release(self) -> None:
+        self._released = True
+        context, self._context = self._context, None
+        if context is None:
+            return
+        # Everything below lives in the context, which is destroyed at the end; freeing the
+        # allocations first is still right, since a context of another user of PyCUDA's objects
+        # could keep it alive. Failures (a lost context) change nothing: destroying it frees all.
+        try:
+            self._device.make_current(context)
+            for allocation in self._allocations.values():
+                try:
+                    allocation.memory.free()
+                except Exception:  # noqa: BLE001 - a lost context frees everything anyway
+                    log.debug("freeing an allocation of a released tenant failed", exc_info=True)
+        finally:
+            self._allocations.clear()
+            self._starts.clear()
+            self._functions.clear()
+            self._function_handles.clear()
+            self._modules.clear()
+            self._events.clear()
+            self._stream = self._timing = None
+            self.memory_used = 0
+            self._device.destroy(context)
+
+
+class PycudaExecutor(WorkerExecutor):
+    """GPU ``index`` of this host, shared by tenants through one CUDA context each.
+
+    ``memory`` caps the device memory offered to tenants (default: what is free when the executor
+    starts, less a headroom for allocation granularity). Raises ``GpuUnavailable`` when there is
+    no such GPU.
+    """
+
+    def __init__(
+        self, index: int = 0, memory: int | None = None, *, scheduling: str = "fair"
+    ) -> None:
+        cuda = load_driver()
+        count = gpu_count()
+        if not 0 <= index < count:
+            raise GpuUnavailable(f"there is no GPU {index}: CUDA sees {count} GPU(s)")
+        self.cuda = cuda
+        self.index = index
+        self.cuda_device = cuda.Device(index)
+        attribute = cuda.device_attribute
+        get = self.cuda_device.get_attribute
+        self.compute_capability: tuple[int, int] = tuple(self.cuda_device.compute_capability())
+        self.primary = self.cuda_device.retain_primary_context()
+        self.primary.push()
+        try:
+            free, total = cuda.mem_get_info()
+        finally:
+            cuda.Context.pop()
+        headroom = max(MIN_HEADROOM, int(total * HEADROOM_FRACTION))
+        offered = free - headroom
+        if memory is not None:
+            offered = min(offered, memory)
+        if offered <= 0:
+            raise GpuUnavailable(
+                f"GPU {index} has only {free} bytes free, less than the {headroom}-byte headroom"
+            )
+        self.properties = DeviceProperties(
+            name=str(self.cuda_device.name()),
+            total_memory=offered,
+            executor="pycuda",
+            max_threads_per_block=get(attribute.MAX_THREADS_PER_BLOCK),
+            max_grid=(
+                get(attribute.MAX_GRID_DIM_X),
+                get(attribute.MAX_GRID_DIM_Y),
+                get(attribute.MAX_GRID_DIM_Z),
+            ),
+            max_shared_memory_per_block=get(attribute.MAX_SHARED_MEMORY_PER_BLOCK),
+        )
+        self._builtins: bytes | None = None
+        self._builtins_error: str | None = None
+        self._builtins_lock = threading.Lock()
+        self.staging = StagingPool(STAGING_POOL_BYTES, self._pinned)
+        self._pinning_failed = False
+        # Worker-thread state: the contexts on the worker's context stack, bottom first.
+        self._stack: list[Any] = []
+        super().__init__(f"cuda-gpu{index}", scheduling)
+        log.info(
+            "GPU %d: %s, compute capability %d.%d, %d of %d bytes free, %d offered to tenants",
+            index,
+            self.properties.name,
+            *self.compute_capability,
+            free,
+            total,
+            offered,
+        )
+
+    completes_synchronously = True  # every operation is waited for (see the module docstring)
+
+    # -- contexts (worker thread) ---------------------------------------------------------------
+    def make_current(self, context: Any) -> None:
+        """Make ``context`` the worker's current context, switching only when it is not."""
+        stack = self._stack
+        if stack and stack[-1] is context:
+            return
+        while stack:
+            self.cuda.Context.pop()
+            stack.pop()
+        context.push()
+        stack.append(context)
+
+    def pushed(self, context: Any) -> None:
+        """Note that ``context`` was pushed by CUDA itself (``make_context`` does)."""
+        self._stack.append(context)
+
+    def destroy(self, context: Any) -> None:
+        """Destroy a tenant's context, whatever its state, and leave none of ours current."""
+        try:
+            self.make_current(context)
+            self.cuda.Context.pop()
+            self._stack.pop()
+        except Exception:  # noqa: BLE001 - a lost context may refuse; detaching still frees it
+            log.debug("popping a context failed", exc_info=True)
+        try:
+            context.detach()
+        except Exception:  # noqa: BLE001 - nothing more can be done; say so
+            log.warning("destroying a tenant's CUDA context failed", exc_info=True)
+
+    # -- built-in kernels -----------------------------------------------------------------------
+    def builtins_image(self) -> bytes:
+        """The built-in library compiled for this GPU (by nvcc, cached); ``Unsupported`` if that
+        cannot be done here."""
+        with self._builtins_lock:
+            if self._builtins is None and self._builtins_error is None:
+                try:
+                    self._builtins = builtins_image(self.compute_capability)
+                except NvccError as exc:
+                    self._builtins_error = str(exc)
+                    log.error("the built-in kernels are unavailable on GPU %d: %s", self.index, exc)
+            if self._builtins is None:
+                raise Unsupported(
+                    f"the built-in kernels could not be compiled for this GPU: {self._builtins_error}"
+                )
+            return self._builtins
+
+    # -- staging (event loop thread) ------------------------------------------------------------
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        """A page-locked host buffer, so copies from and to it run at full DMA speed; ordinary
+        memory if pinning fails (copies still work, more slowly)."""
+        if not self._pinning_failed:
+            cuda = self.cuda
+            try:
+                # Any context will do for portable memory; the primary one costs nothing more.
+                self.primary.push()
+                try:
+                    return cuda.pagelocked_empty(
+                        nbytes, np.uint8, mem_flags=cuda.host_alloc_flags.PORTABLE
+                    )
+                finally:
+                    cuda.Context.pop()
+            except Exception as exc:  # noqa: BLE001 - fall back to pageable memory
+                self._pinning_failed = True
+                log.warning("pinning staging memory failed (%s); using pageable memory", exc)
+        return np.empty(nbytes, np.uint8)
+
+    # -- tenants --------------------------------------------------------------------------------
+    def open_tenant(
+        self, memory_limit: int, weight: float, cap: float | None = None
+    ) -> PycudaTenant:
+        self._admit(memory_limit, weight, cap)
+        tenant = PycudaTenant(memory_limit, weight, cap, self)
+        self._register(tenant)
+        return tenant
+
+    def close(self) -> None:
+        super().close()  # releases every tenant's context on the worker, then stops it
+        try:
+            self.primary.detach()
+        except Exception:  # noqa: BLE001 - shutting down; nothing depends on it any more
+            log.debug("releasing the primary context failed", exc_info=True)
