@@ -15,6 +15,8 @@ setup(
     packages=find_packages(
         include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]
     ),
+    # The CUDA C twins of the built-in kernels, compiled by nvcc on the GPU host at first use.
+    package_data={"executors": ["cuda/*.cu"]},
     install_requires=["numpy>=1.24", "uvloop>=0.17; sys_platform != 'win32'"],
     extras_require={
         "dev": [

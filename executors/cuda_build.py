@@ -39,6 +39,7 @@ BUILTINS_SOURCE = CUDA_SOURCES / "builtins.cu"
 # driver for any newer GPU, which is the fallback when nvcc does not know the GPU's own one.
 PORTABLE_PTX_ARCH = "compute_75"
 NVCC_FLAGS = ("-std=c++17", "-O3")
+_FALLBACK_NVCC = Path("/usr/local/cuda/bin/nvcc")  # where the CUDA toolkit installs by default
 _NVCC_TIMEOUT_S = 300
 
 
@@ -65,7 +66,7 @@ def find_nvcc() -> str:
         return found
     roots = [os.environ.get(var) for var in ("CUDA_HOME", "CUDA_ROOT", "CUDA_PATH")]
     candidates = [Path(root) / "bin" / "nvcc" for root in roots if root]
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    candidates.append(_FALLBACK_NVCC)
     for candidate in candidates:
         if os.access(candidate, os.X_OK):
             return str(candidate)

@@ -63,7 +63,7 @@ from .errors import (
     Unsupported,
 )
 from .ptx import check_arg_types, kernel_params
-from .staging import STAGING_POOL_BYTES, StagingPool
+from .staging import STAGING_POOL_BYTES, StagingArena, StagingPool
 from .worker import WorkerExecutor
 
 __all__ = ["GpuUnavailable", "PycudaExecutor", "PycudaTenant", "gpu_count", "load_driver"]
@@ -75,7 +75,8 @@ ALIGNMENT = 256  # what an allocation is charged in multiples of (cudaMalloc's a
 # 2 MiB pages) and the per-thread stacks a launch may grow make real use exceed the bytes asked.
 HEADROOM_FRACTION = 0.03
 MIN_HEADROOM = 256 * 2**20
-PINNED_MIN = StagingPool.MIN_POOLED  # smaller payloads are staged in ordinary memory
+# Page-locked host memory per GPU for copies' payloads: room for a few full 64 MiB frames at once.
+PINNED_STAGING_BYTES = 256 * 2**20
 
 # Messages of the CUDA errors after which a context is unusable ("sticky" errors).
 _CONTEXT_LOST = (
@@ -732,8 +733,7 @@ class PycudaExecutor(WorkerExecutor):
         self._builtins: bytes | None = None
         self._builtins_error: str | None = None
         self._builtins_lock = threading.Lock()
-        self.staging = StagingPool(STAGING_POOL_BYTES, self._pinned)
-        self._pinning_failed = False
+        self.staging = self._staging_arena(cuda)
         # Worker-thread state: the contexts on the worker's context stack, bottom first.
         self._stack: list[Any] = []
         super().__init__(f"cuda-gpu{index}", scheduling)
@@ -748,6 +748,28 @@ class PycudaExecutor(WorkerExecutor):
         )
 
     completes_synchronously = True  # every operation is waited for (see the module docstring)
+
+    def _staging_arena(self, cuda: Any) -> StagingArena | StagingPool:
+        """Page-locked staging memory, so copies run at full DMA speed; ordinary memory if the
+        host refuses to pin it (copies still work, more slowly)."""
+        pageable = StagingPool(STAGING_POOL_BYTES)
+        self.primary.push()  # any context will do for portable memory
+        try:
+            arena = cuda.pagelocked_empty(
+                PINNED_STAGING_BYTES, np.uint8, mem_flags=cuda.host_alloc_flags.PORTABLE
+            )
+        except cuda.Error as exc:
+            log.warning(
+                "GPU %d: cannot pin %d bytes of staging memory (%s); copies will use "
+                "pageable memory",
+                self.index,
+                PINNED_STAGING_BYTES,
+                exc,
+            )
+            return pageable
+        finally:
+            cuda.Context.pop()
+        return StagingArena(arena, pageable)
 
     # -- contexts (worker thread) ---------------------------------------------------------------
     def make_current(self, context: Any) -> None:
@@ -795,26 +817,6 @@ class PycudaExecutor(WorkerExecutor):
                 )
             return self._builtins
 
-    # -- staging (event loop thread) ------------------------------------------------------------
-    def _pinned(self, nbytes: int) -> np.ndarray:
-        """A page-locked host buffer, so copies from and to it run at full DMA speed; ordinary
-        memory if pinning fails (copies still work, more slowly)."""
-        if not self._pinning_failed:
-            cuda = self.cuda
-            try:
-                # Any context will do for portable memory; the primary one costs nothing more.
-                self.primary.push()
-                try:
-                    return cuda.pagelocked_empty(
-                        nbytes, np.uint8, mem_flags=cuda.host_alloc_flags.PORTABLE
-                    )
-                finally:
-                    cuda.Context.pop()
-            except Exception as exc:  # noqa: BLE001 - fall back to pageable memory
-                self._pinning_failed = True
-                log.warning("pinning staging memory failed (%s); using pageable memory", exc)
-        return np.empty(nbytes, np.uint8)
-
     # -- tenants --------------------------------------------------------------------------------
     def open_tenant(
         self, memory_limit: int, weight: float, cap: float | None = None
@@ -826,6 +828,16 @@ class PycudaExecutor(WorkerExecutor):
 
     def close(self) -> None:
         super().close()  # releases every tenant's context on the worker, then stops it
+        # PyCUDA frees memory from any thread only while its context is current there.
+        self.primary.push()
+        try:
+            if isinstance(self.staging, StagingArena):
+                host_allocation: Any = self.staging.arena.base  # pycuda's HostAllocation
+                host_allocation.free()
+        except Exception:  # noqa: BLE001 - shutting down; nothing depends on it any more
+            log.debug("freeing the staging arena failed", exc_info=True)
+        finally:
+            self.cuda.Context.pop()
         try:
             self.primary.detach()
         except Exception:  # noqa: BLE001 - shutting down; nothing depends on it any more

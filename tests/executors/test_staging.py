@@ -1,0 +1,63 @@
+"""StagingArena: buffers carved from one host buffer (pinned on GPUs), merged back when returned."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from executors.staging import StagingArena, StagingPool
+
+MiB = 2**20
+
+
+def arena(size: int = 4 * MiB) -> StagingArena:
+    return StagingArena(np.zeros(size, np.uint8), StagingPool(capacity=0))
+
+
+def test_buffers_come_from_the_arena_without_overlapping() -> None:
+    staging = arena()
+    buffers = [staging.take(n) for n in (100_000, 1 * MiB, 300_000)]
+    for buffer, n in zip(buffers, (100_000, 1 * MiB, 300_000), strict=True):
+        assert buffer.obj is staging.arena and buffer.nbytes == n
+        np.frombuffer(buffer, np.uint8)[:] = n % 251
+    for buffer, n in zip(buffers, (100_000, 1 * MiB, 300_000), strict=True):
+        assert (np.frombuffer(buffer, np.uint8) == n % 251).all(), "buffers overlap"
+
+
+def test_returned_space_merges_so_a_whole_arena_buffer_fits_again() -> None:
+    staging = arena()
+    parts = [staging.take(MiB) for _ in range(4)]
+    assert staging.idle_bytes() == 0
+    for index in (2, 0, 3, 1):  # out of order: merging must join both neighbours
+        staging.give_back(parts[index])
+    assert staging.idle_bytes() == 4 * MiB
+    assert staging.take(4 * MiB).obj is staging.arena
+
+
+def test_small_and_overflowing_payloads_use_ordinary_memory() -> None:
+    staging = arena(1 * MiB)
+    assert staging.take(100).obj is not staging.arena  # not worth a slot of the arena
+    held = staging.take(MiB)
+    overflow = staging.take(MiB)
+    assert overflow.obj is not staging.arena and overflow.nbytes == MiB
+    staging.give_back(overflow)  # goes to the fallback pool, leaves the arena alone
+    staging.give_back(held)
+    assert staging.idle_bytes() == MiB
+
+
+def test_concurrent_take_and_give_back_lose_nothing() -> None:
+    staging = arena(8 * MiB)
+
+    def churn(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            buffer = staging.take(int(rng.integers(64 * 1024, 512 * 1024)))
+            staging.give_back(buffer)
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert staging.idle_bytes() == 8 * MiB
