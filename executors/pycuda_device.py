@@ -570,7 +570,9 @@ class PycudaTenant(Tenant):
         self.kernels_launched += 1
         self._on_device(
             "launch",
-            lambda s: kernel.function._launch_kernel(grid, block, parameters, shared_mem, s),
+            lambda s: kernel.function._launch_kernel(
+                tuple(grid), tuple(block), parameters, shared_mem, s
+            ),
         )
 
     def _check_builtin(self, builtin: Builtin, values: tuple[Any, ...]) -> None:
@@ -734,6 +736,11 @@ class PycudaExecutor(WorkerExecutor):
         self._builtins_error: str | None = None
         self._builtins_lock = threading.Lock()
         self.staging = self._staging_arena(cuda)
+        # Compiled now, beside the server's start-up, rather than on the worker when a tenant
+        # first asks for a built-in (which would hold the GPU up for everyone while nvcc runs).
+        threading.Thread(
+            target=self._prepare_builtins, name=f"nvcc-gpu{index}", daemon=True
+        ).start()
         # Worker-thread state: the contexts on the worker's context stack, bottom first.
         self._stack: list[Any] = []
         super().__init__(f"cuda-gpu{index}", scheduling)
@@ -783,6 +790,12 @@ class PycudaExecutor(WorkerExecutor):
         context.push()
         stack.append(context)
 
+    def _worker_exiting(self) -> None:
+        # PyCUDA aborts the process if a thread ends with a context still on its stack.
+        while self._stack:
+            self.cuda.Context.pop()
+            self._stack.pop()
+
     def pushed(self, context: Any) -> None:
         """Note that ``context`` was pushed by CUDA itself (``make_context`` does)."""
         self._stack.append(context)
@@ -801,6 +814,12 @@ class PycudaExecutor(WorkerExecutor):
             log.warning("destroying a tenant's CUDA context failed", exc_info=True)
 
     # -- built-in kernels -----------------------------------------------------------------------
+    def _prepare_builtins(self) -> None:
+        try:
+            self.builtins_image()
+        except Unsupported:
+            pass  # logged; a tenant asking for a built-in gets the reason
+
     def builtins_image(self) -> bytes:
         """The built-in library compiled for this GPU (by nvcc, cached); ``Unsupported`` if that
         cannot be done here."""

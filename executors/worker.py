@@ -48,6 +48,7 @@ class DeviceWorker:
         name: str,
         scheduling: str = "fair",
         clock: Callable[[], float] = time.perf_counter,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         if scheduling not in SCHEDULERS:
             raise ValueError(f"unknown scheduling {scheduling!r}; choose from {SCHEDULERS}")
@@ -55,6 +56,7 @@ class DeviceWorker:
             FairScheduler() if scheduling == "fair" else FifoScheduler()
         )
         self._clock = clock
+        self._on_exit = on_exit  # runs on the worker thread as it stops (thread-bound cleanup)
         self._ready = threading.Condition()
         self._stopping = False
         self._stopped = False
@@ -151,6 +153,16 @@ class DeviceWorker:
 
     def _run(self) -> None:
         _precise_sleeps()
+        try:
+            self._serve()
+        finally:
+            if self._on_exit is not None:
+                try:
+                    self._on_exit()
+                except Exception:  # noqa: BLE001 - the thread ends either way; say why
+                    log.exception("device worker clean-up failed")
+
+    def _serve(self) -> None:
         clock, scheduler, ready = self._clock, self._scheduler, self._ready
         while True:
             with ready:
@@ -207,7 +219,7 @@ class WorkerExecutor(Executor):
     properties: DeviceProperties
 
     def __init__(self, worker_name: str, scheduling: str = "fair") -> None:
-        self._worker = DeviceWorker(worker_name, scheduling)
+        self._worker = DeviceWorker(worker_name, scheduling, on_exit=self._worker_exiting)
         self._tenants: set[Tenant] = set()
         self._tenants_lock = threading.Lock()
         self._committed = 0  # sum of the open tenants' memory limits
@@ -294,6 +306,9 @@ class WorkerExecutor(Executor):
 
         # Submitted without a reply, so a sticky error still pending on the tenant cannot stop it.
         self._worker.submit(tenant, release, False, 0, finished)
+
+    def _worker_exiting(self) -> None:
+        """Hook for subclasses: clean up thread-bound device state on the worker as it stops."""
 
     def _tenant_released(self, tenant: Tenant) -> None:
         with self._committed_lock:
