@@ -263,8 +263,14 @@ class CliServer:
 
 @contextlib.contextmanager
 def cli_server(*args: str) -> Iterator[CliServer]:
-    """A listening CLI server (1 GiB per GPU, warnings only unless told otherwise)."""
+    """A listening CLI server (NumPy devices of 1 GiB, warnings only, unless told otherwise).
+
+    The executor is pinned to numpy because the CLI's default, auto, would pick a GPU on a GPU
+    host, and these tests are about the server, not the device.
+    """
     argv = list(args)
+    if "--executor" not in argv:
+        argv += ["--executor", "numpy"]
     if "--gpu-memory" not in argv:
         argv += ["--gpu-memory", "1GiB"]
     if "--log-level" not in argv:

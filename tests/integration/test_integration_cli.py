@@ -30,8 +30,8 @@ def test_help() -> None:
 
 
 def test_starts_on_port_zero_serves_and_exits_cleanly_on_sigterm() -> None:
-    server = CliServer("--listen", "tcp://127.0.0.1:0", "--gpus", "2", "--gpu-memory", "512MiB",
-                       "--max-payload", "1MiB")  # fmt: skip
+    server = CliServer("--listen", "tcp://127.0.0.1:0", "--executor", "numpy", "--gpus", "2",
+                       "--gpu-memory", "512MiB", "--max-payload", "1MiB")  # fmt: skip
     try:
         address = server.wait_listening()
         host, port = address.removeprefix("tcp://").rsplit(":", 1)
@@ -150,3 +150,21 @@ def test_sigusr1_logs_every_tenants_lease_and_usage() -> None:
         assert "reporter gpu0 0.25 cap weight 0.25" in report
         assert "1 kernels" in report and "1 MiB" in report
         assert server.terminate() == 0
+
+
+def test_the_default_executor_is_auto_and_says_what_it_chose() -> None:
+    # Started without --executor: on a machine without a usable GPU, auto serves NumPy devices
+    # and logs why; with one, it serves the GPU with PyCUDA. Either way the log says which.
+    server = CliServer("--listen", "tcp://127.0.0.1:0", "--gpus", "2", "--gpu-memory", "1GiB")
+    try:
+        server.wait_listening()
+        text = server.stderr_text()
+        if "no usable GPU, serving NumPy reference devices: " in text:
+            assert "serving 2 numpy GPU(s)" in text
+            assert "gpu1: NumPy reference device (numpy executor), 1 GiB for tenants" in text
+        else:
+            assert "serving it with the PyCUDA executor" in text, text
+            assert "pycuda GPU(s)" in text, text
+        assert server.terminate() == 0
+    finally:
+        server.close()
