@@ -24,17 +24,17 @@ trap 'rm -rf "$WORK"' EXIT
 
 find_links=()
 if compgen -G "$VENDOR/pycuda-*.tar.gz" >/dev/null; then
-  SDIST=$(ls "$VENDOR"/pycuda-*.tar.gz | sort | tail -1)
+  SDIST=$(find "$VENDOR" -maxdepth 1 -name 'pycuda-*.tar.gz' | sort | tail -1)
   find_links=(--no-index --find-links "$VENDOR")
 else
   echo "no sdist in $VENDOR: downloading one from PyPI"
   "$PY" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$WORK/sdist" pycuda \
     || true  # pip may fail at metadata after the download itself has worked
-  SDIST=$(ls "$WORK"/sdist/pycuda-*.tar.gz | tail -1)
+  SDIST=$(find "$WORK/sdist" -maxdepth 1 -name 'pycuda-*.tar.gz' | sort | tail -1)
 fi
 echo "building $(basename "$SDIST") with $("$PY" --version) against $CUDA_ROOT"
 tar xzf "$SDIST" -C "$WORK"
-SRC=$(ls -d "$WORK"/pycuda-*/ | head -1)
+SRC=$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'pycuda-*' | head -1)
 
 libdirs="$CUDA_ROOT/lib64,$CUDA_ROOT/lib64/stubs,$CUDA_ROOT/lib,$CUDA_ROOT/lib/stubs"
 if ! compgen -G "$CUDA_ROOT/lib64/libcuda.so" >/dev/null \

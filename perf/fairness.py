@@ -14,12 +14,21 @@ below are measured, not assumed. Scenarios (targets from the fractional-GPU issu
               tenants with 5 ms kernels: its p99 latency <= its solo p99 + one longest kernel + 1 ms.
   overhead    one tenant issuing 100 us kernels back to back, fair scheduler vs FIFO: >= 98 %.
 
+The server runs the NumPy reference device by default; ``--executor pycuda`` runs it on this
+host's NVIDIA GPU instead, where ``busy`` spins on the GPU's clock, so every scenario means the
+same. Each tenant then has a CUDA context of its own, so the scenarios wait until every tenant has
+made its context (a first ``busy`` kernel) before measuring.
+
 Writes perf/results/fairness.json and fairness.png (achieved vs entitled share over time, per
-tenant; needs matplotlib) and prints a table. It never fails on a missed target: it reports.
+tenant; needs matplotlib) and prints a table; with another executor than NumPy,
+fairness-KIND.json and fairness-KIND.png, so the committed NumPy results stay. It never fails on a
+missed target: it reports. A scenario that cannot run (its client fails) is reported as such, the
+others still run, and the exit status is 1.
 
     python perf/fairness.py                  # everything, about 2 minutes
     python perf/fairness.py --quick          # short windows, for a smoke test
     python perf/fairness.py --scenario ratio --duration 20
+    python perf/fairness.py --executor pycuda --duration 5   # on this host's GPU
 """
 
 from __future__ import annotations
@@ -39,14 +48,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# perf/ is on sys.path when this file runs as a script, so its sibling modules import by name.
+import mlp_workload as workload
+
 import bitfusion_net as bf
 from bitfusion_net.transport import new_event_loop
+from bitfusion_net.units import parse_size
+from executors import GpuUnavailable
+from executors.pycuda_device import load_driver
 
 SAMPLE_S = 0.1
 WINDOW_S = 1.0
 WARM_UP_S = 1.0  # the first second of every scenario is not measured
 HEAVY_US = 5000  # the saturating tenants' kernel
 RESULTS = Path(__file__).resolve().parent / "results"
+READY = "ready"  # the client's first line: every tenant is connected and has run a kernel
+# Device memory per executor kind. A PyCUDA tenant's lease also pays for its own CUDA context
+# (hundreds of MiB): 32 GiB leaves the smallest lease used here, 0.05, 1.6 GiB.
+DEFAULT_GPU_MEMORY = {"numpy": "8GiB", "pycuda": "32GiB"}
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What every server a scenario starts runs: the executor kind and its memory."""
+
+    executor: str = "numpy"
+    gpu_memory: str = DEFAULT_GPU_MEMORY["numpy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +130,20 @@ async def tick(gpu: Any, kernel_us: int, period_s: float, stop_at: float) -> lis
     return latencies
 
 
-async def run_tenants(address: str, specs: list[TenantSpec], duration: float) -> dict[str, Any]:
+async def warm_up(gpu: Any) -> None:
+    """A first kernel: the server makes the tenant's context (a CUDA context on a GPU) and loads
+    the built-in kernels, which takes a while on a GPU and must not count as a share."""
+    busy = await gpu.builtin("busy")
+    await busy.launch(1, 1, [1])
+    await gpu.synchronize()
+
+
+async def run_tenants(
+    address: str,
+    specs: list[TenantSpec],
+    duration: float,
+    on_ready: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
     sessions = [
         await bf.connect(
             address,
@@ -114,8 +154,10 @@ async def run_tenants(address: str, specs: list[TenantSpec], duration: float) ->
         )
         for spec in specs
     ]
-    stop_at = time.monotonic() + duration
     try:
+        await asyncio.gather(*(warm_up(s.devices[0]) for s in sessions))
+        on_ready()
+        stop_at = time.monotonic() + duration
         results = await asyncio.gather(
             *(
                 tick(s.devices[0], spec.kernel_us, spec.period_s, stop_at)
@@ -131,11 +173,16 @@ async def run_tenants(address: str, specs: list[TenantSpec], duration: float) ->
 
 
 def client_main(argv: list[str]) -> None:
-    """``--client ADDRESS DURATION SPECS_JSON``: run tenants, print their results as JSON."""
+    """``--client ADDRESS DURATION SPECS_JSON``: run tenants; print READY once every tenant is
+    connected and warmed up, then their results as JSON."""
     address, duration, raw = argv[0], float(argv[1]), json.loads(argv[2])
     specs = [TenantSpec(**spec) for spec in raw]
+
+    def ready() -> None:
+        print(READY, flush=True)
+
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        print(json.dumps(runner.run(run_tenants(address, specs, duration))), flush=True)
+        print(json.dumps(runner.run(run_tenants(address, specs, duration, ready))), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +192,14 @@ def client_main(argv: list[str]) -> None:
 class ServerThread:
     """A ``bf.Server`` on its own event loop thread, with a way to run coroutines on it."""
 
-    def __init__(self, scheduling: str = "fair") -> None:
+    def __init__(self, options: ServerOptions, scheduling: str = "fair") -> None:
         self.loop = new_event_loop()
-        self.server = bf.Server(gpus=1, gpu_memory="8GiB", scheduling=scheduling)
+        self.server = bf.Server(
+            executor=options.executor,
+            gpus=1,
+            gpu_memory=options.gpu_memory,
+            scheduling=scheduling,
+        )
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -201,10 +253,11 @@ class Trace:
 
 
 def run_scenario(
-    specs: list[TenantSpec], duration: float, scheduling: str = "fair"
+    specs: list[TenantSpec], duration: float, options: ServerOptions, scheduling: str = "fair"
 ) -> tuple[Trace, dict[str, Any]]:
-    """Start a server, run ``specs`` in a client process for ``duration`` s, sample device time."""
-    with ServerThread(scheduling) as server:
+    """Start a server, run ``specs`` in a client process for ``duration`` s, sample device time
+    from the moment every tenant is connected and warmed up."""
+    with ServerThread(options, scheduling) as server:
         command = [
             sys.executable,
             __file__,
@@ -214,19 +267,34 @@ def run_scenario(
             json.dumps([spec.__dict__ for spec in specs]),
         ]
         client = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        ready = threading.Event()
+        lines: list[str] = []
+
+        def read_output() -> None:
+            assert client.stdout is not None
+            for line in client.stdout:
+                if line.strip() == READY:
+                    ready.set()
+                else:
+                    lines.append(line)
+
+        reader = threading.Thread(target=read_output, daemon=True)
+        reader.start()
         trace = Trace()
         names = {spec.name for spec in specs}
         started = time.monotonic()
         while client.poll() is None:
-            sample = server.device_times()
-            if set(sample) == names:  # every tenant connected: the measurement runs
-                trace.times.append(time.monotonic() - started)
-                trace.samples.append(sample)
+            if ready.is_set():  # every tenant connected and warmed up: the measurement runs
+                sample = server.device_times()
+                if set(sample) == names:
+                    trace.times.append(time.monotonic() - started)
+                    trace.samples.append(sample)
             time.sleep(SAMPLE_S)
-        output, _ = client.communicate()
+        client.wait()
+        reader.join()
         if client.returncode != 0:
             raise RuntimeError(f"the client process failed with exit code {client.returncode}")
-    return trace, json.loads(output)
+    return trace, json.loads("".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +318,9 @@ def entitled(specs: list[TenantSpec]) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
-def fair20(duration: float) -> dict[str, Any]:
+def fair20(duration: float, options: ServerOptions) -> dict[str, Any]:
     specs = [TenantSpec(f"t{i:02d}", 0.05, HEAVY_US) for i in range(20)]
-    trace, _ = run_scenario(specs, duration)
+    trace, _ = run_scenario(specs, duration, options)
     names = [s.name for s in specs]
     promised = entitled(specs)
 
@@ -284,9 +352,9 @@ def fair20(duration: float) -> dict[str, Any]:
     }
 
 
-def ratio(duration: float) -> dict[str, Any]:
+def ratio(duration: float, options: ServerOptions) -> dict[str, Any]:
     specs = [TenantSpec("small", 0.1, HEAVY_US), TenantSpec("large", 0.9, HEAVY_US)]
-    trace, _ = run_scenario(specs, duration)
+    trace, _ = run_scenario(specs, duration, options)
     windows = trace.window_shares(["small", "large"])
     small = sum(w["small"] for w in windows)
     large = sum(w["large"] for w in windows)
@@ -302,11 +370,11 @@ def ratio(duration: float) -> dict[str, Any]:
     }
 
 
-def alone(duration: float) -> dict[str, Any]:
+def alone(duration: float, options: ServerOptions) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode, fraction, lo, hi in (("share", 0.05, 0.95, 1.0), ("cap", 0.25, 0.23, 0.27)):
         specs = [TenantSpec(f"alone-{mode}", fraction, HEAVY_US, mode=mode)]
-        trace, _ = run_scenario(specs, duration)
+        trace, _ = run_scenario(specs, duration, options)
         shares = [w[specs[0].name] for w in trace.window_shares([specs[0].name])]
         out[mode] = {
             "fraction": fraction,
@@ -320,7 +388,7 @@ def alone(duration: float) -> dict[str, Any]:
     return out
 
 
-def light(duration: float) -> dict[str, Any]:
+def light(duration: float, options: ServerOptions) -> dict[str, Any]:
     """The light tenant's latency alone, then beside 19 saturating tenants.
 
     Its demand is 10 % of the GPU. At weight 0.05 among twenty tenants of 0.05 it would be entitled
@@ -330,11 +398,11 @@ def light(duration: float) -> dict[str, Any]:
     """
     light_us = 1000
     solo_spec = TenantSpec("light", 0.05, light_us, light=True, weight=0.2)
-    _, solo = run_scenario([solo_spec], duration)
+    _, solo = run_scenario([solo_spec], duration, options)
     heavy = [TenantSpec(f"h{i:02d}", 0.05, HEAVY_US) for i in range(19)]
-    _, crowded = run_scenario([solo_spec, *heavy], duration)
+    _, crowded = run_scenario([solo_spec, *heavy], duration, options)
     throttled_spec = TenantSpec("light", 0.05, light_us, light=True)
-    _, throttled = run_scenario([throttled_spec, *heavy], duration)
+    _, throttled = run_scenario([throttled_spec, *heavy], duration, options)
     solo_p99 = percentile(solo["light"], 99)
     crowded_p99 = percentile(crowded["light"], 99)
     bound = solo_p99 + HEAVY_US / 1e6 + 0.001
@@ -366,13 +434,13 @@ async def launch_rate(address: str, count: int, kernel_us: int) -> float:
         return count / (time.perf_counter() - started)
 
 
-def overhead(duration: float) -> dict[str, Any]:
+def overhead(duration: float, options: ServerOptions) -> dict[str, Any]:
     """Back-to-back 100 us kernels under the fair scheduler and under FIFO, alternating runs."""
     kernel_us, count = 100, max(500, int(duration * 2000))
     rates: dict[str, list[float]] = {"fair": [], "fifo": []}
     for _ in range(3):
         for scheduling in ("fifo", "fair"):
-            with ServerThread(scheduling) as server:
+            with ServerThread(options, scheduling) as server:
                 command = [
                     sys.executable,
                     __file__,
@@ -396,7 +464,7 @@ def overhead(duration: float) -> dict[str, Any]:
     }
 
 
-SCENARIOS: dict[str, Callable[[float], dict[str, Any]]] = {
+SCENARIOS: dict[str, Callable[[float, ServerOptions], dict[str, Any]]] = {
     "fair20": fair20,
     "ratio": ratio,
     "alone": alone,
@@ -501,6 +569,29 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str
     return rows
 
 
+def size_text(text: str) -> str:
+    """An argparse type: a size such as 8GiB, checked here, passed on as written."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def describe_device(options: ServerOptions) -> dict[str, Any]:
+    """The device the servers run, for the report: executor kind, name, memory offered."""
+    info: dict[str, Any] = {"executor": options.executor, "gpu_memory": options.gpu_memory}
+    if options.executor != "pycuda":
+        return info | {"name": "NumPy reference device"}
+    device = load_driver().Device(0)
+    major, minor = device.compute_capability()
+    return info | {
+        "name": str(device.name()),
+        "compute_capability": f"{major}.{minor}",
+        "gpu_total_memory": int(device.total_memory()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Measure how fairly a bitfusion-net server shares a GPU's time between tenants."
@@ -512,15 +603,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s scenarios, for a smoke test")
     parser.add_argument("--output", type=Path, default=RESULTS,
                         help="where fairness.json and fairness.png go (default: perf/results)")  # fmt: skip
+    parser.add_argument("--executor", choices=workload.EXECUTOR_CHOICES, default="numpy",
+                        help="what the server runs: the NumPy reference device, this host's "
+                        "NVIDIA GPU through PyCUDA, or 'auto' (PyCUDA when a GPU is usable); not "
+                        "numpy: results go to fairness-KIND.json/.png (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--gpu-memory", metavar="SIZE", type=size_text,
+                        help="the device's memory (NumPy) or the cap on what is offered to "
+                        "tenants (PyCUDA; each tenant also pays for its CUDA context) (default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_GPU_MEMORY.items()) + ")")  # fmt: skip
+    parser.add_argument("--name", metavar="STEM",
+                        help="file name of the results without suffix (default: fairness, or "
+                        "fairness-KIND for another executor than numpy)")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        executor = workload.resolve_executor(args.executor)
+    except GpuUnavailable as exc:
+        print(
+            f"error: --executor {args.executor} needs a usable NVIDIA GPU: {exc}", file=sys.stderr
+        )
+        return 2
+    options = ServerOptions(executor, args.gpu_memory or DEFAULT_GPU_MEMORY[executor])
+    stem = args.name or ("fairness" if executor == "numpy" else f"fairness-{executor}")
+    device = describe_device(options)
+    print(f"executor {executor}: {device['name']}", file=sys.stderr, flush=True)
     duration = 3.0 if args.quick else args.duration
     chosen = args.scenario or list(SCENARIOS)
     results: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(chosen, 1):
         print(f"[{index}/{len(chosen)}] {name} ({duration:g} s) ...", file=sys.stderr, flush=True)
-        results[name] = SCENARIOS[name](duration)
+        try:
+            results[name] = SCENARIOS[name](duration, options)
+        except Exception as exc:  # noqa: BLE001 - reported; the other scenarios still run
+            print(f"{name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            results[name] = {"failure": f"{type(exc).__name__}: {exc}", "met": False}
+    failed = [name for name, result in results.items() if "failure" in result]
     args.output.mkdir(parents=True, exist_ok=True)
-    plotted = plot(results, args.output / "fairness.png")
+    plotted = plot(results, args.output / f"{stem}.png")
     public = {
         name: {k: v for k, v in result.items() if not k.startswith("_")}
         for name, result in results.items()
@@ -529,10 +647,14 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": duration,
         "window_s": WINDOW_S,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "executor": executor,
+        "gpu_memory": options.gpu_memory,
+        "device": device,
         "scenarios": public,
     }
-    (args.output / "fairness.json").write_text(json.dumps(report, indent=2))
-    rows = summary_rows(results)
+    (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    rows = summary_rows({k: v for k, v in results.items() if k not in failed})
+    rows += [(name, "FAILED", results[name]["failure"][:60], "-") for name in failed]
     widths = [
         max(len(row[i]) for row in rows + [("scenario", "figure", "measured", "target")])
         for i in range(4)
@@ -543,10 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     met = [name for name, result in public.items() if result.get("met")]
     print(f"targets met: {len(met)}/{len(public)} ({', '.join(met) or 'none'})")
     print(
-        f"wrote {args.output / 'fairness.json'}"
-        + (f" and {args.output / 'fairness.png'}" if plotted else "")
+        f"wrote {args.output / f'{stem}.json'}"
+        + (f" and {args.output / f'{stem}.png'}" if plotted else "")
     )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

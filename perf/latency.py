@@ -3,19 +3,21 @@
     python perf/latency.py                          # start a server on loopback and measure
     python perf/latency.py --quick --output /tmp/r  # a fast run (the smoke test's)
     python perf/latency.py --server tcp://HOST:PORT # measure a server started elsewhere
+    python perf/latency.py --executor pycuda        # the server (and the in-process side) on a GPU
 
 Measures, side by side (perf/README.md explains each figure):
 
 1. round trip of the smallest synchronising call (``mem_get_info``), async and blocking API;
 2. ``memcpy_htod`` (+ ``synchronize``) and ``memcpy_dtoh`` from 8 B to 256 MiB: latency, GB/s;
 3. pipelined no-reply launches of the built-in ``fill`` kernel (n=1): launches per second;
-4. training steps of a small MLP with the built-in kernels, remote versus the same NumPy executor
-   in-process (the results must match);
+4. training steps of a small MLP with the built-in kernels, remote versus the same kind of executor
+   in-process (NumPy, or PyCUDA with ``--executor pycuda``; the results must match);
 5. baselines on the same machine: C TCP ping-pong and bulk copies (``native/tcp_baseline.c``,
    compiled here), a raw uvloop echo server, pyzmq REQ/REP and grpcio unary calls (optional).
 
 Writes a table on stdout, ``latency.json`` and ``latency.png`` into ``perf/results`` (or
-``--output``). Targets are reported, never asserted.
+``--output``); with another executor than NumPy, ``latency-KIND.json`` and ``latency-KIND.png``,
+so that the committed NumPy results stay. Targets are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ import numpy as np  # noqa: E402
 
 import bitfusion_net as bf  # noqa: E402
 from bitfusion_net.transport import loop_factory  # noqa: E402
+from executors import GpuUnavailable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-SERVER_MEMORY = "2GiB"
+SERVER_MEMORY = {"numpy": "2GiB", "pycuda": "8GiB"}  # per executor kind
+# What a lease needs beyond its data: a PyCUDA tenant is charged for its own CUDA context
+# (hundreds of MiB on big GPUs) and its modules; a NumPy tenant for nothing.
+CONTEXT_ALLOWANCE = {"numpy": 0, "pycuda": GiB}
 HEAD_TO_HEAD_SIZE = 64 * MiB
 format_size = report.format_size
 
@@ -316,9 +322,10 @@ def bench_launches_blocking(gpu: bf.SyncRemoteDevice, cfg: Config) -> dict[str, 
     return rate_result(cfg.blocking_launches, seconds)
 
 
-def bench_launches_inprocess(cfg: Config) -> dict[str, float]:
-    """The same launches submitted straight to an in-process NumPy executor: the device's ceiling."""
-    with workload.local_driver() as driver:
+def bench_launches_inprocess(cfg: Config, executor: str) -> dict[str, float]:
+    """The same launches submitted straight to an in-process executor of the server's kind (NumPy
+    or PyCUDA): the device's ceiling."""
+    with workload.local_driver(executor) as driver:
         run = workload.drive
 
         async def burst(count: int) -> float:
@@ -536,12 +543,14 @@ async def bench_head_to_head(
 # -- orchestration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Peers:
-    """Where everything listens: our server, the C baseline (binary and address), uvloop echo."""
+    """Where everything listens: our server, the C baseline (binary and address), uvloop echo;
+    and the executor kind the server runs (the in-process comparisons use the same)."""
 
     server: str
     c: tuple[Path, str] | None
     c_note: str
     uvloop: str
+    executor: str = "numpy"
 
 
 def machine() -> str:
@@ -553,14 +562,15 @@ def machine() -> str:
 
 
 @contextlib.contextmanager
-def bitfusion_server(address: str | None) -> Iterator[str]:
-    """The server to measure: the one given, or a subprocess on a free loopback port."""
+def bitfusion_server(address: str | None, executor: str = "numpy") -> Iterator[str]:
+    """The server to measure: the one given, or a subprocess on a free loopback port running
+    ``executor`` ("numpy" or "pycuda")."""
     if address is not None:
         yield address
         return
     argv = [
         sys.executable, "-m", "bitfusion_net.server", "--listen", "tcp://127.0.0.1:0",
-        "--gpu-memory", SERVER_MEMORY, "--log-level", "WARNING",
+        "--executor", executor, "--gpu-memory", SERVER_MEMORY[executor], "--log-level", "WARNING",
     ]  # fmt: skip
     with bl.server_process(argv, "bitfusion-net server") as started:
         yield started
@@ -572,9 +582,15 @@ async def measure_async(
     """Everything that runs on this process's event loop: ours (async API), C, uvloop."""
     results: dict[str, Any] = {}
     baselines: dict[str, Any] = {}
-    lease = max(cfg.sizes) + 64 * MiB  # the copy buffer, the MLP, the launch target
+    # the copy buffer, the MLP, the launch target; and the CUDA context on a GPU
+    lease = max(cfg.sizes) + 64 * MiB + CONTEXT_ALLOWANCE[peers.executor]
     async with bf.connect(peers.server, memory=lease, client_name="perf/latency") as session:
         gpu = session.devices[0]
+        results["device"] = {
+            "executor": gpu.executor,
+            "name": gpu.name,
+            "lease_memory": gpu.memory_limit,
+        }
         progress.stage("ours: round trip, async API")
         results["round_trip_async"] = await bench_round_trip_async(gpu, cfg)
         progress.advance()
@@ -584,7 +600,7 @@ async def measure_async(
         progress.advance()
         progress.stage("ours: MLP training steps, remote vs in-process")
         results["mlp"] = await workload.compare_remote_local(
-            gpu, cfg.mlp, cfg.mlp_warmup, cfg.mlp_rounds, cfg.mlp_steps
+            gpu, cfg.mlp, cfg.mlp_warmup, cfg.mlp_rounds, cfg.mlp_steps, peers.executor
         )
         progress.advance()
         progress.stage("C TCP baseline")
@@ -604,9 +620,12 @@ async def measure_async(
     return results
 
 
-def measure_blocking(address: str, cfg: Config, progress: Progress) -> dict[str, Any]:
+def measure_blocking(
+    address: str, cfg: Config, progress: Progress, executor: str = "numpy"
+) -> dict[str, Any]:
     """The blocking API (its own loop thread), from this thread."""
-    with bf.connect_sync(address, memory="64MiB", client_name="perf/latency-sync") as session:
+    lease = 64 * MiB + CONTEXT_ALLOWANCE[executor]
+    with bf.connect_sync(address, memory=lease, client_name="perf/latency-sync") as session:
         gpu = session.devices[0]
         progress.stage("ours: round trip, blocking API")
         round_trip = bench_round_trip_blocking(gpu, cfg)
@@ -631,6 +650,14 @@ def baseline_addresses(spec: str | None) -> dict[str, str | None]:
     }
 
 
+def result_stem(args: argparse.Namespace) -> str:
+    """The results' file name without suffix: ``--name``, else ``latency`` for the NumPy executor
+    and ``latency-KIND`` for any other, so a GPU run never overwrites the committed NumPy one."""
+    if args.name:
+        return str(args.name)
+    return "latency" if args.executor == "numpy" else f"latency-{args.executor}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = make_config(args.quick)
     Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -646,6 +673,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bitfusion_net": bf.__version__,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "keep_awake": args.keep_awake,
+        "executor": args.executor,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("sizes", "mlp")},
     }
     progress = Progress(count_steps(cfg), enabled=not args.no_progress)
@@ -665,6 +693,7 @@ def measure_all(
 ) -> dict[str, Any]:
     """Every measurement, the targets, the JSON and the plot; returns the results."""
     output, remote, notes = Path(args.output), baseline_addresses(args.baselines_at), []
+    stem, executor = result_stem(args), args.executor
     progress.stage("building the C baseline")
     binary, c_note = bl.build_c_baseline(Path(args.build_dir))
     notes.append(c_note)
@@ -672,7 +701,7 @@ def measure_all(
 
     progress.stage("starting the servers")
     with contextlib.ExitStack() as servers:
-        address = servers.enter_context(bitfusion_server(args.server))
+        address = servers.enter_context(bitfusion_server(args.server, executor))
         c_peer = None
         if binary is not None:
             c_address = remote["c"] or servers.enter_context(
@@ -684,13 +713,19 @@ def measure_all(
         )
         meta["server"] = address
         progress.advance()
-        peers = Peers(address, c_peer, c_note, uv_address)
+        peers = Peers(address, c_peer, c_note, uv_address, executor)
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             measured = runner.run(measure_async(peers, cfg, host, progress))
-        blocking = measure_blocking(address, cfg, progress)
+        blocking = measure_blocking(address, cfg, progress, executor)
+    meta["device"] = measured["device"]
+    if measured["device"]["executor"] != executor:
+        notes.append(
+            f"the server measured runs the {measured['device']['executor']} executor, the "
+            f"in-process comparisons the {executor} one: pass the matching --executor"
+        )
 
     progress.stage("in-process executor: pipelined launches")
-    inprocess = bench_launches_inprocess(cfg)
+    inprocess = bench_launches_inprocess(cfg, executor)
     progress.advance()
     baselines = measured["baselines"]
     for kind in ("zmq", "grpc"):
@@ -719,9 +754,9 @@ def measure_all(
         "notes": notes,
     }
     results["targets"] = report.evaluate_targets(results)
-    notes.append(report.plot(results, output / "latency.png"))
-    report.write_json(results, output / "latency.json")
-    notes.append(f"results written to {output / 'latency.json'}")
+    notes.append(report.plot(results, output / f"{stem}.png"))
+    report.write_json(results, output / f"{stem}.json")
+    notes.append(f"results written to {output / f'{stem}.json'}")
     progress.advance()
     return results
 
@@ -733,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Measure bitfusion-net's round-trip latency, copy bandwidth, pipelined launch rate "
             "and a small MLP training step (remote vs in-process), beside C, uvloop, pyzmq and "
             "grpcio baselines on the same machine, in one run. Prints a table and writes "
-            "latency.json and latency.png. Targets are reported, never asserted."
+            "latency.json and latency.png (latency-pycuda.* with --executor pycuda). Targets are "
+            "reported, never asserted."
         ),
         epilog="See perf/README.md for what each figure means and for runs across two hosts.",
     )
@@ -741,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         metavar="tcp://HOST:PORT",
         help="measure this running server instead of starting one on loopback (the run leases "
-        "384 MiB of device memory, 144 MiB with --quick)",
+        "384 MiB of device memory, 144 MiB with --quick, and 2 GiB more with --executor pycuda "
+        "for the two tenants' CUDA contexts)",
     )
     parser.add_argument(
         "--baselines-at",
@@ -749,6 +786,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="use baseline servers started elsewhere by 'python perf/baselines.py serve-all "
         "--port PORT' (C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3) instead of "
         "starting them on loopback",
+    )
+    parser.add_argument(
+        "--executor",
+        default="numpy",
+        choices=list(workload.EXECUTOR_CHOICES),
+        help="what the server started here runs, and the in-process comparisons with it: the "
+        "NumPy reference device, this host's NVIDIA GPU through PyCUDA, or 'auto' (PyCUDA when a "
+        "GPU is usable). Not numpy: results go to latency-KIND.json/.png (default: %(default)s)",
     )
     parser.add_argument(
         "--quick",
@@ -760,6 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(HERE / "results"),
         metavar="DIR",
         help="where latency.json and latency.png go (default: perf/results)",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="STEM",
+        help="file name of the results without suffix (default: latency, or latency-KIND for "
+        "another executor than numpy)",
     )
     parser.add_argument(
         "--build-dir",
@@ -779,8 +830,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    requested = args.executor
+    try:
+        args.executor = workload.resolve_executor(requested)
+    except GpuUnavailable as exc:
+        print(f"error: --executor {requested} needs a usable NVIDIA GPU: {exc}", file=sys.stderr)
+        return 2
     results = run(args)
     report.print_report(results)
+    device = results["meta"]["device"]
+    print(f"executor {device['executor']}: {device['name']}")
     return 0
 
 

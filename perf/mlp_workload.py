@@ -2,9 +2,13 @@
 
 The same step (``mlp_step``) runs through two drivers that differ only in the path to the device:
 ``RemoteDriver`` uses the async client API on a leased remote device; ``LocalDriver`` submits the
-same operations straight to a ``NumpyExecutor`` in this process, exactly as the server submits the
+same operations straight to an executor in this process (a ``NumpyExecutor``, or a
+``PycudaExecutor`` when the server measured runs on a GPU), exactly as the server submits the
 frames it receives (no-reply work with ``wants_reply=False``, waits through ``on_done``). Both do
 the same copies and kernel launches in the same order, so their results must be identical.
+
+``resolve_executor`` and ``new_executor`` are the perf harnesses' shared way to pick and build an
+in-process executor of a given kind (``perf/latency.py``, ``perf/fairness.py``).
 
 The model is a two-layer perceptron whose hidden layer is a fixed random projection and whose
 output layer is trained by SGD on the cross-entropy gradient (random-features training). The
@@ -28,8 +32,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 import bitfusion_net as bf
-from executors import NumpyExecutor, Tenant
+from executors import Executor, GpuUnavailable, NumpyExecutor, PycudaExecutor, Tenant
 from executors.base import arg_struct_format
+from executors.pycuda_device import gpu_count
 
 T = TypeVar("T")
 GiB = 2**30
@@ -96,14 +101,14 @@ class RemoteDriver:
 
 
 class LocalDriver:
-    """The same operations submitted to a ``NumpyExecutor`` in this process (no network).
+    """The same operations submitted to an executor in this process (no network).
 
     No-reply operations are submitted with ``wants_reply=False``, as the server submits the frames
     of the remote path; calls that wait block on the completion callback. Its coroutines never
     suspend, so they run under any event loop, or without one through ``drive``.
     """
 
-    def __init__(self, executor: NumpyExecutor, tenant: Tenant) -> None:
+    def __init__(self, executor: Executor, tenant: Tenant) -> None:
         self.executor = executor
         self.tenant = tenant
         self.kernels: dict[str, tuple[int, struct.Struct]] = {}
@@ -166,12 +171,66 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("the coroutine suspended; drive() runs only ones that do not")
 
 
-@contextlib.contextmanager
-def local_driver() -> Iterator[LocalDriver]:
-    """A fresh in-process NumPy device (2 GiB) with one 1 GiB tenant, closed afterwards."""
-    executor = NumpyExecutor(0, 2 * GiB, "in-process NumPy device")
+# -- executor kinds ------------------------------------------------------------------------------
+EXECUTOR_CHOICES = ("numpy", "pycuda", "auto")
+
+
+def resolve_executor(kind: str) -> str:
+    """The executor kind an ``--executor`` choice means here: "numpy" or "pycuda".
+
+    "auto" is "pycuda" when a GPU is usable, else "numpy" (as ``create_executors`` decides).
+    "pycuda" without a usable GPU raises ``GpuUnavailable``, saying what is missing, so that a
+    benchmark fails at once rather than after starting its servers.
+    """
+    if kind == "numpy":
+        return kind
+    if kind not in EXECUTOR_CHOICES:
+        raise ValueError(f"unknown executor kind {kind!r}; one of {', '.join(EXECUTOR_CHOICES)}")
     try:
-        yield LocalDriver(executor, executor.open_tenant(GiB, 1.0))
+        gpu_count()
+    except GpuUnavailable:
+        if kind == "auto":
+            return "numpy"
+        raise
+    return "pycuda"
+
+
+def new_executor(kind: str, memory: int, name: str = "in-process NumPy device") -> Executor:
+    """An in-process executor of ``kind`` ("numpy" or "pycuda": GPU 0, ``memory`` a cap)."""
+    if kind == "pycuda":
+        return PycudaExecutor(0, memory)
+    if kind != "numpy":
+        raise ValueError(f"no in-process executor of kind {kind!r}")
+    return NumpyExecutor(0, memory, name)
+
+
+def describe_executor(executor: Executor) -> dict[str, Any]:
+    """What a report records of a device: its executor kind, name and memory offered."""
+    properties = executor.properties
+    info: dict[str, Any] = {
+        "executor": properties.executor,
+        "name": properties.name,
+        "total_memory": properties.total_memory,
+    }
+    capability = getattr(executor, "compute_capability", None)
+    if capability is not None:
+        info["compute_capability"] = ".".join(str(part) for part in capability)
+    return info
+
+
+# A tenant of the PyCUDA executor is charged for its own CUDA context (hundreds of MiB on big
+# GPUs), so its lease needs that much more than the data it holds.
+LOCAL_MEMORY = {"numpy": (2 * GiB, GiB), "pycuda": (4 * GiB, 2 * GiB)}  # (device, tenant)
+
+
+@contextlib.contextmanager
+def local_driver(kind: str = "numpy") -> Iterator[LocalDriver]:
+    """A fresh in-process device of ``kind`` with one tenant, closed afterwards: NumPy, 2 GiB
+    with a 1 GiB tenant; PyCUDA, GPU 0 capped at 4 GiB with a 2 GiB tenant."""
+    device_memory, tenant_memory = LOCAL_MEMORY[kind]
+    executor = new_executor(kind, device_memory)
+    try:
+        yield LocalDriver(executor, executor.open_tenant(tenant_memory, 1.0))
     finally:
         executor.close()
 
@@ -262,11 +321,20 @@ async def mlp_step(d: Driver, p: MlpProblem, m: MlpBuffers, step: int, stats: np
 
 
 async def compare_remote_local(
-    gpu: bf.RemoteDevice, shape: MlpShape, warmup: int, rounds: int, steps: int
+    gpu: bf.RemoteDevice,
+    shape: MlpShape,
+    warmup: int,
+    rounds: int,
+    steps: int,
+    executor: str = "numpy",
 ) -> dict[str, Any]:
-    """Median step time remote and in-process, timed in alternating rounds; results must match."""
+    """Median step time remote and in-process, timed in alternating rounds; results must match.
+
+    ``executor`` is the kind of the in-process device ("numpy" or "pycuda"): the one the remote
+    server runs, so that the only difference is the network path.
+    """
     problem = MlpProblem(shape)
-    with local_driver() as local:
+    with local_driver(executor) as local:
         drivers: dict[str, Driver] = {"remote": RemoteDriver(gpu), "inprocess": local}
         buffers = {name: await mlp_setup(d, problem) for name, d in drivers.items()}
         stats = {name: np.zeros(2, np.float32) for name in drivers}
@@ -298,6 +366,7 @@ async def compare_remote_local(
             for address in asdict(buffers[name]).values():
                 await d.free(address)
         await drivers["inprocess"].synchronize()
+        local_device = describe_executor(local.executor)
     remote_ms = statistics.median(per_step["remote"]) * 1e3
     local_ms = statistics.median(per_step["inprocess"]) * 1e3
     return {
@@ -318,4 +387,5 @@ async def compare_remote_local(
         "copies_per_step": COPIES_PER_STEP,
         "bytes_in_per_step": 4 * (2 * shape.batch * shape.inputs + shape.batch * shape.classes),
         "shape": asdict(shape),
+        "inprocess_device": local_device,
     }

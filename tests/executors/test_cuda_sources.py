@@ -77,6 +77,8 @@ def test_a_missing_nvcc_says_where_it_looked(
     with pytest.raises(NvccNotFound, match=r"\$NVCC"):
         compile_cuda(BUILTINS_SOURCE, "ptx", CURRENT_ARCH)
     monkeypatch.delenv("NVCC")
+    for variable in ("CUDA_ROOT", "CUDA_PATH"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
     monkeypatch.setattr(cuda_build, "_FALLBACK_NVCC", tmp_path / "default" / "nvcc")
