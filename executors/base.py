@@ -44,6 +44,7 @@ class DeviceProperties:
     total_memory: int
     executor: str  # "numpy" or "pycuda"
     max_threads_per_block: int = 1024
+    max_block: tuple[int, int, int] = (1024, 1024, 64)
     max_grid: tuple[int, int, int] = (2**31 - 1, 65535, 65535)
     max_shared_memory_per_block: int = 48 * 1024
 
@@ -56,11 +57,11 @@ def check_launch(
 ) -> None:
     """Raise ``InvalidValue`` for a launch geometry the device cannot run."""
     # Written out rather than looped: this runs for every kernel of every tenant.
-    (gx, gy, gz), (bx, by, bz), max_grid = grid, block, props.max_grid
+    (gx, gy, gz), (bx, by, bz), max_grid, max_block = grid, block, props.max_grid, props.max_block
     if not (1 <= gx <= max_grid[0] and 1 <= gy <= max_grid[1] and 1 <= gz <= max_grid[2]):
         raise InvalidValue(f"launch: grid {grid} is outside 1..{max_grid}")
-    if bx < 1 or by < 1 or bz < 1:
-        raise InvalidValue(f"launch: every block dimension must be at least 1, got {block}")
+    if not (1 <= bx <= max_block[0] and 1 <= by <= max_block[1] and 1 <= bz <= max_block[2]):
+        raise InvalidValue(f"launch: block {block} is outside 1..{max_block}")
     if bx * by * bz > props.max_threads_per_block:
         raise InvalidValue(
             f"launch: block {block} has more than {props.max_threads_per_block} threads"

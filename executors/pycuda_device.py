@@ -53,7 +53,14 @@ from .base import (
     check_launch,
 )
 from .builtins import BUILTINS, Builtin
-from .cuda_build import NvccError, builtins_image
+from .cuda_build import (
+    BUILTINS_SOURCE,
+    PORTABLE_PTX_ARCH,
+    NvccError,
+    builtins_image,
+    compile_cuda,
+)
+from .cuda_images import image_kind
 from .errors import (
     DeviceError,
     DeviceOutOfMemory,
@@ -93,6 +100,9 @@ _CONTEXT_LOST = (
     "context is destroyed",
     "an assert",
     "device-side assert",
+    "not supported on global/shared address space",
+    "uncorrectable ecc",
+    "hardware exception",
 )
 
 _driver: Any = None
@@ -110,8 +120,15 @@ def load_driver() -> Any:
         if _driver is not None:
             return _driver
         # Eager loading makes a module's device memory appear when it loads, where it is measured
-        # and charged, rather than at its kernels' first launches.
-        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        # and charged, rather than at its kernels' first launches (lazy loading would let
+        # tenants' code escape their limits).
+        if os.environ.get("CUDA_MODULE_LOADING", "EAGER") != "EAGER":
+            log.warning(
+                "CUDA_MODULE_LOADING=%s overridden: the executor charges tenants for "
+                "their modules at load, which needs EAGER",
+                os.environ["CUDA_MODULE_LOADING"],
+            )
+        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
         try:
             import pycuda.driver as cuda
         except ModuleNotFoundError as exc:
@@ -152,20 +169,6 @@ def gpu_count() -> int:
 
 def _round_up(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
-
-
-def _image_kind(image: bytes) -> str:
-    """'cubin', 'fatbin' or 'ptx'; raises ``InvalidValue`` for anything else."""
-    if image.startswith(b"\x7fELF"):
-        return "cubin"
-    if image.startswith(b"\x50\xed\x55\xba"):  # the fatbin magic 0xBA55ED50, little-endian
-        return "fatbin"
-    head = image[:4096]
-    if b".version" in head and b".target" in head:
-        return "ptx"
-    raise InvalidValue(
-        f"not a PTX, cubin or fatbin image ({len(image)} bytes starting {image[:8]!r})"
-    )
 
 
 @dataclass(eq=False)
@@ -426,7 +429,7 @@ class PycudaTenant(Tenant):
 
     # -- code -----------------------------------------------------------------------------------
     def module_load(self, image: bytes) -> int:
-        kind = _image_kind(image)
+        kind = image_kind(image)  # checks cubin/fatbin sizes: the driver trusts them
         if kind == "ptx" and not image.endswith(b"\0"):
             image = image + b"\0"  # cuModuleLoadData reads PTX as a C string
         kernels = kernel_params(image.decode("utf-8", "replace")) if kind == "ptx" else None
@@ -463,7 +466,7 @@ class PycudaTenant(Tenant):
 
     def module_unload(self, module: int) -> None:
         if module == BUILTIN_MODULE:
-            raise InvalidValue("the built-in kernel library (module 0) cannot be unloaded")
+            raise InvalidHandle("module 0 is the built-in kernel library, which cannot be unloaded")
         if module not in self._modules or module == self._builtins_module:
             raise InvalidHandle(f"module {module} is not loaded")
         self._activate()
@@ -567,6 +570,8 @@ class PycudaTenant(Tenant):
             self._check_builtin(kernel.builtin, values)
         # CUDA reads each parameter at its natural alignment; the wire packs them without gaps.
         parameters = kernel.native.pack(*values)
+        if kernel.builtin is not None:
+            shared_mem = 0  # the built-ins use none (their static shared memory is their own)
         self.kernels_launched += 1
         self._on_device(
             "launch",
@@ -725,6 +730,11 @@ class PycudaExecutor(WorkerExecutor):
             total_memory=offered,
             executor="pycuda",
             max_threads_per_block=get(attribute.MAX_THREADS_PER_BLOCK),
+            max_block=(
+                get(attribute.MAX_BLOCK_DIM_X),
+                get(attribute.MAX_BLOCK_DIM_Y),
+                get(attribute.MAX_BLOCK_DIM_Z),
+            ),
             max_grid=(
                 get(attribute.MAX_GRID_DIM_X),
                 get(attribute.MAX_GRID_DIM_Y),
@@ -821,20 +831,44 @@ class PycudaExecutor(WorkerExecutor):
             pass  # logged; a tenant asking for a built-in gets the reason
 
     def builtins_image(self) -> bytes:
-        """The built-in library compiled for this GPU (by nvcc, cached); ``Unsupported`` if that
-        cannot be done here."""
+        """The built-in library compiled for this GPU (by nvcc, cached) and known to load;
+        ``Unsupported`` saying why if that cannot be done here."""
         with self._builtins_lock:
             if self._builtins is None and self._builtins_error is None:
                 try:
-                    self._builtins = builtins_image(self.compute_capability)
-                except NvccError as exc:
+                    self._builtins = self._loadable_builtins()
+                except (NvccError, DeviceError) as exc:
                     self._builtins_error = str(exc)
                     log.error("the built-in kernels are unavailable on GPU %d: %s", self.index, exc)
             if self._builtins is None:
                 raise Unsupported(
-                    f"the built-in kernels could not be compiled for this GPU: {self._builtins_error}"
+                    f"the built-in kernels could not be built for this GPU: {self._builtins_error}"
                 )
             return self._builtins
+
+    def _loadable_builtins(self) -> bytes:
+        image = builtins_image(self.compute_capability)
+        if self._driver_loads(image):
+            return image
+        # Machine code from an nvcc newer than the driver can be refused; portable PTX is then
+        # the better bet (the driver compiles it itself).
+        portable = compile_cuda(BUILTINS_SOURCE, "ptx", PORTABLE_PTX_ARCH)
+        if image != portable and self._driver_loads(portable):
+            return portable
+        raise DeviceError("the GPU driver refuses the built-in library (is it older than nvcc?)")
+
+    def _driver_loads(self, image: bytes) -> bool:
+        cuda = self.cuda
+        self.primary.push()  # balanced by the pop below, so the worker's stack is unchanged
+        try:
+            module = cuda.module_from_buffer(image)
+            del module  # unloaded here, while its context is current on this thread
+            return True
+        except cuda.Error as exc:
+            log.warning("GPU %d: the driver refused a built-in image: %s", self.index, exc)
+            return False
+        finally:
+            cuda.Context.pop()
 
     # -- tenants --------------------------------------------------------------------------------
     def open_tenant(

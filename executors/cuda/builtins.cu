@@ -12,7 +12,10 @@
 //   add in a different order than NumPy and agree to float32 rounding, not bit for bit.
 // - Negative sizes are refused by the executor before launch (InvalidValue), and so are pointers
 //   outside the tenant's allocations (KernelFault), exactly as on the NumPy device: these kernels
-//   can assume valid, 4-byte-aligned arguments.
+//   can assume valid, 4-byte-aligned arguments. A size of 0 addresses no memory at all (pointers
+//   may then be null).
+// - No kernel uses dynamic shared memory: the executor launches them with none, whatever the
+//   client asked for (the NumPy twins ignore it too).
 //
 // Compiled by executors/cuda_build.py with nvcc for the GPU's own architecture (cached), and to PTX
 // by the test suite on machines without a GPU, so a mistake here fails CI.
@@ -73,8 +76,15 @@ extern "C" __global__ void fill(int n, float value, float* out) {
 // not read when k == 0. One thread per element of C.
 extern "C" __global__ void gemm(int m, int n, int k, float alpha, const float* A, const float* B,
                                 float beta, float* C) {
+    if (m <= 0 || n <= 0) {
+        return;
+    }
     const unsigned long long count = (unsigned long long)m * n;
     for (unsigned long long e = global_thread(); e < count; e += total_threads()) {
+        if (k <= 0) {  // A@B is an empty sum: only beta*C is left (alpha*0 could be NaN)
+            C[e] = beta == 0.0f ? 0.0f : __fmul_rn(beta, C[e]);
+            continue;
+        }
         const unsigned long long row = e / n, col = e % n;
         float product = 0.0f;
         for (int p = 0; p < k; ++p) {
@@ -96,6 +106,9 @@ extern "C" __global__ void relu(int n, const float* x, float* y) {
 // per row; the row maximum is read before y is written, so x == y works. Sums in double, as the
 // NumPy twin does.
 extern "C" __global__ void softmax(int rows, int cols, const float* x, float* y) {
+    if (cols <= 0) {  // empty rows: nothing to read (x may be null) and nothing to write
+        return;
+    }
     for (unsigned long long r = global_thread(); r < (unsigned long long)rows; r += total_threads()) {
         const float* in = x + r * cols;
         float* out = y + r * cols;
@@ -120,7 +133,7 @@ extern "C" __global__ void softmax(int rows, int cols, const float* x, float* y)
 // that any geometry gives the whole sum without a second kernel; other blocks return at once.
 extern "C" __global__ void reduce_sum(int n, const float* x, float* out) {
     __shared__ double partial[kMaxBlockThreads];
-    if (!first_block()) {
+    if (n <= 0 || !first_block()) {  // an empty sum writes nothing, as the NumPy twin
         return;
     }
     const unsigned long long tid = thread_in_block(), threads = block_threads();

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from executors import GpuUnavailable, NumpyExecutor, create_executors, pycuda_device
-from executors.pycuda_device import _image_kind, gpu_count, load_driver
+from executors.pycuda_device import gpu_count, load_driver
 
 
 def gpu_unusable() -> str | None:
@@ -147,23 +147,3 @@ def test_import_failures_say_what_is_missing(
     with pytest.raises(GpuUnavailable) as raised:
         load_driver()
     assert expected in str(raised.value)
-
-
-@pytest.mark.parametrize(
-    ("image", "kind"),
-    [
-        (b"\x7fELF\x02\x01\x01" + bytes(64), "cubin"),
-        (b"\x50\xed\x55\xba\x01\x00\x10\x00" + bytes(64), "fatbin"),
-        (b"//\n.version 8.8\n.target sm_90\n.address_size 64\n", "ptx"),
-    ],
-)
-def test_module_images_are_recognised(image: bytes, kind: str) -> None:
-    assert _image_kind(image) == kind
-
-
-@pytest.mark.parametrize("image", [b"", b"hello", b"MZ\x90\x00" + bytes(100)])
-def test_anything_else_is_refused_with_its_first_bytes(image: bytes) -> None:
-    from executors import InvalidValue
-
-    with pytest.raises(InvalidValue, match="not a PTX, cubin or fatbin image"):
-        _image_kind(image)
