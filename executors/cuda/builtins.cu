@@ -17,8 +17,10 @@
 // - No kernel uses dynamic shared memory: the executor launches them with none, whatever the
 //   client asked for (the NumPy twins ignore it too).
 //
-// Compiled by executors/cuda_build.py with nvcc for the GPU's own architecture (cached), and to PTX
-// by the test suite on machines without a GPU, so a mistake here fails CI.
+// Compiled by executors/cuda_build.py with nvcc for the GPU's own architecture (cached). On machines
+// without a GPU the test suite compiles it to PTX, and also runs it on the CPU under a small
+// emulation of CUDA's execution model (tests/executors/cuda_host/) against the NumPy twins, so a
+// mistake here fails CI rather than a later GPU run.
 
 #include <cstdint>
 
@@ -47,11 +49,15 @@ __device__ __forceinline__ bool first_block() {
     return blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
 }
 
+// The GPU's nanosecond clock. The test suite's CPU emulation of these kernels
+// (tests/executors/cuda_host/) defines its own, on the host's clock.
+#ifndef BITFUSION_HOST_EMULATION
 __device__ __forceinline__ unsigned long long now_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+#endif
 
 constexpr int kMaxBlockThreads = 1024;  // CUDA's limit on threads per block
 
