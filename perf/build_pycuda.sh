@@ -4,7 +4,7 @@
 #   bash perf/build_pycuda.sh [PYTHON]            (default PYTHON: python3)
 #
 # Sources, in order: perf/vendor/ (a pycuda-*.tar.gz sdist and wheels of its pure-Python
-# dependencies: pytools, mako, platformdirs, siphash24; see perf/README.md for how to fill it on a
+# dependencies: pytools, mako, platformdirs, siphash24; perf/fetch_vendor.sh fills it on a
 # machine with internet), else PyPI. Env: CUDA_ROOT (default /usr/local/cuda).
 #
 # Two things stop a plain `pip install pycuda` on CUDA toolkits like ours:
