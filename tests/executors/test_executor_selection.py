@@ -81,6 +81,9 @@ def test_unknown_kind_and_bad_count_are_refused() -> None:
 
 
 def test_the_cli_fails_fast_without_a_gpu() -> None:
+    reason = gpu_unusable()
+    if reason is None:  # with a GPU it starts and serves: the GPU tests check that
+        pytest.skip("a GPU is usable here, so --executor pycuda starts instead of failing")
     result = subprocess.run(
         [sys.executable, "-m", "bitfusion_net.server", "--executor", "pycuda"],
         capture_output=True,
@@ -89,9 +92,6 @@ def test_the_cli_fails_fast_without_a_gpu() -> None:
         stdin=subprocess.DEVNULL,
         check=False,
     )
-    reason = gpu_unusable()
-    if reason is None:  # with a GPU it would start and serve: that is the GPU tests' business
-        pytest.skip("a GPU is usable here, so --executor pycuda starts instead of failing")
     assert result.returncode == 1, result.stderr
     assert "error: --executor pycuda needs a usable NVIDIA GPU" in result.stderr
     assert reason in result.stderr
