@@ -84,6 +84,7 @@ HEADROOM_FRACTION = 0.03
 MIN_HEADROOM = 256 * 2**20
 # Page-locked host memory per GPU for copies' payloads: room for a few full 64 MiB frames at once.
 PINNED_STAGING_BYTES = 256 * 2**20
+_BUILTINS_JOIN_S = 60.0  # how long closing waits for the start-up build of the built-ins
 
 # Messages of the CUDA errors after which a context is unusable ("sticky" errors).
 _CONTEXT_LOST = (
@@ -748,9 +749,11 @@ class PycudaExecutor(WorkerExecutor):
         self.staging = self._staging_arena(cuda)
         # Compiled now, beside the server's start-up, rather than on the worker when a tenant
         # first asks for a built-in (which would hold the GPU up for everyone while nvcc runs).
-        threading.Thread(
+        self._closing = threading.Event()
+        self._builtins_thread = threading.Thread(
             target=self._prepare_builtins, name=f"nvcc-gpu{index}", daemon=True
-        ).start()
+        )
+        self._builtins_thread.start()
         # Worker-thread state: the contexts on the worker's context stack, bottom first.
         self._stack: list[Any] = []
         super().__init__(f"cuda-gpu{index}", scheduling)
@@ -839,7 +842,10 @@ class PycudaExecutor(WorkerExecutor):
                     self._builtins = self._loadable_builtins()
                 except (NvccError, DeviceError) as exc:
                     self._builtins_error = str(exc)
-                    log.error("the built-in kernels are unavailable on GPU %d: %s", self.index, exc)
+                    if not self._closing.is_set():
+                        log.error(
+                            "the built-in kernels are unavailable on GPU %d: %s", self.index, exc
+                        )
             if self._builtins is None:
                 raise Unsupported(
                     f"the built-in kernels could not be built for this GPU: {self._builtins_error}"
@@ -848,6 +854,8 @@ class PycudaExecutor(WorkerExecutor):
 
     def _loadable_builtins(self) -> bytes:
         image = builtins_image(self.compute_capability)
+        if self._closing.is_set():  # the primary context is being released: leave it alone
+            raise DeviceError("the device is shutting down")
         if self._driver_loads(image):
             return image
         # Machine code from an nvcc newer than the driver can be refused; portable PTX is then
@@ -880,6 +888,10 @@ class PycudaExecutor(WorkerExecutor):
         return tenant
 
     def close(self) -> None:
+        # The start-up build test-loads the built-ins in the primary context: let it finish
+        # before that context goes (nvcc is bounded; its cache makes this quick after a first run).
+        self._closing.set()
+        self._builtins_thread.join(timeout=_BUILTINS_JOIN_S)
         super().close()  # releases every tenant's context on the worker, then stops it
         # PyCUDA frees memory from any thread only while its context is current there.
         self.primary.push()
