@@ -248,14 +248,16 @@ class PycudaTenant(Tenant):
     def _create_context(self) -> None:
         cuda, device = self._device.cuda, self._device
         device.make_current(device.primary)
-        free_before = cuda.mem_get_info()[0]
-        context = device.cuda_device.make_context(cuda.ctx_flags.SCHED_AUTO)
+        with self._cuda_errors("creating the tenant's CUDA context"):
+            free_before = cuda.mem_get_info()[0]
+            context = device.cuda_device.make_context(cuda.ctx_flags.SCHED_AUTO)
         # make_context pushed it on this thread's stack; record that so make_current stays exact.
         device.pushed(context)
         try:
-            self._stream = cuda.Stream()
-            self._timing = (cuda.Event(), cuda.Event())
-            cost = max(0, free_before - cuda.mem_get_info()[0])
+            with self._cuda_errors("creating the tenant's CUDA context"):
+                self._stream = cuda.Stream()
+                self._timing = (cuda.Event(), cuda.Event())
+                cost = max(0, free_before - cuda.mem_get_info()[0])
             if cost > self.memory_limit:
                 raise DeviceOutOfMemory(
                     f"out of memory: a CUDA context on this GPU takes {cost} bytes, more than "
@@ -669,9 +671,9 @@ class PycudaTenant(Tenant):
         context, self._context = self._context, None
         if context is None:
             return
-        # Everything below lives in the context, which is destroyed at the end; freeing the
-        # allocations first is still right, since a context of another user of PyCUDA's objects
-        # could keep it alive. Failures (a lost context) change nothing: destroying it frees all.
+        # PyCUDA objects are freed with their context current, on the thread that made it (this
+        # one), so each goes while we are sure of both. After a fault some frees fail: destroying
+        # the context at the end frees everything anyway.
         try:
             self._device.make_current(context)
             for allocation in self._allocations.values():
