@@ -20,7 +20,7 @@ from .errors import (
     Unsupported,
 )
 from .numpy_device import NumpyExecutor
-from .pycuda_device import GpuUnavailable, PycudaExecutor, gpu_count
+from .pycuda_device import GpuUnavailable, PycudaExecutor, gpu_count, gpu_unavailable_reason
 
 __all__ = [
     "BUILTINS",
@@ -72,9 +72,8 @@ def create_executors(
     if count is not None and count < 1:
         raise ValueError(f"executor count must be at least 1, got {count}")
     if kind == "auto":
-        try:
-            gpu_count()
-        except GpuUnavailable as reason:
+        reason = gpu_unavailable_reason()
+        if reason is not None:
             log.info("no usable GPU, serving NumPy reference devices: %s", reason)
             kind = "numpy"
         else:

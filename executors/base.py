@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidValue
+from .errors import InvalidHandle, InvalidValue
 
 # struct codes a kernel argument may have; 'P' is a device pointer (an unsigned 64-bit address).
 ARG_TYPE_CODES = frozenset("bBhHiIqQfdP")
@@ -239,6 +239,73 @@ class Tenant(ABC):
         """Free everything the tenant holds. Runs after all its queued work; must not raise."""
 
 
+class SerialTenant(Tenant):
+    """Bookkeeping shared by tenants of devices that finish each operation before starting the
+    next (both executors here): handles, streams, events' existence and argument checks.
+
+    On such a device a tenant's streams all run as one FIFO (stronger ordering than CUDA promises,
+    and correct), so a stream is a handle to check and synchronising has nothing to wait for.
+    Handles come from one counter for streams, events and functions; 0 is never issued.
+    """
+
+    def __init__(self, memory_limit: int, weight: float, cap: float | None = None) -> None:
+        super().__init__(memory_limit, weight, cap)
+        self._next_handle = 1
+        self._streams: set[int] = set()
+        self._events: dict[int, Any] = {}  # handle -> whatever the device keeps for it
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _check_alive(self) -> None:
+        """Raise if the tenant can no longer work (a device may lose a tenant's context)."""
+
+    def _check_stream(self, stream: int) -> None:
+        if stream != DEFAULT_STREAM and stream not in self._streams:
+            raise InvalidHandle(f"stream {stream} is not one of this tenant's")
+
+    def _check_event(self, event: int) -> None:
+        if event not in self._events:
+            raise InvalidHandle(f"event {event} is not one of this tenant's")
+
+    @staticmethod
+    def _check_memset(ptr: int, itemsize: int, count: int) -> None:
+        if itemsize not in (1, 4):
+            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
+        if count < 0:
+            raise InvalidValue(f"memset: count must not be negative, got {count}")
+        if itemsize == 4 and ptr % 4:
+            raise InvalidValue(
+                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
+            )
+
+    def stream_create(self) -> int:
+        self._check_alive()
+        stream = self._new_handle()
+        self._streams.add(stream)
+        return stream
+
+    def stream_destroy(self, stream: int) -> None:
+        if stream == DEFAULT_STREAM:
+            raise InvalidValue("the default stream cannot be destroyed")
+        self._check_stream(stream)
+        self._streams.discard(stream)
+
+    def stream_synchronize(self, stream: int) -> None:
+        self._check_stream(stream)
+        self._check_alive()
+
+    def event_synchronize(self, event: int) -> None:
+        self._check_event(event)
+        self._check_alive()
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: each operation finished on the worker before the next began."""
+        self._check_alive()
+
+
 class Executor(ABC):
     """One physical (or emulated) GPU, shared by tenants.
 
@@ -277,6 +344,29 @@ class Executor(ABC):
         ``wants_reply=False``: an exception is kept on the tenant, tagged with ``tag``.
         ``on_done(result, error)`` runs on the worker thread and must be quick.
         """
+
+    def call(self, tenant: Tenant, op: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Submit ``op`` with a reply and wait for it: its result, or its exception raised here.
+
+        For in-process users (benchmarks, tests); the server never blocks on the device. Raises
+        ``TimeoutError`` if no answer comes within ``timeout`` seconds.
+        """
+        done = threading.Event()
+        outcome: list[tuple[Any, BaseException | None]] = []
+
+        def on_done(result: Any, error: BaseException | None) -> None:
+            outcome.append((result, error))
+            done.set()
+
+        self.submit(tenant, op, wants_reply=True, on_done=on_done)
+        if not done.wait(timeout):
+            raise TimeoutError(
+                f"the {self.properties.executor} device did not answer in {timeout} s"
+            )
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result
 
     def run_if_idle(self, tenant: Tenant, op: Callable[[], Any]) -> tuple[bool, Any]:
         """Run a query on the calling thread when the tenant has no work queued or running.

@@ -31,9 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .base import arg_struct_format
-from .errors import InvalidValue
+from .errors import InvalidHandle, InvalidValue
 
-__all__ = ["BUILTINS", "Builtin", "KernelMemory"]
+__all__ = ["BUILTINS", "Builtin", "KernelMemory", "lookup"]
 
 _F32 = np.float32
 # Elements per chunk of the chunked kernels: 1 MiB of float32, big enough to amortise the Python
@@ -267,3 +267,17 @@ BUILTINS: dict[str, Builtin] = {
         ),
     )
 }
+
+
+def lookup(name: str, arg_types: str | None) -> Builtin:
+    """The built-in ``name``; ``arg_types``, if given, must be its own (``get_function``'s rule)."""
+    builtin = BUILTINS.get(name)
+    if builtin is None:
+        raise InvalidHandle(
+            f"no built-in kernel {name!r}; available: {', '.join(sorted(BUILTINS))}"
+        )
+    if arg_types is not None and arg_types != builtin.arg_types:
+        raise InvalidValue(
+            f"built-in {name!r} takes arg_types {builtin.arg_types!r}, not {arg_types!r}"
+        )
+    return builtin

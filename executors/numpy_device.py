@@ -27,13 +27,12 @@ import numpy.typing as npt
 
 from .base import (
     BUILTIN_MODULE,
-    DEFAULT_STREAM,
     DeviceProperties,
     FunctionInfo,
-    Tenant,
+    SerialTenant,
     check_launch,
 )
-from .builtins import BUILTINS, Builtin
+from .builtins import Builtin, lookup
 from .errors import (
     DeviceOutOfMemory,
     InvalidHandle,
@@ -142,7 +141,7 @@ class _TenantMemory:
         return found.view(dt)
 
 
-class NumpyTenant(Tenant):
+class NumpyTenant(SerialTenant):
     """One tenant's context on a ``NumpyExecutor``: its allocations, streams, events, functions.
 
     Every method but ``staging_buffer`` runs on the device's worker thread, so the tenant's own
@@ -164,18 +163,11 @@ class NumpyTenant(Tenant):
         self._properties = properties
         self._starts: list[int] = []  # sorted, for bisect lookups of interior pointers
         self._allocations: dict[int, _Allocation] = {}
-        self._next_handle = 1  # one counter for streams, events and functions; 0 is never issued
-        self._streams: set[int] = set()
-        self._events: dict[int, float | None] = {}  # handle -> perf_counter() when recorded
+        # self._events: handle -> perf_counter() when recorded, or None
         self._functions: dict[int, Builtin] = {}
         self._function_handles: dict[str, int] = {}
         self._released = False
         self._memory = _TenantMemory(self)
-
-    def _new_handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
 
     # -- host side ------------------------------------------------------------------------------
     def staging_buffer(self, nbytes: int) -> memoryview:
@@ -275,14 +267,7 @@ class NumpyTenant(Tenant):
 
     def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
         self._check_stream(stream)
-        if itemsize not in (1, 4):
-            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
-        if count < 0:
-            raise InvalidValue(f"memset: count must not be negative, got {count}")
-        if itemsize == 4 and ptr % 4:
-            raise InvalidValue(
-                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
-            )
+        self._check_memset(ptr, itemsize, count)
         if count == 0:
             return
         target = self._device_bytes(ptr, count * itemsize, "memset")
@@ -307,15 +292,7 @@ class NumpyTenant(Tenant):
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
         if module != BUILTIN_MODULE:
             raise InvalidHandle(f"module {module} is not loaded")
-        builtin = BUILTINS.get(name)
-        if builtin is None:
-            raise InvalidHandle(
-                f"no built-in kernel {name!r}; available: {', '.join(sorted(BUILTINS))}"
-            )
-        if arg_types is not None and arg_types != builtin.arg_types:
-            raise InvalidValue(
-                f"built-in {name!r} takes arg_types {builtin.arg_types!r}, not {arg_types!r}"
-            )
+        builtin = lookup(name, arg_types)
         handle = self._function_handles.get(name)
         if handle is None:
             handle = self._function_handles[name] = self._new_handle()
@@ -348,28 +325,6 @@ class NumpyTenant(Tenant):
             builtin.run(self._memory, layout.unpack(args))
 
     # -- streams and events ---------------------------------------------------------------------
-    def _check_stream(self, stream: int) -> None:
-        if stream != DEFAULT_STREAM and stream not in self._streams:
-            raise InvalidHandle(f"stream {stream} is not one of this tenant's")
-
-    def _check_event(self, event: int) -> None:
-        if event not in self._events:
-            raise InvalidHandle(f"event {event} is not one of this tenant's")
-
-    def stream_create(self) -> int:
-        stream = self._new_handle()
-        self._streams.add(stream)
-        return stream
-
-    def stream_destroy(self, stream: int) -> None:
-        if stream == DEFAULT_STREAM:
-            raise InvalidValue("the default stream cannot be destroyed")
-        self._check_stream(stream)
-        self._streams.discard(stream)
-
-    def stream_synchronize(self, stream: int) -> None:
-        self._check_stream(stream)
-
     def event_create(self) -> int:
         event = self._new_handle()
         self._events[event] = None
@@ -385,9 +340,6 @@ class NumpyTenant(Tenant):
         # Everything submitted before has already finished, so "now" is when the stream reaches it.
         self._events[event] = time.perf_counter()
 
-    def event_synchronize(self, event: int) -> None:
-        self._check_event(event)
-
     def event_elapsed_ms(self, start: int, end: int) -> float:
         self._check_event(start)
         self._check_event(end)
@@ -396,9 +348,6 @@ class NumpyTenant(Tenant):
             never = start if started is None else end
             raise InvalidValue(f"event {never} has never been recorded")
         return (ended - started) * 1000.0
-
-    def synchronize(self) -> None:
-        """Nothing to wait for: each operation finished on the worker before the next began."""
 
     def release(self) -> None:
         self._released = True

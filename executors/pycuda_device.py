@@ -45,14 +45,13 @@ import numpy as np
 from .base import (
     ARG_TYPE_CODES,
     BUILTIN_MODULE,
-    DEFAULT_STREAM,
     DeviceProperties,
     FunctionInfo,
-    Tenant,
+    SerialTenant,
     arg_struct_format,
     check_launch,
 )
-from .builtins import BUILTINS, Builtin
+from .builtins import Builtin, lookup
 from .cuda_build import (
     BUILTINS_SOURCE,
     PORTABLE_PTX_ARCH,
@@ -73,7 +72,14 @@ from .ptx import check_arg_types, kernel_params
 from .staging import STAGING_POOL_BYTES, StagingArena, StagingPool
 from .worker import WorkerExecutor
 
-__all__ = ["GpuUnavailable", "PycudaExecutor", "PycudaTenant", "gpu_count", "load_driver"]
+__all__ = [
+    "GpuUnavailable",
+    "PycudaExecutor",
+    "PycudaTenant",
+    "gpu_count",
+    "gpu_unavailable_reason",
+    "load_driver",
+]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +174,15 @@ def gpu_count() -> int:
     return count
 
 
+def gpu_unavailable_reason() -> str | None:
+    """Why no NVIDIA GPU can be used here (PyCUDA, its driver, a device), or None if one can."""
+    try:
+        gpu_count()
+    except GpuUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def _round_up(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
@@ -197,7 +212,7 @@ class _Kernel:
     builtin: Builtin | None
 
 
-class PycudaTenant(Tenant):
+class PycudaTenant(SerialTenant):
     """One tenant's CUDA context on a ``PycudaExecutor``.
 
     Every method but ``staging_buffer``/``return_staging`` and the pure bookkeeping queries
@@ -220,26 +235,15 @@ class PycudaTenant(Tenant):
         self._builtins_module: int | None = None
         self._functions: dict[int, _Kernel] = {}
         self._function_handles: dict[tuple[int, str], int] = {}
-        self._streams: set[int] = set()
-        self._events: dict[int, Any] = {}
-        self._recorded: set[int] = set()
-        self._next_handle = 1
+        self._recorded: set[int] = set()  # events recorded at least once (self._events: Event)
         self._lost: str | None = None  # why the context is unusable, after a fault
         self._released = False
         self.gpu_time = 0.0  # seconds of GPU time its operations took, by CUDA events
 
-    def _new_handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
-
     # -- context --------------------------------------------------------------------------------
     def _activate(self) -> Any:
         """Make this tenant's context current on the worker (creating it the first time)."""
-        if self._released:
-            raise InvalidHandle("the tenant is closed")
-        if self._lost is not None:
-            raise KernelFault(self._lost)
+        self._check_alive()
         if self._context is None:
             self._create_context()
         self._device.make_current(self._context)
@@ -411,14 +415,7 @@ class PycudaTenant(Tenant):
 
     def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
         self._check_stream(stream)
-        if itemsize not in (1, 4):
-            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
-        if count < 0:
-            raise InvalidValue(f"memset: count must not be negative, got {count}")
-        if itemsize == 4 and ptr % 4:
-            raise InvalidValue(
-                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
-            )
+        self._check_memset(ptr, itemsize, count)
         if count == 0:
             return
         self._check_range(ptr, count * itemsize, "memset")
@@ -489,15 +486,7 @@ class PycudaTenant(Tenant):
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
         builtin: Builtin | None = None
         if module == BUILTIN_MODULE:
-            builtin = BUILTINS.get(name)
-            if builtin is None:
-                raise InvalidHandle(
-                    f"no built-in kernel {name!r}; available: {', '.join(sorted(BUILTINS))}"
-                )
-            if arg_types is not None and arg_types != builtin.arg_types:
-                raise InvalidValue(
-                    f"built-in {name!r} takes arg_types {builtin.arg_types!r}, not {arg_types!r}"
-                )
+            builtin = lookup(name, arg_types)
             arg_types = builtin.arg_types
         elif module not in self._modules or module == self._builtins_module:
             raise InvalidHandle(f"module {module} is not loaded")
@@ -595,35 +584,11 @@ class PycudaTenant(Tenant):
                 )
 
     # -- streams and events ---------------------------------------------------------------------
-    def _check_stream(self, stream: int) -> None:
-        if stream != DEFAULT_STREAM and stream not in self._streams:
-            raise InvalidHandle(f"stream {stream} is not one of this tenant's")
-
-    def _check_event(self, event: int) -> None:
-        if event not in self._events:
-            raise InvalidHandle(f"event {event} is not one of this tenant's")
-
     def _check_alive(self) -> None:
         if self._released:
             raise InvalidHandle("the tenant is closed")
         if self._lost is not None:
             raise KernelFault(self._lost)
-
-    def stream_create(self) -> int:
-        self._check_alive()
-        stream = self._new_handle()
-        self._streams.add(stream)
-        return stream
-
-    def stream_destroy(self, stream: int) -> None:
-        if stream == DEFAULT_STREAM:
-            raise InvalidValue("the default stream cannot be destroyed")
-        self._check_stream(stream)
-        self._streams.discard(stream)
-
-    def stream_synchronize(self, stream: int) -> None:
-        self._check_stream(stream)
-        self._check_alive()
 
     def event_create(self) -> int:
         cuda = self._activate()
@@ -648,10 +613,6 @@ class PycudaTenant(Tenant):
             cuda_event.synchronize()  # keeps "finished when the worker returns" true
         self._recorded.add(event)
 
-    def event_synchronize(self, event: int) -> None:
-        self._check_event(event)
-        self._check_alive()
-
     def event_elapsed_ms(self, start: int, end: int) -> float:
         self._check_event(start)
         self._check_event(end)
@@ -661,10 +622,6 @@ class PycudaTenant(Tenant):
         self._activate()
         with self._cuda_errors("event_elapsed_ms"):
             return float(self._events[end].time_since(self._events[start]))
-
-    def synchronize(self) -> None:
-        """Nothing to wait for: each operation finished on the worker before the next began."""
-        self._check_alive()
 
     def release(self) -> None:
         self._released = True

@@ -23,7 +23,6 @@ import gc
 import math
 import statistics
 import struct
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
@@ -114,19 +113,7 @@ class LocalDriver:
         self.kernels: dict[str, tuple[int, struct.Struct]] = {}
 
     def _call(self, op: Callable[[], Any]) -> Any:
-        done = threading.Event()
-        outcome: list[tuple[Any, BaseException | None]] = []
-
-        def on_done(result: Any, error: BaseException | None) -> None:
-            outcome.append((result, error))
-            done.set()
-
-        self.executor.submit(self.tenant, op, wants_reply=True, on_done=on_done)
-        done.wait()
-        result, error = outcome[0]
-        if error is not None:
-            raise error
-        return result
+        return self.executor.call(self.tenant, op)
 
     def _post(self, op: Callable[[], Any]) -> None:
         self.executor.submit(self.tenant, op, wants_reply=False)

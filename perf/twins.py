@@ -32,7 +32,6 @@ import platform
 import statistics
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -216,20 +215,7 @@ class Side:
         self.functions: dict[str, tuple[int, struct.Struct]] = {}
 
     def call(self, op: Callable[[], Any]) -> Any:
-        done = threading.Event()
-        outcome: list[tuple[Any, BaseException | None]] = []
-
-        def on_done(result: Any, error: BaseException | None) -> None:
-            outcome.append((result, error))
-            done.set()
-
-        self.executor.submit(self.tenant, op, wants_reply=True, on_done=on_done)
-        if not done.wait(CALL_TIMEOUT_S):
-            raise TimeoutError(f"the {self.executor.properties.executor} device did not answer")
-        result, error = outcome[0]
-        if error is not None:
-            raise error
-        return result
+        return self.executor.call(self.tenant, op, CALL_TIMEOUT_S)
 
     def function(self, name: str) -> tuple[int, struct.Struct]:
         if name not in self.functions:

@@ -15,15 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from executors import GpuUnavailable, NumpyExecutor, create_executors, pycuda_device
-from executors.pycuda_device import gpu_count, load_driver
-
-
-def gpu_unusable() -> str | None:
-    try:
-        gpu_count()
-    except GpuUnavailable as exc:
-        return str(exc)
-    return None
+from executors.pycuda_device import gpu_unavailable_reason, load_driver
 
 
 def close_all(executors: list) -> None:
@@ -37,7 +29,7 @@ def test_auto_serves_a_gpu_if_usable_else_numpy_and_says_why(
     caplog.set_level(logging.INFO, logger="executors")
     executors = create_executors("auto", count=1, memory=2**30)
     try:
-        reason = gpu_unusable()
+        reason = gpu_unavailable_reason()
         if reason is None:
             assert executors[0].properties.executor == "pycuda"
             assert "serving it with the PyCUDA executor" in caplog.text
@@ -50,7 +42,7 @@ def test_auto_serves_a_gpu_if_usable_else_numpy_and_says_why(
 
 
 def test_pycuda_without_a_gpu_fails_at_once_saying_what_is_missing() -> None:
-    reason = gpu_unusable()
+    reason = gpu_unavailable_reason()
     if reason is None:
         executors = create_executors("pycuda", count=1)
         try:
@@ -81,7 +73,7 @@ def test_unknown_kind_and_bad_count_are_refused() -> None:
 
 
 def test_the_cli_fails_fast_without_a_gpu() -> None:
-    reason = gpu_unusable()
+    reason = gpu_unavailable_reason()
     if reason is None:  # with a GPU it starts and serves: the GPU tests check that
         pytest.skip("a GPU is usable here, so --executor pycuda starts instead of failing")
     result = subprocess.run(
