@@ -31,28 +31,37 @@ PTX_TYPES: dict[str, frozenset[str]] = {
     "f": frozenset({"f32", "b32"}),
     "d": frozenset({"f64", "b64"}),
 }
-_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$%][\w$]*)\s*\(([^)]*)\)")
-# ".param .u64 .ptr .global .align 4 name" or ".param .align 8 .b8 name[16]": the type is the
-# first .<letter><bits> after .param; a trailing [n] makes it an aggregate, which no code matches.
-_PARAM = re.compile(r"\.param\b.*?\.([busf]\d+)\b[^,\[]*(\[\d*\])?")
+_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$%][\w$]*)\s*\(")
+_TYPE = re.compile(r"\.[busf]\d+")
 
 
 def kernel_params(ptx: str) -> dict[str, list[str]]:
     """Every kernel (``.entry``) in ``ptx``: its name and its parameters' PTX types, in order.
 
-    An aggregate parameter (a struct passed by value) appears as its element type with ``[]``.
+    A parameter is ``.param [qualifiers] .<type> name`` (e.g. ``.param .u64 .ptr .global .align 4
+    x``); its type is the first ``.<letter><bits>`` token. An aggregate (a struct passed by value,
+    ``.param .align 8 .b8 x[16]``) appears as its element type with ``[]``; one whose type cannot
+    be read as ``?``. Linear in the size of the text: a client's PTX is parsed on the device's
+    worker, which must not be held up by a crafted image.
     """
     kernels: dict[str, list[str]] = {}
-    for entry in _ENTRY.finditer(ptx):
+    position = 0
+    while (entry := _ENTRY.search(ptx, position)) is not None:
+        close = ptx.find(")", entry.end())
+        if close < 0:
+            break  # an unterminated parameter list: the driver refuses such PTX anyway
         types = []
-        for param in entry.group(2).split(","):
-            if not param.strip():
+        for param in ptx[entry.end() : close].split(","):
+            tokens = param.split()
+            if not tokens:
                 continue
-            found = _PARAM.search(param)
-            types.append(
-                "?" if found is None else found.group(1) + ("[]" if found.group(2) else "")
-            )
+            found = next((t for t in tokens[1:] if _TYPE.fullmatch(t)), None)
+            if tokens[0] != ".param" or found is None:
+                types.append("?")
+            else:
+                types.append(found[1:] + ("[]" if "[" in param else ""))
         kernels[entry.group(1)] = types
+        position = close + 1
     return kernels
 
 

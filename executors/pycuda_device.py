@@ -92,6 +92,15 @@ MIN_HEADROOM = 256 * 2**20
 PINNED_STAGING_BYTES = 256 * 2**20
 _BUILTINS_JOIN_S = 60.0  # how long closing waits for the start-up build of the built-ins
 
+# Messages of CUDA errors that mean the caller asked for something the GPU cannot do.
+_CALLER_ERRORS = (
+    "too many resources",
+    "invalid argument",
+    "invalid value",
+    "invalid configuration",
+    "invalid pitch",
+    "not supported",
+)
 # Messages of the CUDA errors after which a context is unusable ("sticky" errors).
 _CONTEXT_LOST = (
     "illegal memory access",
@@ -246,7 +255,8 @@ class PycudaTenant(SerialTenant):
         self._check_alive()
         if self._context is None:
             self._create_context()
-        self._device.make_current(self._context)
+        with self._cuda_errors("switching to the tenant's CUDA context"):
+            self._device.make_current(self._context)
         return self._device.cuda
 
     def _create_context(self) -> None:
@@ -254,6 +264,10 @@ class PycudaTenant(SerialTenant):
         device.make_current(device.primary)
         with self._cuda_errors("creating the tenant's CUDA context"):
             free_before = cuda.mem_get_info()[0]
+            # make_context takes whatever is current off CUDA's stack before it creates; if
+            # creating then fails, that context would be gone from CUDA's stack but not from
+            # PyCUDA's. With nothing current there is nothing to lose.
+            device.clear_current()
             context = device.cuda_device.make_context(cuda.ctx_flags.SCHED_AUTO)
         # make_context pushed it on this thread's stack; record that so make_current stays exact.
         device.pushed(context)
@@ -287,7 +301,8 @@ class PycudaTenant(SerialTenant):
             yield
         except cuda.Error as exc:
             text = str(exc)
-            lowered = text.lower()
+            # "cuX failed: <CUDA's message>[ - <JIT log>]": the log is the tenant's own text.
+            lowered = text.split(" - ", 1)[0].lower()
             if any(marker in lowered for marker in _CONTEXT_LOST):
                 self._lost = (
                     f"{what}: the GPU reported '{text}'; this tenant's CUDA context is lost "
@@ -296,7 +311,7 @@ class PycudaTenant(SerialTenant):
                 raise KernelFault(self._lost) from None
             if isinstance(exc, cuda.MemoryError) or "out of memory" in lowered:
                 raise DeviceOutOfMemory(f"{what}: the GPU is out of memory ({text})") from None
-            if "too many resources" in lowered or "invalid" in lowered:
+            if any(marker in lowered for marker in _CALLER_ERRORS):
                 raise InvalidValue(f"{what}: {text}") from None
             raise DeviceError(f"{what}: {text}") from None
 
@@ -753,20 +768,20 @@ class PycudaExecutor(WorkerExecutor):
     # -- contexts (worker thread) ---------------------------------------------------------------
     def make_current(self, context: Any) -> None:
         """Make ``context`` the worker's current context, switching only when it is not."""
-        stack = self._stack
-        if stack and stack[-1] is context:
+        if self._stack and self._stack[-1] is context:
             return
-        while stack:
-            self.cuda.Context.pop()
-            stack.pop()
+        self.clear_current()
         context.push()
-        stack.append(context)
+        self._stack.append(context)
 
-    def _worker_exiting(self) -> None:
-        # PyCUDA aborts the process if a thread ends with a context still on its stack.
+    def clear_current(self) -> None:
+        """Leave no context current on the worker."""
         while self._stack:
             self.cuda.Context.pop()
             self._stack.pop()
+
+    def _worker_exiting(self) -> None:
+        self.clear_current()  # PyCUDA aborts the process if a thread ends with a context current
 
     def pushed(self, context: Any) -> None:
         """Note that ``context`` was pushed by CUDA itself (``make_context`` does)."""

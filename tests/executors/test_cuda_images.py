@@ -79,3 +79,33 @@ def test_a_cubin_inside_a_fatbin_is_checked_too() -> None:
 def test_anything_else_is_refused(image: bytes) -> None:
     with pytest.raises(InvalidValue):
         image_kind(image)
+
+
+def test_a_fatbin_wrapper_dressed_as_ptx_is_refused() -> None:
+    # __fatBinC_Wrapper_t holds a raw pointer the driver may follow: never a client's image.
+    wrapper = struct.pack("<IIQQ", 0x466243B1, 1, 0x4141414141414141, 0)
+    with pytest.raises(InvalidValue, match="fatbin wrapper"):
+        image_kind(wrapper + b"\n.version 8.0\n.target sm_90\n")
+
+
+def test_ptx_with_binary_bytes_is_refused() -> None:
+    with pytest.raises(InvalidValue, match="PTX must be text"):
+        image_kind(b".version 8.0\n.target sm_90\n\x01\x02\x03binary\n")
+    assert image_kind(b".version 8.0\r\n.target sm_90\t\n\0\0") == "ptx"  # CR, tab, final NULs
+
+
+def test_a_fatbin_entry_claiming_more_compressed_bytes_than_its_payload_is_refused() -> None:
+    image = bytearray(fatbin())
+    header_size = struct.unpack_from("<H", image, 6)[0]
+    payload = struct.unpack_from("<Q", image, header_size + 8)[0]
+    struct.pack_into("<I", image, header_size + 16, payload + 1)
+    with pytest.raises(InvalidValue, match="compressed bytes"):
+        image_kind(bytes(image))
+
+
+def test_a_cubin_naming_a_missing_string_table_is_refused() -> None:
+    image = bytearray(cubin())
+    shnum = struct.unpack_from("<H", image, 0x3C)[0]
+    struct.pack_into("<H", image, 0x3E, shnum)  # e_shstrndx: one past the last section
+    with pytest.raises(InvalidValue, match="string table"):
+        image_kind(bytes(image))

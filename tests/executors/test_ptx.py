@@ -66,3 +66,19 @@ def test_a_wrong_type_names_the_argument_and_both_types() -> None:
 def test_a_wrong_count_names_the_parameters() -> None:
     with pytest.raises(InvalidValue, match=r"takes 3 parameter\(s\) \(u32, f32, u64\).*'if'"):
         check_arg_types("scale", "if", kernel_params(PTX)["scale"])
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    [
+        ".entry a(" * 200_000,  # no parameter list is ever closed
+        ".entry a(" + ".param " * 200_000 + ")",  # a parameter list of qualifiers only
+        ".entry a(" + ".param .u32 x," * 100_000 + ")",  # many real parameters
+    ],
+    ids=["unclosed", "qualifiers", "many-params"],
+)
+def test_crafted_ptx_of_megabytes_is_read_in_one_pass(crafted: str) -> None:
+    # A client's PTX is read on the device's worker; a parser that backtracks (quadratic time)
+    # would stall every tenant of the GPU for minutes on one such image.
+    kernels = kernel_params(crafted)
+    assert all(len(params) <= 200_000 for params in kernels.values())
