@@ -33,12 +33,18 @@ import numpy.typing as npt
 from .base import arg_struct_format
 from .errors import InvalidHandle, InvalidValue
 
-__all__ = ["BUILTINS", "Builtin", "KernelMemory", "lookup"]
+__all__ = ["BUILTINS", "BUILTIN_MAX_BLOCKS", "BUSY_MAX_US", "Builtin", "KernelMemory", "lookup"]
 
 _F32 = np.float32
 # Elements per chunk of the chunked kernels: 1 MiB of float32, big enough to amortise the Python
 # loop, small enough that the temporary stays negligible beside any tenant's share.
 _CHUNK = 1 << 18
+# The longest ``busy`` (10 s): a kernel cannot be pre-empted once it runs, so one launch must not be
+# able to hold a GPU, and every tenant on it, for longer than a test could want.
+BUSY_MAX_US = 10_000_000
+# Built-ins walk their ranges with grid-stride loops, so more blocks than this only add empty
+# blocks, which a GPU must still schedule: 2^62 of them would hold it for good.
+BUILTIN_MAX_BLOCKS = 1 << 24
 # ``busy`` sleeps until this close to its deadline, then spins: a sleep wakes up some 25 us late
 # (with the worker's timer slack reduced; 75 us without), spinning on the clock is exact. The spin
 # is kept short because it holds the GIL, which the server's event loop needs.
@@ -82,12 +88,24 @@ class Builtin:
         object.__setattr__(self, "layout", struct.Struct(arg_struct_format(self.arg_types)))
 
     def check(self, args: tuple[Any, ...]) -> list[tuple[int, int]]:
-        """Raise ``InvalidValue`` for a negative size; else the buffers the launch addresses."""
+        """Raise ``InvalidValue`` for a negative size (or a ``busy`` beyond its maximum); else
+        the buffers the launch addresses."""
         for position in self.sizes:
             if args[position] < 0:
                 name = self.doc.split("(", 1)[1].split(")", 1)[0].split(", ")[position]
                 raise InvalidValue(f"{name} must not be negative, got {args[position]}")
+        if self.name == "busy" and args[0] > BUSY_MAX_US:
+            raise InvalidValue(f"busy time must be at most {BUSY_MAX_US} us, got {args[0]} us")
         return self.footprint(args)
+
+    @staticmethod
+    def check_grid(grid: tuple[int, int, int]) -> None:
+        """Refuse more blocks than any built-in can use (see ``BUILTIN_MAX_BLOCKS``)."""
+        if grid[0] * grid[1] * grid[2] > BUILTIN_MAX_BLOCKS:
+            raise InvalidValue(
+                f"launch: a built-in needs at most {BUILTIN_MAX_BLOCKS} blocks (its loops cover "
+                f"any range with fewer), got grid {grid}"
+            )
 
 
 def _floats(*buffers: tuple[int, int]) -> list[tuple[int, int]]:
@@ -193,6 +211,8 @@ def _busy(mem: KernelMemory, args: tuple[Any, ...]) -> None:
     (microseconds,) = args
     if microseconds < 0:
         raise InvalidValue(f"busy time must not be negative, got {microseconds} us")
+    if microseconds > BUSY_MAX_US:
+        raise InvalidValue(f"busy time must be at most {BUSY_MAX_US} us, got {microseconds} us")
     deadline = time.perf_counter() + microseconds * 1e-6
     remaining = deadline - time.perf_counter()
     if remaining > _SPIN_S:

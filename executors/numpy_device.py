@@ -313,6 +313,7 @@ class NumpyTenant(SerialTenant):
             raise InvalidHandle(f"launch: function {function} is not one of this tenant's")
         self._check_stream(stream)
         check_launch(self._properties, grid, block, shared_mem)
+        builtin.check_grid(grid)
         layout = builtin.layout
         if len(args) != layout.size:
             raise InvalidValue(

@@ -574,6 +574,7 @@ class PycudaTenant(SerialTenant):
             )
         values = kernel.wire.unpack(args)
         if kernel.builtin is not None:
+            kernel.builtin.check_grid(grid)
             self._check_builtin(kernel.builtin, values)
         # CUDA reads each parameter at its natural alignment; the wire packs them without gaps.
         parameters = kernel.native.pack(*values)

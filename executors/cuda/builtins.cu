@@ -162,10 +162,15 @@ extern "C" __global__ void reduce_sum(int n, const float* x, float* out) {
     }
 }
 
-// busy(microseconds): occupy the device for that long (for scheduler tests). Every thread spins on
-// the GPU's global nanosecond timer until its deadline; one thread is enough to hold the device,
-// since a GPU runs one context's kernels at a time.
+// busy(microseconds): occupy the device for that long (for scheduler tests). One thread spins on
+// the GPU's global nanosecond timer until its deadline, and that is enough to hold the device,
+// since a GPU runs one context's kernels at a time; the others return at once, so no launch
+// geometry can stretch the time (extra waves of blocks would each spin again). The executor
+// refuses more than 10 s (BUSY_MAX_US in builtins.py).
 extern "C" __global__ void busy(long long microseconds) {
+    if (!first_block() || thread_in_block() != 0) {
+        return;
+    }
     const unsigned long long deadline = now_ns() + (unsigned long long)microseconds * 1000ull;
     while (now_ns() < deadline) {
     }

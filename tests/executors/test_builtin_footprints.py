@@ -11,6 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from executors import BUILTINS, InvalidValue
+from executors.builtins import BUSY_MAX_US
 
 
 class RecordingMemory:
@@ -63,3 +64,12 @@ def test_a_negative_size_is_refused_before_launch(name: str) -> None:
         args[position] = -1
         with pytest.raises(InvalidValue, match="must not be negative"):
             builtin.check(tuple(args))
+
+
+def test_busy_is_bounded_on_both_twins() -> None:
+    busy = BUILTINS["busy"]
+    with pytest.raises(InvalidValue, match="at most 10000000 us"):
+        busy.check((BUSY_MAX_US + 1,))
+    with pytest.raises(InvalidValue, match="at most 10000000 us"):
+        busy.run(RecordingMemory(), (BUSY_MAX_US + 1,))
+    assert busy.check((BUSY_MAX_US,)) == []

@@ -308,7 +308,11 @@ def test_launch_handles_and_arguments_are_validated(tenant: NumpyTenant) -> None
         tenant.launch(function.handle, (1, 1, 1), (1, 1, 1), 0, 12345, args)
     with pytest.raises(InvalidValue):
         tenant.launch(function.handle, (1, 1, 1), (1, 1, 1), 0, 0, args[:-1])
-    tenant.launch(function.handle, (65535, 65535, 65535), (1024, 1, 1), 48 * 1024, 0, args)
+    tenant.launch(function.handle, (4096, 4096, 1), (1024, 1, 1), 48 * 1024, 0, args)
+    # Within the device's limits, but more empty blocks than a GPU could get through: a built-in
+    # is refused it (its grid-stride loops need no more than BUILTIN_MAX_BLOCKS).
+    with pytest.raises(InvalidValue, match="at most 16777216 blocks"):
+        tenant.launch(function.handle, (65535, 65535, 65535), (1024, 1, 1), 0, 0, args)
 
 
 def test_function_handles_are_per_tenant(device: NumpyExecutor, tenant: NumpyTenant) -> None:
