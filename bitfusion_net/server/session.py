@@ -62,7 +62,13 @@ _session_ids = itertools.count(1)
 # few hundred bytes of server memory; far more than any pipeline needs to keep a GPU busy).
 MAX_QUEUED_OPERATIONS = 10_000
 BACKLOG_POLL_S = 0.002
+
+
 # Requests that only read state or wait: answered on the event loop when the lease is idle.
+def _nothing() -> None:
+    """A give-back for requests that staged nothing."""
+
+
 _QUERIES = frozenset(
     {m.MemGetInfo, m.Synchronize, m.StreamSynchronize, m.EventSynchronize, m.TenantStats}
 )
@@ -262,10 +268,17 @@ class ServerSession:
                 f"{self._limits.max_payload}; split it"
             )
         op, to_reply = _work(lease.executor, lease.tenant, message, frame.payload)
+        give_back: Callable[[], None] = _nothing
         if frame.payload is not None:
-            op = self._unstaging(op, lease.tenant, frame.payload)
+            op, give_back = self._unstaging(op, lease.tenant, frame.payload)
         if no_reply:
-            lease.executor.submit(lease.tenant, op, wants_reply=False, tag=frame.request_id)
+            lease.executor.submit(
+                lease.tenant,
+                op,
+                wants_reply=False,
+                tag=frame.request_id,
+                on_done=lambda _result, _error: give_back(),
+            )
             return
         assert to_reply is not None
         opcode, request_id = frame.opcode, frame.request_id
@@ -284,6 +297,7 @@ class ServerSession:
         self._staged += staged
 
         def on_done(result: Any, error: BaseException | None) -> None:  # on the worker thread
+            give_back()  # if the operation never ran (an earlier error, a closed tenant)
             self._loop.call_soon_threadsafe(
                 self._complete, opcode, request_id, to_reply, result, error, staged, lease.tenant
             )
@@ -292,17 +306,27 @@ class ServerSession:
 
     def _unstaging(
         self, op: Callable[[], Any], tenant: Tenant, payload: memoryview
-    ) -> Callable[[], Any]:
-        """Wrap ``op`` so the staged payload goes back for reuse once the device has it."""
+    ) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """Wrap ``op`` so the staged payload goes back for reuse once the device has it; also
+        returns the give-back itself, for the completion to call when ``op`` never ran (work
+        refused, or skipped for an earlier error), so that no payload is ever lost. Giving back
+        happens once: ``op`` and its completion run one after the other, never together."""
+        returned = False
+
+        def give_back() -> None:
+            nonlocal returned
+            if not returned:
+                returned = True
+                tenant.return_staging(payload)
+                self._loop.call_soon_threadsafe(self._unstage, len(payload))
 
         def run() -> Any:
             try:
                 return op()
             finally:
-                tenant.return_staging(payload)
-                self._loop.call_soon_threadsafe(self._unstage, len(payload))
+                give_back()
 
-        return run
+        return run, give_back
 
     def _unstage(self, nbytes: int) -> None:
         self._staged -= nbytes
@@ -321,6 +345,8 @@ class ServerSession:
         """Send the reply of a finished request (on the event loop). ``staged``: its host bytes;
         a payload is handed back to ``tenant`` for reuse once sent."""
         if self._closed:
+            if isinstance(result, memoryview):  # a copy's bytes nobody will read: reuse them
+                tenant.return_staging(result)
             return
         if error is not None:
             self._send_device_error(request_id, error)
@@ -457,7 +483,11 @@ def _work(executor: Executor, tenant: Tenant, msg: Any, payload: memoryview | No
 
         def copy_out() -> memoryview:
             buffer = t.staging_buffer(msg.nbytes)
-            t.memcpy_dtoh(buffer, msg.src, msg.stream)
+            try:
+                t.memcpy_dtoh(buffer, msg.src, msg.stream)
+            except BaseException:
+                t.return_staging(buffer)  # a refused copy must not keep the buffer from reuse
+                raise
             return buffer
 
         return copy_out, lambda r: (m.MemcpyDtoHReply(), r)

@@ -170,3 +170,32 @@ def test_error_hierarchy() -> None:
         assert issubclass(cls, bf.BitfusionError)
     assert issubclass(bf.OutOfMemoryError, MemoryError)
     assert issubclass(bf.InvalidValueError, ValueError)
+
+
+def test_staging_buffers_come_back_when_copies_fail_or_never_run() -> None:
+    # The device's staging memory (pinned on GPUs) is reused from a pool: a copy that fails, or
+    # that is skipped because an earlier call failed, must still give its buffer back.
+    size = 256 * 1024
+
+    async def main() -> None:
+        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+            pool = server._executors[0]._staging  # white box: the NumPy device's pool
+            device = session.devices[0]
+            ptr = await device.mem_alloc(size)
+            data = np.zeros(size, np.uint8)
+            await device.memcpy_htod(ptr, data)
+            await device.synchronize()
+            before = pool._idle_bytes
+            out = np.empty(size, np.uint8)
+            with pytest.raises(bf.InvalidHandleError):
+                await device.memcpy_dtoh(out, ptr + 1)  # 1 byte past the allocation
+            assert pool._idle_bytes == before  # the refused copy's buffer is back
+            fill = await device.builtin("fill")
+            await fill.launch(1, 1, [size, 1.0, ptr])  # out of bounds: a sticky error
+            with pytest.raises(bf.KernelError):
+                await device.memcpy_dtoh(out, ptr)  # skipped for the earlier error
+            assert pool._idle_bytes == before
+            await device.memcpy_dtoh(out, ptr)  # and the next copy reuses it
+            assert pool._idle_bytes == before
+
+    run(main())
