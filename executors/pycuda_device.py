@@ -55,7 +55,6 @@ from .builtins import Builtin, lookup
 from .cuda_build import (
     BUILTINS_SOURCE,
     PORTABLE_PTX_ARCH,
-    NvccError,
     builtins_image,
     compile_cuda,
 )
@@ -90,6 +89,7 @@ HEADROOM_FRACTION = 0.03
 MIN_HEADROOM = 256 * 2**20
 # Page-locked host memory per GPU for copies' payloads: room for a few full 64 MiB frames at once.
 PINNED_STAGING_BYTES = 256 * 2**20
+BOUNCE_BYTES = 64 * 2**20  # host memory an overlapping device-to-device copy goes through
 _BUILTINS_JOIN_S = 60.0  # how long closing waits for the start-up build of the built-ins
 
 # Messages of CUDA errors that mean the caller asked for something the GPU cannot do.
@@ -211,14 +211,33 @@ class _Module:
     kernels: dict[str, list[str]] | None  # PTX parameter types by kernel, for PTX modules
 
 
-@dataclass(eq=False)
 class _Kernel:
-    function: Any  # pycuda Function
-    module: int
-    arg_types: str
-    wire: struct.Struct  # the arguments as the client packed them: little-endian, no padding
-    native: struct.Struct  # as CUDA wants them: each at its natural alignment
-    builtin: Builtin | None
+    """A function a tenant may launch, and how its arguments go from the wire to CUDA."""
+
+    def __init__(self, function: Any, module: int, arg_types: str, builtin: Builtin | None) -> None:
+        self.function = function  # pycuda Function
+        self.module = module
+        self.arg_types = arg_types
+        self.builtin = builtin
+        # On the wire: little-endian, no padding. For CUDA: each at its natural alignment. The
+        # bytes are moved, never converted, so every value (a float's NaN payload too) is exact.
+        self.wire = struct.Struct(arg_struct_format(arg_types))
+        self.native_size = struct.calcsize("@" + arg_types.replace("P", "Q"))
+        self._moves: list[tuple[int, int, int]] = []  # (wire offset, native offset, size)
+        wire_offset = native_offset = 0
+        for code in arg_types:
+            size = struct.calcsize("<" + ("Q" if code == "P" else code))
+            native_offset = -(-native_offset // size) * size  # scalars align to their size
+            self._moves.append((wire_offset, native_offset, size))
+            wire_offset += size
+            native_offset += size
+
+    def parameters(self, args: bytes) -> bytes:
+        """The launch's parameter buffer as CUDA reads it, from the wire's packed ``args``."""
+        buffer = bytearray(self.native_size)
+        for wire, native, size in self._moves:
+            buffer[native : native + size] = args[wire : wire + size]
+        return bytes(buffer)
 
 
 class PycudaTenant(SerialTenant):
@@ -419,14 +438,22 @@ class PycudaTenant(SerialTenant):
         self._check_range(src, nbytes, "memcpy_dtod source")
         self._check_range(dst, nbytes, "memcpy_dtod destination")
         if dst < src + nbytes and src < dst + nbytes:
-            # cuMemcpy leaves overlapping ranges undefined; the NumPy device moves them like
-            # memmove. Going through the host keeps the twins equal for this rare case.
-            bounce = np.empty(nbytes, np.uint8).data
-            self.memcpy_dtoh(bounce, src, stream)
-            self.memcpy_htod(dst, bounce, stream)
+            self._move_overlapping(dst, src, nbytes, stream)
             return
         cuda = self._device.cuda
         self._on_device("memcpy_dtod", lambda s: cuda.memcpy_dtod_async(dst, src, nbytes, s))
+
+    def _move_overlapping(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Copy between overlapping ranges as memmove does (the NumPy device's semantics; CUDA
+        leaves them undefined): through a bounded host buffer, chunk by chunk, starting at the
+        end the destination moves away from, so no chunk is overwritten before it is read."""
+        chunk = min(nbytes, BOUNCE_BYTES)
+        bounce = np.empty(chunk, np.uint8).data
+        offsets = range(0, nbytes, chunk)
+        for offset in offsets if dst < src else reversed(offsets):
+            part = min(chunk, nbytes - offset)
+            self.memcpy_dtoh(bounce[:part], src + offset, stream)
+            self.memcpy_htod(dst + offset, bounce[:part], stream)
 
     def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
         self._check_stream(stream)
@@ -462,21 +489,22 @@ class PycudaTenant(SerialTenant):
         try:
             module = cuda.module_from_buffer(image, message_handler=keep_log)
         except cuda.Error as exc:
-            detail = f": {jit_log[0]}" if jit_log else ""
-            if any(marker in str(exc).lower() for marker in _CONTEXT_LOST):
+            head = str(exc).split(" - ", 1)[0].lower()  # without the JIT log, the tenant's text
+            if isinstance(exc, cuda.MemoryError) or any(m in head for m in _CONTEXT_LOST):
                 with self._cuda_errors("module_load"):
                     raise
+            detail = f": {jit_log[0]}" if jit_log else ""
             raise InvalidValue(f"the GPU refused the {kind} module ({exc}){detail}") from None
         cost = max(0, free_before - cuda.mem_get_info()[0])
+        if self.memory_used + cost > self.memory_limit:
+            del module  # unloaded here, on the worker, with its context current
+            raise DeviceOutOfMemory(
+                f"out of memory: loading the {kind} module takes {cost} bytes of device memory, "
+                f"{self.memory_used} of the tenant's {self.memory_limit} bytes are in use"
+            )
         handle = self._new_handle()
         self._modules[handle] = _Module(module, cost, kernels)
         self._charge(cost)
-        if self.memory_used > self.memory_limit:
-            self._unload(handle)
-            raise DeviceOutOfMemory(
-                f"out of memory: loading the {kind} module takes {cost} bytes of device memory, "
-                f"{self.memory_used - cost} of the tenant's {self.memory_limit} bytes are in use"
-            )
         return handle
 
     def module_unload(self, module: int) -> None:
@@ -505,6 +533,8 @@ class PycudaTenant(SerialTenant):
             arg_types = builtin.arg_types
         elif module not in self._modules or module == self._builtins_module:
             raise InvalidHandle(f"module {module} is not loaded")
+        elif not arg_types and (self._modules[module].kernels or {}).get(name) == []:
+            arg_types = ""  # PTX shows a kernel without parameters: nothing to declare
         elif not arg_types:
             raise InvalidValue(
                 f"declare the argument types of kernel {name!r} (struct codes such as 'iPP': "
@@ -515,7 +545,7 @@ class PycudaTenant(SerialTenant):
                 f"argument types {arg_types!r} of {name!r} use codes outside "
                 f"{''.join(sorted(ARG_TYPE_CODES))!r}"
             )
-        else:
+        if builtin is None:
             kernels = self._modules[module].kernels
             if kernels is not None:  # PTX says what the kernel takes: hold the declaration to it
                 if name not in kernels:
@@ -524,6 +554,7 @@ class PycudaTenant(SerialTenant):
                         f"{', '.join(sorted(kernels)) or 'none'}"
                     )
                 check_arg_types(name, arg_types, kernels[name])
+        assert arg_types is not None
         handle = self._function_handles.get((module, name))
         if handle is not None:
             known = self._functions[handle]
@@ -540,9 +571,7 @@ class PycudaTenant(SerialTenant):
         except cuda.Error as exc:
             raise InvalidHandle(f"no kernel {name!r} in module {module} ({exc})") from None
         handle = self._new_handle()
-        wire = struct.Struct(arg_struct_format(arg_types))
-        native = struct.Struct("@" + arg_types.replace("P", "Q"))
-        self._functions[handle] = _Kernel(function, source, arg_types, wire, native, builtin)
+        self._functions[handle] = _Kernel(function, source, arg_types, builtin)
         self._function_handles[(module, name)] = handle
         return FunctionInfo(handle, arg_types)
 
@@ -572,12 +601,10 @@ class PycudaTenant(SerialTenant):
                 f"launch: the kernel takes {kernel.wire.size} bytes of arguments "
                 f"({kernel.arg_types!r}), got {len(args)}"
             )
-        values = kernel.wire.unpack(args)
         if kernel.builtin is not None:
             kernel.builtin.check_grid(grid)
-            self._check_builtin(kernel.builtin, values)
-        # CUDA reads each parameter at its natural alignment; the wire packs them without gaps.
-        parameters = kernel.native.pack(*values)
+            self._check_builtin(kernel.builtin, kernel.wire.unpack(args))
+        parameters = kernel.parameters(args)
         if kernel.builtin is not None:
             shared_mem = 0  # the built-ins use none (their static shared memory is their own)
         self.kernels_launched += 1
@@ -644,16 +671,11 @@ class PycudaTenant(SerialTenant):
         context, self._context = self._context, None
         if context is None:
             return
-        # PyCUDA objects are freed with their context current, on the thread that made it (this
-        # one), so each goes while we are sure of both. After a fault some frees fail: destroying
-        # the context at the end frees everything anyway.
+        # Destroying the context frees everything in it at once. The PyCUDA objects dropped
+        # afterwards find their context dead and skip their own frees, silently; freeing them
+        # first would cost a driver call each, and may fail in a context lost to a fault.
         try:
-            self._device.make_current(context)
-            for allocation in self._allocations.values():
-                try:
-                    allocation.memory.free()
-                except Exception:  # noqa: BLE001 - a lost context frees everything anyway
-                    log.debug("freeing an allocation of a released tenant failed", exc_info=True)
+            self._device.destroy(context)
         finally:
             self._allocations.clear()
             self._starts.clear()
@@ -663,7 +685,6 @@ class PycudaTenant(SerialTenant):
             self._events.clear()
             self._stream = self._timing = None
             self.memory_used = 0
-            self._device.destroy(context)
 
 
 class PycudaExecutor(WorkerExecutor):
@@ -725,6 +746,7 @@ class PycudaExecutor(WorkerExecutor):
         # Compiled now, beside the server's start-up, rather than on the worker when a tenant
         # first asks for a built-in (which would hold the GPU up for everyone while nvcc runs).
         self._closing = threading.Event()
+        self._primary_lock = threading.Lock()
         self._builtins_thread = threading.Thread(
             target=self._prepare_builtins, name=f"nvcc-gpu{index}", daemon=True
         )
@@ -815,7 +837,7 @@ class PycudaExecutor(WorkerExecutor):
             if self._builtins is None and self._builtins_error is None:
                 try:
                     self._builtins = self._loadable_builtins()
-                except (NvccError, DeviceError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure: say it, once, to all
                     self._builtins_error = str(exc)
                     if not self._closing.is_set():
                         log.error(
@@ -829,8 +851,6 @@ class PycudaExecutor(WorkerExecutor):
 
     def _loadable_builtins(self) -> bytes:
         image = builtins_image(self.compute_capability)
-        if self._closing.is_set():  # the primary context is being released: leave it alone
-            raise DeviceError("the device is shutting down")
         if self._driver_loads(image):
             return image
         # Machine code from an nvcc newer than the driver can be refused; portable PTX is then
@@ -842,16 +862,19 @@ class PycudaExecutor(WorkerExecutor):
 
     def _driver_loads(self, image: bytes) -> bool:
         cuda = self.cuda
-        self.primary.push()  # balanced by the pop below, so the worker's stack is unchanged
-        try:
-            module = cuda.module_from_buffer(image)
-            del module  # unloaded here, while its context is current on this thread
-            return True
-        except cuda.Error as exc:
-            log.warning("GPU %d: the driver refused a built-in image: %s", self.index, exc)
-            return False
-        finally:
-            cuda.Context.pop()
+        with self._primary_lock:  # close() releases the primary context under this lock
+            if self._closing.is_set():
+                raise DeviceError("the device is shutting down")
+            self.primary.push()  # balanced by the pop below, so the worker's stack is unchanged
+            try:
+                module = cuda.module_from_buffer(image)
+                del module  # unloaded here, while its context is current on this thread
+                return True
+            except cuda.Error as exc:
+                log.warning("GPU %d: the driver refused a built-in image: %s", self.index, exc)
+                return False
+            finally:
+                cuda.Context.pop()
 
     # -- tenants --------------------------------------------------------------------------------
     def open_tenant(
@@ -868,6 +891,10 @@ class PycudaExecutor(WorkerExecutor):
         self._closing.set()
         self._builtins_thread.join(timeout=_BUILTINS_JOIN_S)
         super().close()  # releases every tenant's context on the worker, then stops it
+        with self._primary_lock:  # no start-up test-load can be using the primary context now
+            self._release_primary()
+
+    def _release_primary(self) -> None:
         # PyCUDA frees memory from any thread only while its context is current there.
         self.primary.push()
         try:

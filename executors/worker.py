@@ -39,6 +39,21 @@ def _precise_sleeps() -> None:
             log.debug("could not reduce timer slack", exc_info=True)
 
 
+def _drop_frames(error: BaseException) -> None:
+    """Cut an error (and those it chains to) loose from the frames it was raised through.
+
+    The error travels on to other threads (the event loop, the next synchronising call); its
+    traceback would keep the operation's locals alive there, and a GPU object freed on a thread
+    other than its context's cannot be freed at all (PyCUDA leaks it, with a warning).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
 class DeviceWorker:
     """A thread that runs tenants' operations one at a time, in the scheduler's order, applying
     the sticky-error rule and charging each tenant the device time it used."""
@@ -203,6 +218,9 @@ class DeviceWorker:
             try:
                 result = op()
             except Exception as exc:  # noqa: BLE001 - the tenant's error, never the worker's
+                if not isinstance(exc, DeviceError):  # not the tenant's doing: a bug of ours
+                    log.error("device operation failed unexpectedly", exc_info=exc)
+                _drop_frames(exc)
                 if not wants_reply:
                     tenant.record_async_failure(exc, tag)
                 error = exc

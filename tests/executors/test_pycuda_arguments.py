@@ -1,0 +1,32 @@
+"""Kernel arguments from the wire (packed, little-endian) to CUDA's parameter buffer (each at its
+natural alignment): byte for byte, for every struct code. Pure Python: no GPU needed."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from executors.pycuda_device import _Kernel
+
+VALUES = {
+    "b": -3, "B": 200, "h": -300, "H": 60000, "i": -7, "I": 7, "q": -(2**40), "Q": 2**60,
+    "f": 1.5, "d": 2.25, "P": 0x7000_0000_1234,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arg_types", ["iiifPPfP", "bhBfP", "idPPq", "ifPP", "q", "", "bd", "hqbP", "bBhHiIqQfdP"]
+)
+def test_parameters_sit_where_cuda_reads_them(arg_types: str) -> None:
+    values = [VALUES[code] for code in arg_types]
+    codes = arg_types.replace("P", "Q")
+    kernel = _Kernel(None, 0, arg_types, None)
+    # C's layout of these scalars on x86-64 and AArch64 is CUDA's parameter layout.
+    assert kernel.parameters(struct.pack("<" + codes, *values)) == struct.pack("@" + codes, *values)
+
+
+def test_float_bits_go_through_untouched() -> None:
+    signalling_nan = b"\x01\x00\x80\x7f"  # a float32 NaN that a round trip through Python quiets
+    kernel = _Kernel(None, 0, "if", None)
+    assert kernel.parameters(struct.pack("<i", 5) + signalling_nan)[4:] == signalling_nan
