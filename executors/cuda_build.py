@@ -29,6 +29,8 @@ __all__ = [
     "cache_dir",
     "compile_cuda",
     "find_nvcc",
+    "find_ptxas",
+    "ptx_to_cubin",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ PORTABLE_PTX_ARCH = "compute_75"
 NVCC_FLAGS = ("-std=c++17", "-O3")
 _FALLBACK_NVCC = Path("/usr/local/cuda/bin/nvcc")  # where the CUDA toolkit installs by default
 _NVCC_TIMEOUT_S = 300
+PTXAS_TIMEOUT_S = 60.0  # a tenant's module; the driver's JIT would have no limit at all
 
 
 class NvccError(RuntimeError):
@@ -75,6 +78,50 @@ def find_nvcc() -> str:
         + ", ".join(str(c) for c in candidates)
         + ". Install the CUDA toolkit or point $NVCC or $CUDA_HOME at it."
     )
+
+
+def find_ptxas() -> str | None:
+    """The PTX assembler: ``$PTXAS``, the one beside nvcc, or the one on ``PATH``; None if none."""
+    explicit = os.environ.get("PTXAS")
+    if explicit:
+        return explicit if shutil.which(explicit) else None
+    try:
+        beside = Path(find_nvcc()).resolve().with_name("ptxas")
+    except NvccNotFound:
+        beside = None
+    if beside is not None and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("ptxas")
+
+
+def ptx_to_cubin(ptx: bytes, arch: str, timeout: float = PTXAS_TIMEOUT_S) -> bytes:
+    """Assemble ``ptx`` into machine code for ``arch`` (``sm_90``) with ptxas, in a subprocess.
+
+    The GPU executor does this for tenants' PTX rather than leave it to the driver, whose JIT
+    holds the Python interpreter's lock (PyCUDA does not release it) for as long as it runs, so
+    a large or hostile module would stall the whole server; a subprocess stalls nobody and can
+    be stopped. Raises ``NvccNotFound`` without ptxas and ``NvccError`` with ptxas's own
+    diagnostics when it refuses the PTX or runs past ``timeout`` seconds.
+    """
+    ptxas = find_ptxas()
+    if ptxas is None:
+        raise NvccNotFound("ptxas (the PTX assembler) was not found beside nvcc or on PATH")
+    with tempfile.TemporaryDirectory(prefix="bitfusion-ptxas-") as work:
+        source, output = Path(work) / "module.ptx", Path(work) / "module.cubin"
+        source.write_bytes(ptx.rstrip(b"\0"))
+        try:
+            result = subprocess.run(
+                [ptxas, f"-arch={arch}", "-o", str(output), str(source)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise NvccError(f"ptxas took over {timeout:g} s on the module") from None
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
+            raise NvccError(message.replace(str(source), "module.ptx"))
+        return output.read_bytes()
 
 
 @functools.cache

@@ -55,8 +55,11 @@ from .builtins import Builtin, lookup
 from .cuda_build import (
     BUILTINS_SOURCE,
     PORTABLE_PTX_ARCH,
+    NvccError,
+    NvccNotFound,
     builtins_image,
     compile_cuda,
+    ptx_to_cubin,
 )
 from .cuda_images import image_kind
 from .errors import (
@@ -472,10 +475,10 @@ class PycudaTenant(SerialTenant):
     # -- code -----------------------------------------------------------------------------------
     def module_load(self, image: bytes) -> int:
         kind = image_kind(image)  # checks cubin/fatbin sizes: the driver trusts them
-        if kind == "ptx" and not image.endswith(b"\0"):
-            image = image + b"\0"  # cuModuleLoadData reads PTX as a C string
-        kernels = kernel_params(image.decode("utf-8", "replace")) if kind == "ptx" else None
-        return self._load(bytes(image), kind, kernels)
+        if kind != "ptx":
+            return self._load(bytes(image), kind)
+        kernels = kernel_params(image.decode("utf-8", "replace"))
+        return self._load(self._device.assemble(bytes(image)), kind, kernels)
 
     def _load(self, image: bytes, kind: str, kernels: dict[str, list[str]] | None = None) -> int:
         cuda = self._activate()
@@ -745,6 +748,7 @@ class PycudaExecutor(WorkerExecutor):
         self.staging = self._staging_arena(cuda)
         # Compiled now, beside the server's start-up, rather than on the worker when a tenant
         # first asks for a built-in (which would hold the GPU up for everyone while nvcc runs).
+        self._jit_warned = False
         self._closing = threading.Event()
         self._primary_lock = threading.Lock()
         self._builtins_thread = threading.Thread(
@@ -822,6 +826,28 @@ class PycudaExecutor(WorkerExecutor):
             context.detach()
         except Exception:  # noqa: BLE001 - nothing more can be done; say so
             log.warning("destroying a tenant's CUDA context failed", exc_info=True)
+
+    # -- tenants' PTX ---------------------------------------------------------------------------
+    def assemble(self, ptx: bytes) -> bytes:
+        """A tenant's PTX as machine code for this GPU, assembled by ptxas in a subprocess (see
+        ``cuda_build.ptx_to_cubin``); the PTX itself, NUL-terminated, for the driver to compile
+        if there is no ptxas for this GPU here. ``InvalidValue`` with ptxas's diagnostics if it
+        refuses the PTX."""
+        major, minor = self.compute_capability
+        try:
+            return ptx_to_cubin(ptx, f"sm_{major}{minor}")
+        except NvccNotFound as exc:
+            if not self._jit_warned:
+                self._jit_warned = True
+                log.warning("GPU %d: %s; tenants' PTX goes to the driver's JIT", self.index, exc)
+        except NvccError as exc:
+            if "not defined for option 'gpu-name'" in str(exc):
+                if not self._jit_warned:  # a GPU newer than this ptxas: the driver knows it
+                    self._jit_warned = True
+                    log.warning("GPU %d: ptxas cannot target it (%s)", self.index, exc)
+            else:
+                raise InvalidValue(f"the PTX module does not assemble: {exc}") from None
+        return ptx if ptx.endswith(b"\0") else ptx + b"\0"  # the driver reads a C string
 
     # -- built-in kernels -----------------------------------------------------------------------
     def _prepare_builtins(self) -> None:

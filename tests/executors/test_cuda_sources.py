@@ -17,6 +17,7 @@ from executors.cuda_build import (
     builtins_image,
     compile_cuda,
     find_nvcc,
+    ptx_to_cubin,
 )
 from executors.ptx import check_arg_types, kernel_params
 
@@ -86,3 +87,13 @@ def test_a_missing_nvcc_says_where_it_looked(
         find_nvcc()
     for looked_at in (tmp_path / "toolkit" / "bin" / "nvcc", tmp_path / "default" / "nvcc"):
         assert str(looked_at) in str(raised.value)
+
+
+def test_ptxas_assembles_tenants_ptx_and_explains_what_it_refuses() -> None:
+    ptx = compile_cuda(BUILTINS_SOURCE, "ptx", "compute_75")
+    assert ptx_to_cubin(ptx, "sm_90").startswith(b"\x7fELF")
+    broken = b".version 8.0\n.target sm_75\n.address_size 64\nthis is not ptx\n\0"
+    with pytest.raises(NvccError, match=r"module\.ptx, line 4.*syntax error"):
+        ptx_to_cubin(broken, "sm_90")
+    with pytest.raises(NvccError, match="gpu-name"):  # a GPU newer than this ptxas
+        ptx_to_cubin(ptx, "sm_999")
