@@ -117,7 +117,8 @@ class Tenant(ABC):
     """One tenant's context on one device.
 
     Every method except ``staging_buffer`` and ``return_staging`` runs on the executor's worker
-    thread, in the tenant's submission order.
+    thread, in the tenant's submission order, or, for the queries ``Executor.run_if_idle`` answers
+    at once, on the caller's thread while nothing of the tenant's runs.
     Methods raise the ``executors.errors`` classes for anything the caller got wrong.
     """
 

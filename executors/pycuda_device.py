@@ -2,15 +2,18 @@
 
 Isolation: every tenant gets its **own CUDA context** on the GPU, created on its first operation.
 Memory one context allocates is not addressable from another, and a kernel fault (an illegal
-address, say) destroys only the faulting context: that tenant's later calls fail with
-``KernelFault`` until it releases its lease, and its neighbours never notice.
+address, say) makes only the faulting context unusable: that tenant's later calls fail with
+``KernelFault`` until it releases its lease (which destroys the context), and its neighbours never
+notice.
 
 Accounting: a tenant's memory is what it allocates (rounded up to 256 bytes, as on the NumPy
 device) plus what its context and its modules cost the GPU, measured as the drop in the device's
 free memory around their creation (``CUDA_MODULE_LOADING=EAGER`` is set before CUDA starts, so a
-module's code is resident, and paid for, from the moment it loads). Copies and built-in kernels are
-bounds-checked against the tenant's allocations before they reach the GPU, with the NumPy device's
-errors; user kernels run unchecked, inside their own context.
+module's code is resident, and paid for, from the moment it loads). What the driver adds beyond
+that (allocations mapped in 2 MiB pages, stacks a launch grows) is not charged: the memory the
+executor offers tenants leaves a headroom for it (3 % of the GPU, at least 256 MiB). Copies and
+built-in kernels are bounds-checked against the tenant's allocations before they reach the GPU,
+with the NumPy device's errors; user kernels run unchecked, inside their own context.
 
 Time-slicing: all device work goes through the executor's one worker thread, in the fair
 scheduler's order, and each operation runs to completion before the next starts: the worker
