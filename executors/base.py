@@ -25,6 +25,14 @@ from .errors import InvalidHandle, InvalidValue
 ARG_TYPE_CODES = frozenset("bBhHiIqQfdP")
 DEFAULT_STREAM = 0
 BUILTIN_MODULE = 0
+# cudaMalloc returns 256-byte-aligned addresses; every executor aligns and charges allocations in
+# this unit, so a tenant's quota (and its kernels' alignment) behaves the same on all of them.
+ALIGNMENT = 256
+
+
+def aligned_size(nbytes: int) -> int:
+    """``nbytes`` rounded up to ``ALIGNMENT``: what an allocation of that size is charged."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def arg_struct_format(arg_types: str) -> str:

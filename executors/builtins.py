@@ -82,21 +82,30 @@ class Builtin:
     doc: str
     sizes: tuple[int, ...]  # positions of the arguments that are sizes (never negative)
     footprint: Footprint
+    maxima: tuple[tuple[int, int, str], ...] = ()  # (position, largest, unit) of bounded ones
     layout: struct.Struct = field(init=False, repr=False)  # packs and unpacks the arguments
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", struct.Struct(arg_struct_format(self.arg_types)))
 
     def check(self, args: tuple[Any, ...]) -> list[tuple[int, int]]:
-        """Raise ``InvalidValue`` for a negative size (or a ``busy`` beyond its maximum); else
-        the buffers the launch addresses."""
+        """Raise ``InvalidValue`` for a negative size or an argument beyond its maximum; else the
+        buffers the launch addresses."""
         for position in self.sizes:
             if args[position] < 0:
-                name = self.doc.split("(", 1)[1].split(")", 1)[0].split(", ")[position]
-                raise InvalidValue(f"{name} must not be negative, got {args[position]}")
-        if self.name == "busy" and args[0] > BUSY_MAX_US:
-            raise InvalidValue(f"busy time must be at most {BUSY_MAX_US} us, got {args[0]} us")
+                raise InvalidValue(
+                    f"{self._arg_name(position)} must not be negative, got {args[position]}"
+                )
+        for position, largest, unit in self.maxima:
+            if args[position] > largest:
+                raise InvalidValue(
+                    f"{self._arg_name(position)} must be at most {largest} {unit}, "
+                    f"got {args[position]} {unit}"
+                )
         return self.footprint(args)
+
+    def _arg_name(self, position: int) -> str:
+        return self.doc.split("(", 1)[1].split(")", 1)[0].split(", ")[position]
 
     @staticmethod
     def check_grid(grid: tuple[int, int, int]) -> None:
@@ -284,6 +293,7 @@ BUILTINS: dict[str, Builtin] = {
             "busy(microseconds): occupy the device for that long (for scheduler tests)",
             (0,),
             lambda a: [],
+            maxima=((0, BUSY_MAX_US, "us"),),
         ),
     )
 }

@@ -30,6 +30,7 @@ from .base import (
     DeviceProperties,
     FunctionInfo,
     SerialTenant,
+    aligned_size,
     check_launch,
 )
 from .builtins import Builtin, lookup
@@ -45,15 +46,8 @@ from .worker import WorkerExecutor
 
 __all__ = ["NumpyExecutor", "NumpyTenant"]
 
-# cudaMalloc returns 256-byte-aligned addresses; aligning and charging in the same unit makes a
-# tenant's quota (and its kernels' alignment) behave the same as on a GPU.
-ALIGNMENT = 256
 _ADDRESS_BASE = 0x7000_0000_0000
 _ADDRESS_SPAN = 2**40
-
-
-def _round_up(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 class AddressSpace:
@@ -75,7 +69,7 @@ class AddressSpace:
 
     def reserve(self, nbytes: int) -> int:
         """A 256-byte-aligned address with ``nbytes`` free after it."""
-        size = _round_up(nbytes)
+        size = aligned_size(nbytes)
         with self._lock:
             address = self._first_fit(self._cursor, size)
             if address is None:
@@ -204,7 +198,7 @@ class NumpyTenant(SerialTenant):
             raise InvalidValue(f"allocation size must be positive, got {nbytes}")
         if self._released:  # the executor no longer counts this tenant's limit against the device
             raise InvalidHandle("the tenant is closed")
-        charged = _round_up(nbytes)
+        charged = aligned_size(nbytes)
         if self.memory_used + charged > self.memory_limit:
             raise DeviceOutOfMemory(
                 f"out of memory: requested {nbytes} bytes ({charged} with alignment), "

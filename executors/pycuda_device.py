@@ -51,6 +51,7 @@ from .base import (
     DeviceProperties,
     FunctionInfo,
     SerialTenant,
+    aligned_size,
     arg_struct_format,
     check_launch,
 )
@@ -88,7 +89,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT = 256  # what an allocation is charged in multiples of (cudaMalloc's alignment)
 # Device memory kept back from tenants' limits: allocation granularity (the driver maps memory in
 # 2 MiB pages) and the per-thread stacks a launch may grow make real use exceed the bytes asked.
 HEADROOM_FRACTION = 0.03
@@ -196,10 +196,6 @@ def gpu_unavailable_reason() -> str | None:
     except GpuUnavailable as exc:
         return str(exc)
     return None
-
-
-def _round_up(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 @dataclass(eq=False)
@@ -383,7 +379,7 @@ class PycudaTenant(SerialTenant):
         if nbytes <= 0:
             raise InvalidValue(f"allocation size must be positive, got {nbytes}")
         cuda = self._activate()
-        charged = _round_up(nbytes)
+        charged = aligned_size(nbytes)
         if self.memory_used + charged > self.memory_limit:
             raise DeviceOutOfMemory(
                 f"out of memory: requested {nbytes} bytes ({charged} with alignment), "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable
 
 import numpy as np
 
@@ -15,17 +14,12 @@ STAGING_POOL_BYTES = 256 * 2**20  # host memory a device keeps in idle staging b
 
 class StagingPool:
     """Idle host buffers for copies' payloads, reused so a large copy does not pay for fresh pages
-    (page faults, then unmapping) every time. Shared by a device's tenants; bounded in bytes.
-
-    ``allocate(nbytes)`` makes a fresh buffer when none idle fits (a GPU executor passes one that
-    pins it, so copies run at full DMA speed); by default an ordinary NumPy array.
-    """
+    (page faults, then unmapping) every time. Shared by a device's tenants; bounded in bytes."""
 
     MIN_POOLED = 64 * 1024  # smaller buffers are cheaper to allocate than to look up
 
-    def __init__(self, capacity: int, allocate: Callable[[int], np.ndarray] | None = None) -> None:
+    def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._allocate = allocate
         self._idle: list[np.ndarray] = []
         self._idle_bytes = 0
         self._lock = threading.Lock()
@@ -39,8 +33,6 @@ class StagingPool:
                     array = self._idle.pop(min(fits, key=lambda i: self._idle[i].nbytes))
                     self._idle_bytes -= array.nbytes
                     return memoryview(array.data)[:nbytes]
-            if self._allocate is not None:
-                return self._allocate(nbytes).data
         # np.empty does not touch the pages, so asking for a buffer costs nothing until written.
         return np.empty(nbytes, np.uint8).data
 

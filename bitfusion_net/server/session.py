@@ -64,11 +64,11 @@ MAX_QUEUED_OPERATIONS = 10_000
 BACKLOG_POLL_S = 0.002
 
 
-# Requests that only read state or wait: answered on the event loop when the lease is idle.
 def _nothing() -> None:
     """A give-back for requests that staged nothing."""
 
 
+# Requests that only read state or wait: answered on the event loop when the lease is idle.
 _QUERIES = frozenset(
     {m.MemGetInfo, m.Synchronize, m.StreamSynchronize, m.EventSynchronize, m.TenantStats}
 )

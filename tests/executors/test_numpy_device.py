@@ -55,19 +55,7 @@ def rng() -> np.random.Generator:
 
 def call(device: Executor, tenant: Tenant, op: Callable[[], Any]) -> Any:
     """Submit ``op`` wanting a reply, wait for it, and return its result or raise its error."""
-    done = threading.Event()
-    outcome: list[tuple[Any, BaseException | None]] = []
-
-    def on_done(result: Any, error: BaseException | None) -> None:
-        outcome.append((result, error))
-        done.set()
-
-    device.submit(tenant, op, wants_reply=True, on_done=on_done)
-    assert done.wait(TIMEOUT_S), "the device worker did not answer"
-    result, error = outcome[0]
-    if error is not None:
-        raise error
-    return result
+    return device.call(tenant, op, TIMEOUT_S)
 
 
 def post(device: Executor, tenant: Tenant, op: Callable[[], Any], tag: int = 0) -> None:

@@ -126,19 +126,7 @@ WRITE_TO_ARG_TYPES = "Pi"
 # -- driving an executor ----------------------------------------------------------------------------
 def call(executor: Executor, tenant: Tenant, op: Callable[[], T], timeout: float = TIMEOUT_S) -> T:
     """Submit ``op`` wanting a reply, wait for it, and return its result or raise its error."""
-    done = threading.Event()
-    outcome: list[tuple[Any, BaseException | None]] = []
-
-    def on_done(result: Any, error: BaseException | None) -> None:
-        outcome.append((result, error))
-        done.set()
-
-    executor.submit(tenant, op, wants_reply=True, on_done=on_done)
-    assert done.wait(timeout), f"the device worker did not answer within {timeout} s"
-    result, error = outcome[0]
-    if error is not None:
-        raise error
-    return cast(T, result)
+    return cast(T, executor.call(tenant, op, timeout))
 
 
 def close_tenant(executor: Executor, tenant: Tenant) -> None:
