@@ -9,11 +9,12 @@ from .blocking import (
     SyncStream,
     connect_sync,
 )
-from .device import DevicePtr, Event, Function, Module, RemoteDevice, Stream, TenantStats
+from .calls import DevicePtr, TenantStats
+from .device import Event, Function, Module, RemoteDevice, Stream
 from .session import Session, connect
 
 __all__ = [
     "DevicePtr", "Event", "Function", "Module", "RemoteDevice", "Session", "Stream", "SyncEvent",
-    "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats", "connect",
-    "connect_sync",
+    "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats",
+    "connect", "connect_sync",
 ]  # fmt: skip

@@ -1,98 +1,70 @@
-"""The blocking API: the async API's twins, with the same names, for code without an event loop.
+"""The blocking API: the async API's calls with the same names, for code without an event loop.
 
-Each blocking session runs its connection on a private event loop in a background thread, so
-no-reply calls keep flowing to the server while the caller computes, exactly as in the async API.
+Each blocking session drives its own socket from the calling thread (``BlockingDriver``): no loop
+thread, no hop between threads. A session may be shared by threads; calls are serialised. What
+each call sends is in ``calls``, shared with the async API; the methods here only run it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from ..protocol import Request
-from ..transport import new_event_loop
-from .core import ClientCore
-from .device import DevicePtr, Dim3, Event, Function, Module, RemoteDevice, Stream, TenantStats
-from .session import DEFAULT_CONNECT_TIMEOUT, Session, open_session
+from ..protocol import DeviceGrant
+from ..protocol import messages as m
+from ..transport import BlockingStream
+from .blocking_driver import BlockingDriver
+from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats
+from .session import DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, LeaseRequest
 
-T = TypeVar("T")
-
-
-class _LoopThread:
-    """An event loop running in a daemon thread; ``run`` executes a coroutine on it and waits."""
-
-    def __init__(self) -> None:
-        self.loop = new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="bitfusion-client", daemon=True
-        )
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result()
-
-    def post(self, core: ClientCore, message: Request) -> None:
-        """Queue a no-reply frame without waiting for the loop thread: a blocking launch costs
-        a wake-up, not a round trip between threads. It waits only while the send queue is full."""
-        if core.failure is not None:
-            raise core.failure
-        if not core.connection.writable:
-            self.run(core.connection.drain())
-        self.loop.call_soon_threadsafe(core.post_nowait, message)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
-def _stream(stream: SyncStream | None) -> Stream | None:
-    return stream._stream if stream is not None else None
+__all__ = [
+    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream",
+    "connect_sync",
+]  # fmt: skip
 
 
 class SyncStream:
-    def __init__(self, runner: _LoopThread, stream: Stream) -> None:
-        self._runner = runner
-        self._stream = stream
-        self.handle = stream.handle
+    """Blocking twin of ``Stream``."""
+
+    def __init__(self, device: SyncRemoteDevice, handle: int) -> None:
+        self.device = device
+        self.handle = handle
 
     def synchronize(self) -> None:
-        self._runner.run(self._stream.synchronize())
+        self.device._run(self.device._stream_synchronize(self.handle))
 
     def destroy(self) -> None:
-        self._runner.run(self._stream.destroy())
+        self.device._run(self.device._stream_destroy(self.handle))
 
 
 class SyncEvent:
-    def __init__(self, runner: _LoopThread, event: Event) -> None:
-        self._runner = runner
-        self._event = event
-        self.handle = event.handle
+    """Blocking twin of ``Event``."""
+
+    def __init__(self, device: SyncRemoteDevice, handle: int) -> None:
+        self.device = device
+        self.handle = handle
 
     def record(self, stream: SyncStream | None = None) -> None:
-        self._runner.run(self._event.record(_stream(stream)))
+        self.device._run(self.device._event_record(self.handle, stream))
 
     def synchronize(self) -> None:
-        self._runner.run(self._event.synchronize())
+        self.device._run(self.device._event_synchronize(self.handle))
 
     def elapsed_ms(self, end: SyncEvent) -> float:
-        return self._runner.run(self._event.elapsed_ms(end._event))
+        return self.device._run(self.device._event_elapsed(self.handle, end.handle))
 
     def destroy(self) -> None:
-        self._runner.run(self._event.destroy())
+        self.device._run(self.device._event_destroy(self.handle))
 
 
-class SyncFunction:
-    def __init__(self, runner: _LoopThread, function: Function) -> None:
-        self._runner = runner
-        self._function = function
-        self.name = function.name
-        self.arg_types = function.arg_types
+class SyncFunction(KernelCalls):
+    """Blocking twin of ``Function``."""
+
+    def __init__(self, device: SyncRemoteDevice, name: str, handle: int, arg_types: str) -> None:
+        super().__init__(device.index, name, handle, arg_types)
+        self.device = device
+        self._post = device._driver.post
 
     def launch(
         self,
@@ -102,118 +74,107 @@ class SyncFunction:
         shared_mem: int = 0,
         stream: SyncStream | None = None,
     ) -> None:
-        message = self._function.launch_message(grid, block, args, shared_mem, _stream(stream))
-        self._runner.post(self._function.device._core, message)
+        """Queue the kernel: written to the socket, no round trip; see ``Function.launch``."""
+        self._post(self.launch_message(grid, block, args, shared_mem, stream))
 
 
 class SyncModule:
-    def __init__(self, runner: _LoopThread, module: Module) -> None:
-        self._runner = runner
-        self._module = module
+    """Blocking twin of ``Module``."""
+
+    def __init__(self, device: SyncRemoteDevice, handle: int) -> None:
+        self.device = device
+        self.handle = handle
 
     def get_function(self, name: str, arg_types: str = "") -> SyncFunction:
-        return SyncFunction(
-            self._runner, self._runner.run(self._module.get_function(name, arg_types))
-        )
+        return self.device._function(self.handle, name, arg_types)
 
     def unload(self) -> None:
-        self._runner.run(self._module.unload())
+        self.device._run(self.device._module_unload(self.handle))
 
 
-class SyncRemoteDevice:
+class SyncRemoteDevice(DeviceCalls):
     """Blocking twin of ``RemoteDevice``; see it for what each call does."""
 
-    def __init__(self, runner: _LoopThread, device: RemoteDevice) -> None:
-        self._runner = runner
-        self._device = device
+    def __init__(self, driver: BlockingDriver, grant: DeviceGrant, max_payload: int) -> None:
+        super().__init__(grant, max_payload)
+        self._driver = driver
+        self._run = driver.run
         self._builtins: dict[str, SyncFunction] = {}
-        self.index = device.index
-        self.name = device.name
-        self.executor = device.executor
-        self.total_memory = device.total_memory
-        self.memory_limit = device.memory_limit
-        self.fraction = device.fraction
-        self.weight = device.weight
-        self.mode = device.mode
-        self.server_gpu = device.server_gpu
-
-    def __repr__(self) -> str:
-        return repr(self._device)
 
     def mem_alloc(self, nbytes: int) -> DevicePtr:
-        return self._runner.run(self._device.mem_alloc(nbytes))
+        return self._run(self._mem_alloc(nbytes))
 
     def mem_free(self, ptr: int) -> None:
-        self._runner.run(self._device.mem_free(ptr))
+        self._run(self._mem_free(ptr))
 
     def mem_get_info(self) -> tuple[int, int]:
-        return self._runner.run(self._device.mem_get_info())
+        return self._run(self._mem_get_info())
 
     def memcpy_htod(self, dst: int, buffer: Any, stream: SyncStream | None = None) -> None:
-        self._runner.run(self._device.memcpy_htod(dst, buffer, _stream(stream)))
+        self._run(self._memcpy_htod(dst, buffer, stream))
 
     def memcpy_dtoh(self, buffer: Any, src: int, stream: SyncStream | None = None) -> None:
-        self._runner.run(self._device.memcpy_dtoh(buffer, src, _stream(stream)))
+        self._run(self._memcpy_dtoh(buffer, src, stream))
 
     def memcpy_dtod(
         self, dst: int, src: int, nbytes: int, stream: SyncStream | None = None
     ) -> None:
-        self._runner.run(self._device.memcpy_dtod(dst, src, nbytes, _stream(stream)))
+        self._run(self._memcpy_dtod(dst, src, nbytes, stream))
 
     def memset_d8(
         self, ptr: int, value: int, nbytes: int, stream: SyncStream | None = None
     ) -> None:
-        self._runner.run(self._device.memset_d8(ptr, value, nbytes, _stream(stream)))
+        self._run(self._memset(ptr, value, 1, nbytes, stream))
 
     def memset_d32(
         self, ptr: int, value: int, count: int, stream: SyncStream | None = None
     ) -> None:
-        self._runner.run(self._device.memset_d32(ptr, value, count, _stream(stream)))
+        self._run(self._memset(ptr, value, 4, count, stream))
 
     def synchronize(self) -> None:
-        self._runner.run(self._device.synchronize())
+        self._run(self._synchronize())
 
     def stats(self) -> TenantStats:
-        return self._runner.run(self._device.stats())
+        return self._run(self._stats())
 
     def builtin(self, name: str) -> SyncFunction:
         function = self._builtins.get(name)
         if function is None:
-            function = self._builtins[name] = SyncFunction(
-                self._runner, self._runner.run(self._device.builtin(name))
-            )
+            function = self._builtins[name] = self._function(0, name, "")
         return function
 
     def module_load(self, image: bytes) -> SyncModule:
-        return SyncModule(self._runner, self._runner.run(self._device.module_load(image)))
+        return SyncModule(self, self._run(self._module_load(image)))
+
+    def _function(self, module: int, name: str, arg_types: str) -> SyncFunction:
+        handle, declared = self._run(self._get_function(module, name, arg_types))
+        return SyncFunction(self, name, handle, declared)
 
     def create_stream(self) -> SyncStream:
-        return SyncStream(self._runner, self._runner.run(self._device.create_stream()))
+        return SyncStream(self, self._run(self._create_stream()))
 
     def create_event(self) -> SyncEvent:
-        return SyncEvent(self._runner, self._runner.run(self._device.create_event()))
+        return SyncEvent(self, self._run(self._create_event()))
 
 
 class SyncSession:
     """Blocking twin of ``Session``: use it as a context manager, or call ``close()``."""
 
-    def __init__(self, runner: _LoopThread, session: Session) -> None:
-        self._runner = runner
-        self._session = session
-        self.id = session.id
-        self.devices = [SyncRemoteDevice(runner, device) for device in session.devices]
+    def __init__(self, driver: BlockingDriver, reply: m.HelloReply) -> None:
+        self._driver = driver
+        self.id = reply.session_id
+        self.max_payload = reply.max_payload
+        self.devices = [
+            SyncRemoteDevice(driver, grant, reply.max_payload) for grant in reply.devices
+        ]
 
     @property
     def closed(self) -> bool:
-        return self._session.closed
+        return self._driver.failure is not None
 
-    def close(self) -> None:
-        if self._runner.loop.is_closed():
-            return
-        try:
-            self._runner.run(self._session.close())
-        finally:
-            self._runner.stop()
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Release the session's GPUs; waits up to ``timeout`` s for the server to close."""
+        self._driver.close(timeout)
 
     def __enter__(self) -> SyncSession:
         return self
@@ -238,22 +199,22 @@ def connect_sync(
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> SyncSession:
-    """Blocking ``connect``: ``with connect_sync("tcp://HOST:PORT", fraction=0.05) as session:``."""
-    runner = _LoopThread()
+    """Blocking ``connect`` (same arguments): ``with connect_sync(address, fraction=0.05) as s:``."""
+    request = LeaseRequest.make(
+        address, gpus, fraction, memory, mode, weight, client_name, timeout
+    )
     try:
-        session = runner.run(
-            open_session(
-                address,
-                gpus,
-                fraction,
-                memory,
-                mode=mode,
-                weight=weight,
-                client_name=client_name,
-                timeout=timeout,
-            )
-        )
-    except BaseException:
-        runner.stop()
+        stream = BlockingStream.connect(request.address, request.timeout)
+    except OSError as exc:
+        raise request.unreachable(exc) from None
+    driver = BlockingDriver(stream)
+    try:
+        stream.settimeout(request.timeout)
+        reply = driver.run(request.greet())
+        stream.settimeout(None)
+    except BaseException as exc:
+        stream.close()
+        if isinstance(exc, OSError):
+            raise request.unreachable(exc) from None
         raise
-    return SyncSession(runner, session)
+    return SyncSession(driver, reply)

@@ -6,20 +6,89 @@ import asyncio
 import math
 import socket
 from collections.abc import Generator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ..protocol import DEFAULT_LIMITS, ConnectionLostError, InvalidValueError, Limits
+from ..protocol import ConnectionLostError, InvalidValueError
 from ..protocol import messages as m
-from ..transport import FrameConnection, parse_address
+from ..transport import Stream, TcpAddress, parse_address
 from ..transport import connect as tcp_connect
 from ..units import parse_size
-from .core import ClientCore
+from .async_driver import AsyncDriver
+from .calls import Call, Plan
 from .device import RemoteDevice
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
-# The client only receives payloads it asked for, into buffers it owns; it accepts what it requested.
-_CLIENT_LIMITS = Limits(max_metadata=DEFAULT_LIMITS.max_metadata, max_payload=2**63 - 1)
+DEFAULT_CLOSE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """What ``connect`` asks the server for, checked before anything is sent."""
+
+    address: TcpAddress
+    hello: m.Hello
+    timeout: float
+
+    @classmethod
+    def make(
+        cls,
+        address: str,
+        gpus: int,
+        fraction: float | None,
+        memory: str | int | None,
+        mode: str,
+        weight: float | None,
+        client_name: str | None,
+        timeout: float,
+    ) -> LeaseRequest:
+        try:
+            target = parse_address(address)
+        except ValueError as exc:
+            raise InvalidValueError(str(exc)) from None
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 0xFFFF:
+            raise InvalidValueError(f"gpus must be an integer in 1..65535, got {gpus!r}")
+        if fraction is not None and memory is not None:
+            raise InvalidValueError("give either fraction or memory, not both")
+        lease_fraction, lease_memory = 0.0, 0
+        if memory is not None:
+            try:
+                lease_memory = parse_size(memory)
+            except ValueError as exc:
+                raise InvalidValueError(str(exc)) from None
+            if not 0 < lease_memory <= 2**64 - 1:
+                raise InvalidValueError(f"memory must be positive and fit in u64, got {memory!r}")
+        else:
+            lease_fraction = 1.0 if fraction is None else float(fraction)
+            if not 0.0 < lease_fraction <= 1.0:
+                raise InvalidValueError(f"fraction must be in (0, 1], got {lease_fraction}")
+        if mode not in m.MODES:
+            raise InvalidValueError(f"mode must be one of {sorted(m.MODES)}, got {mode!r}")
+        if weight is not None and not (math.isfinite(weight) and 0 < weight <= 1000):
+            raise InvalidValueError(f"weight must be in (0, 1000], got {weight}")
+        if not timeout > 0:
+            raise InvalidValueError(f"timeout must be positive, got {timeout}")
+        name = client_name if client_name is not None else socket.gethostname()
+        hello = m.Hello(
+            gpus,
+            lease_fraction,
+            lease_memory,
+            name,
+            weight=0.0 if weight is None else float(weight),
+            mode=m.MODES[mode],
+        )
+        return cls(target, hello, timeout)
+
+    def greet(self) -> Plan[m.HelloReply]:
+        reply = yield Call(self.hello)
+        return reply  # type: ignore[no-any-return]
+
+    def unreachable(self, error: BaseException) -> ConnectionLostError:
+        if isinstance(error, TimeoutError):
+            return ConnectionLostError(f"no answer from {self.address} within {self.timeout} s")
+        reason = getattr(error, "strerror", None) or error
+        return ConnectionLostError(f"cannot connect to {self.address}: {reason}")
 
 
 class Session:
@@ -28,25 +97,25 @@ class Session:
     Closing the session (or losing the connection) releases the leases and frees their memory.
     """
 
-    def __init__(self, core: ClientCore, reply: m.HelloReply) -> None:
-        self._core = core
+    def __init__(self, driver: AsyncDriver, reply: m.HelloReply) -> None:
+        self._driver = driver
         self.id = reply.session_id
         self.max_payload = reply.max_payload
-        self.devices = [RemoteDevice(core, grant, reply.max_payload) for grant in reply.devices]
+        self.devices = [RemoteDevice(driver, grant, reply.max_payload) for grant in reply.devices]
 
     @property
     def closed(self) -> bool:
-        return self._core.failure is not None
+        return self._driver.failure is not None
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Release the session's GPUs. Queued no-reply work is sent first, for up to ``timeout`` s."""
-        self._core.close()
-        connection = self._core.connection
+        self._driver.close()
+        stream = self._driver.stream
         try:
-            await asyncio.wait_for(connection.wait_closed(), timeout)
+            await asyncio.wait_for(stream.wait_closed(), timeout)
         except TimeoutError:  # the server stopped reading; it frees the leases when we vanish
-            connection.abort()
-            await connection.wait_closed()
+            stream.abort()
+            await stream.wait_closed()
 
     async def __aenter__(self) -> Session:
         return self
@@ -60,83 +129,36 @@ class Session:
         await self.close()
 
 
-def _scheduling_request(mode: str, weight: float | None) -> tuple[int, float]:
-    if mode not in m.MODES:
-        raise InvalidValueError(f"mode must be one of {sorted(m.MODES)}, got {mode!r}")
-    if weight is not None and not (math.isfinite(weight) and 0 < weight <= 1000):
-        raise InvalidValueError(f"weight must be in (0, 1000], got {weight}")
-    return m.MODES[mode], 0.0 if weight is None else float(weight)
-
-
-def _lease_request(fraction: float | None, memory: str | int | None) -> tuple[float, int]:
-    if fraction is not None and memory is not None:
-        raise InvalidValueError("give either fraction or memory, not both")
-    if memory is not None:
-        size = parse_size(memory)
-        if size <= 0:
-            raise InvalidValueError("memory must be positive")
-        return 0.0, size
-    value = 1.0 if fraction is None else float(fraction)
-    if not 0.0 < value <= 1.0:
-        raise InvalidValueError(f"fraction must be in (0, 1], got {value}")
-    return value, 0
-
-
-async def open_session(
-    address: str,
-    gpus: int = 1,
-    fraction: float | None = None,
-    memory: str | int | None = None,
-    *,
-    mode: str = "share",
-    weight: float | None = None,
-    client_name: str | None = None,
-    timeout: float = DEFAULT_CONNECT_TIMEOUT,
-) -> Session:
+async def open_session(request: LeaseRequest) -> Session:
     """Connect and lease; see ``connect``."""
-    target = parse_address(address)
-    if gpus < 1:
-        raise InvalidValueError("gpus must be at least 1")
-    lease_fraction, lease_memory = _lease_request(fraction, memory)
-    mode_code, lease_weight = _scheduling_request(mode, weight)
-    name = client_name if client_name is not None else socket.gethostname()
-
-    def factory() -> FrameConnection:
-        return FrameConnection(lambda connection: ClientCore(connection, _CLIENT_LIMITS))
-
+    stream: Stream | None = None
     try:
-        async with asyncio.timeout(timeout):
-            connection = await tcp_connect(target, factory)
-            core = connection.handler
-            assert isinstance(core, ClientCore)
-            try:
-                hello = m.Hello(
-                    gpus, lease_fraction, lease_memory, name, weight=lease_weight, mode=mode_code
-                )
-                reply = await core.request(hello)
-            except BaseException:
-                connection.abort()
-                raise
-    except TimeoutError:
-        raise ConnectionLostError(f"no answer from {target} within {timeout} s") from None
-    except OSError as exc:
-        raise ConnectionLostError(f"cannot connect to {target}: {exc.strerror or exc}") from None
-    return Session(core, reply)
+        async with asyncio.timeout(request.timeout):
+            stream = await tcp_connect(request.address, AsyncDriver)
+            driver = stream.owner
+            assert isinstance(driver, AsyncDriver)
+            reply = await driver.run(request.greet())
+    except BaseException as exc:
+        if stream is not None:
+            stream.abort()
+        if isinstance(exc, OSError | TimeoutError):
+            raise request.unreachable(exc) from None
+        raise
+    return Session(driver, reply)
 
 
 class _SessionOpener:
     """What ``connect`` returns: await it for a Session, or use it with ``async with``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._args = args
-        self._kwargs = kwargs
+    def __init__(self, request: LeaseRequest) -> None:
+        self._request = request
         self._session: Session | None = None
 
     def __await__(self) -> Generator[Any, None, Session]:
-        return open_session(*self._args, **self._kwargs).__await__()
+        return open_session(self._request).__await__()
 
     async def __aenter__(self) -> Session:
-        self._session = await open_session(*self._args, **self._kwargs)
+        self._session = await open_session(self._request)
         return self._session
 
     async def __aexit__(
@@ -168,16 +190,9 @@ def connect(
     has work, and more when others are idle; ``mode="cap"`` holds it to its fraction even on an
     idle GPU. ``weight`` sets the compute weight apart from the fraction. Use
     ``session = await connect(...)`` or ``async with connect(...) as session``.
-    Raises CapacityError when the server cannot place the lease, ConnectionLostError when it
-    cannot be reached within ``timeout`` seconds.
+    Raises InvalidValueError for a request that cannot be valid, CapacityError when the server
+    cannot place the lease, ConnectionLostError when it cannot be reached within ``timeout`` s.
     """
     return _SessionOpener(
-        address,
-        gpus,
-        fraction,
-        memory,
-        mode=mode,
-        weight=weight,
-        client_name=client_name,
-        timeout=timeout,
+        LeaseRequest.make(address, gpus, fraction, memory, mode, weight, client_name, timeout)
     )

@@ -1,8 +1,20 @@
-"""The bitfusion-net wire protocol, with no I/O: frames, messages, codec, errors.
+"""The bitfusion-net wire protocol, with no I/O: frames, messages, codec, errors, connections.
 
 docs/PROTOCOL.md is the normative specification; this package implements it.
 """
 
+from .connection import (
+    CLIENT_LIMITS,
+    ClientConnection,
+    ClientState,
+    ConnectionFailed,
+    ProtocolViolation,
+    ReplyReceived,
+    RequestFailed,
+    RequestReceived,
+    ServerConnection,
+    ServerState,
+)
 from .decoder import Frame, FrameDecoder, PayloadSink
 from .encoder import encode_reply, encode_request
 from .errors import (
@@ -23,8 +35,6 @@ from .frames import DEFAULT_LIMITS, HEADER_SIZE, MAGIC, PROTOCOL_VERSION, Limits
 from .messages import (
     ERROR_DEFERRED,
     ERROR_FATAL,
-    REPLIES,
-    REQUESTS,
     DeviceGrant,
     ErrorReply,
     Message,
@@ -32,12 +42,15 @@ from .messages import (
     Reply,
     Request,
 )
+from .rules import REPLIES, REQUESTS, RULES, OpcodeRule
 
 __all__ = [
-    "DEFAULT_LIMITS", "ERROR_DEFERRED", "ERROR_FATAL", "HEADER_SIZE", "MAGIC", "PROTOCOL_VERSION",
-    "REPLIES", "REQUESTS", "BitfusionError", "CapacityError", "ConnectionLostError", "DeviceGrant",
+    "CLIENT_LIMITS", "DEFAULT_LIMITS", "ERROR_DEFERRED", "ERROR_FATAL", "HEADER_SIZE", "MAGIC",
+    "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "BitfusionError", "CapacityError",
+    "ClientConnection", "ClientState", "ConnectionFailed", "ConnectionLostError", "DeviceGrant",
     "ErrorCode", "ErrorReply", "Frame", "FrameDecoder", "InternalError", "InvalidHandleError",
-    "InvalidValueError", "KernelError", "Limits", "Message", "Opcode", "OutOfMemoryError",
-    "PayloadSink", "ProtocolError", "Reply", "Request", "UnsupportedError", "encode_reply",
-    "encode_request", "error_class",
+    "InvalidValueError", "KernelError", "Limits", "Message", "OpcodeRule", "Opcode",
+    "OutOfMemoryError", "PayloadSink", "ProtocolError", "ProtocolViolation", "Reply",
+    "ReplyReceived", "Request", "RequestFailed", "RequestReceived", "ServerConnection",
+    "ServerState", "UnsupportedError", "encode_reply", "encode_request", "error_class",
 ]  # fmt: skip

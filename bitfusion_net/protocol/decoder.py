@@ -28,7 +28,8 @@ from .frames import (
     PROTOCOL_VERSION,
     Limits,
 )
-from .messages import REPLIES, REQUESTS, Message, Opcode
+from .messages import Message, Opcode
+from .rules import REPLIES, REQUESTS
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .rules import OpcodeRule
 
 
 class Opcode(IntEnum):
@@ -57,6 +60,7 @@ class Message:
     HAS_PAYLOAD: ClassVar[bool] = False  # a bulk payload follows the metadata
     _struct: ClassVar[struct.Struct]
     _layout: ClassVar[tuple[tuple[str, int], ...]]  # (name, value count) for the fixed fields
+    _flat: ClassVar[bool]  # only scalar fixed fields
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,6 +68,8 @@ class Message:
         cls._layout = tuple(
             (name, int(code[:-1]) if len(code) > 1 else 0) for name, code in cls.FIXED
         )
+        # Most messages are a few scalars: they pack and unpack in one call, with no field loop.
+        cls._flat = not cls.VARIABLE and all(count == 0 for _, count in cls._layout)
 
     def encode(self) -> bytes:
         values: list[Any] = []
@@ -85,10 +91,16 @@ class Message:
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Message:
-        data = memoryview(data)
         size = cls._struct.size
         if len(data) < size:
             raise ProtocolError(f"{cls.__name__} metadata is {len(data)} bytes, needs {size}")
+        if cls._flat:
+            if len(data) != size:
+                raise ProtocolError(
+                    f"{cls.__name__} metadata has {len(data) - size} stray bytes"
+                )
+            return cls(*cls._struct.unpack_from(data))
+        data = memoryview(data)
         raw = cls._struct.unpack_from(data)
         kwargs: dict[str, Any] = {}
         index = 0
@@ -123,7 +135,8 @@ class Message:
 
 class Request(Message):
     OPCODE: ClassVar[Opcode]
-    NO_REPLY: ClassVar[bool] = False  # success is silent; failure is sticky (see PROTOCOL.md)
+    # Whether it has a reply, and which, is the opcode's rule (``protocol.rules.RULES``), set there.
+    RULE: ClassVar[OpcodeRule]
 
 
 class Reply(Message):
@@ -259,7 +272,6 @@ class MemAllocReply(Reply):
 @dataclass(frozen=True)
 class MemFree(Request):
     OPCODE = Opcode.MEM_FREE
-    NO_REPLY = True
     FIXED = (("device", "H"), ("ptr", "Q"))
     device: int
     ptr: int
@@ -284,7 +296,6 @@ class MemcpyHtoD(Request):
     """The payload is the data; its length is the copy size."""
 
     OPCODE = Opcode.MEMCPY_HTOD
-    NO_REPLY = True
     HAS_PAYLOAD = True
     FIXED = (("device", "H"), ("dst", "Q"), ("stream", "Q"))
     device: int
@@ -312,7 +323,6 @@ class MemcpyDtoHReply(Reply):
 @dataclass(frozen=True)
 class MemcpyDtoD(Request):
     OPCODE = Opcode.MEMCPY_DTOD
-    NO_REPLY = True
     FIXED = (("device", "H"), ("dst", "Q"), ("src", "Q"), ("nbytes", "Q"), ("stream", "Q"))
     device: int
     dst: int
@@ -324,7 +334,6 @@ class MemcpyDtoD(Request):
 @dataclass(frozen=True)
 class Memset(Request):
     OPCODE = Opcode.MEMSET
-    NO_REPLY = True
     FIXED = (
         ("device", "H"),
         ("itemsize", "B"),
@@ -398,7 +407,6 @@ class ModuleLoadReply(Reply):
 @dataclass(frozen=True)
 class ModuleUnload(Request):
     OPCODE = Opcode.MODULE_UNLOAD
-    NO_REPLY = True
     FIXED = (("device", "H"), ("module", "Q"))
     device: int
     module: int
@@ -430,7 +438,6 @@ class Launch(Request):
     """``args``: the kernel's arguments packed little-endian, unpadded, by its ``arg_types``."""
 
     OPCODE = Opcode.LAUNCH
-    NO_REPLY = True
     FIXED = (
         ("device", "H"),
         ("function", "Q"),
@@ -476,7 +483,6 @@ class HandleReply(Reply):
 @dataclass(frozen=True)
 class StreamDestroy(Request):
     OPCODE = Opcode.STREAM_DESTROY
-    NO_REPLY = True
     FIXED = (("device", "H"), ("stream", "Q"))
     device: int
     stream: int
@@ -500,7 +506,6 @@ class EventCreate(Request):
 @dataclass(frozen=True)
 class EventDestroy(Request):
     OPCODE = Opcode.EVENT_DESTROY
-    NO_REPLY = True
     FIXED = (("device", "H"), ("event", "Q"))
     device: int
     event: int
@@ -509,7 +514,6 @@ class EventDestroy(Request):
 @dataclass(frozen=True)
 class EventRecord(Request):
     OPCODE = Opcode.EVENT_RECORD
-    NO_REPLY = True
     FIXED = (("device", "H"), ("event", "Q"), ("stream", "Q"))
     device: int
     event: int
@@ -542,30 +546,3 @@ class EventElapsedReply(Reply):
 @dataclass(frozen=True)
 class Done(Reply):
     """The empty reply of a request that returns nothing (SYNCHRONIZE, *_SYNCHRONIZE)."""
-
-
-REQUESTS: dict[int, type[Request]] = {
-    cls.OPCODE: cls
-    for cls in (
-        Hello, MemAlloc, MemFree, MemGetInfo, MemcpyHtoD, MemcpyDtoH, MemcpyDtoD, Memset,
-        Synchronize, TenantStats, ModuleLoad, ModuleUnload, GetFunction, Launch, StreamCreate, StreamDestroy,
-        StreamSynchronize, EventCreate, EventDestroy, EventRecord, EventSynchronize, EventElapsed,
-    )
-}  # fmt: skip
-
-REPLIES: dict[int, type[Reply]] = {
-    Opcode.HELLO: HelloReply,
-    Opcode.ERROR: ErrorReply,
-    Opcode.MEM_ALLOC: MemAllocReply,
-    Opcode.MEM_GET_INFO: MemGetInfoReply,
-    Opcode.MEMCPY_DTOH: MemcpyDtoHReply,
-    Opcode.SYNCHRONIZE: Done,
-    Opcode.TENANT_STATS: TenantStatsReply,
-    Opcode.MODULE_LOAD: ModuleLoadReply,
-    Opcode.GET_FUNCTION: GetFunctionReply,
-    Opcode.STREAM_CREATE: HandleReply,
-    Opcode.STREAM_SYNCHRONIZE: Done,
-    Opcode.EVENT_CREATE: HandleReply,
-    Opcode.EVENT_SYNCHRONIZE: Done,
-    Opcode.EVENT_ELAPSED: EventElapsedReply,
-}

@@ -10,7 +10,7 @@ from typing import Any
 from executors import Executor, create_executors
 
 from ..protocol import Limits
-from ..transport import FrameConnection, TcpAddress, listen, parse_address
+from ..transport import Stream, TcpAddress, listen, parse_address
 from ..units import format_size, parse_size
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
 from .session import ServerSession
@@ -78,7 +78,7 @@ class Server:
             min_share=self._min_share,
         )
         try:
-            self._server = await listen(self._listen, self._new_connection)
+            self._server = await listen(self._listen, self._new_session)
         except BaseException:
             self._close_executors()
             raise
@@ -101,16 +101,13 @@ class Server:
             self._scheduling,
         )
 
-    def _new_connection(self) -> FrameConnection:
+    def _new_session(self, stream: Stream) -> ServerSession:
         assert self._pool is not None
-        pool, executors, limits = self._pool, self._executors, self._limits
-
-        def make_session(connection: FrameConnection) -> ServerSession:
-            session = ServerSession(connection, pool, executors, limits, self._sessions.discard)
-            self._sessions.add(session)
-            return session
-
-        return FrameConnection(make_session)
+        session = ServerSession(
+            stream, self._pool, self._executors, self._limits, self._sessions.discard
+        )
+        self._sessions.add(session)
+        return session
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -121,7 +118,7 @@ class Server:
         if self._server is not None:
             self._server.close()
             for session in list(self._sessions):
-                session.connection.abort()
+                session.stream.abort()
             await self._server.wait_closed()
             self._server = None
         await asyncio.get_running_loop().run_in_executor(None, self._close_executors)

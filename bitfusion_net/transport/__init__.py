@@ -1,10 +1,13 @@
-"""Transports move frames between peers; they know nothing of CUDA."""
+"""Transports move bytes between peers; they know nothing of CUDA (see ``base`` for the interface)."""
 
-from .connection import FrameConnection, FrameHandler
+from .base import Stream, StreamOwner
+from .blocking import BlockingStream
 from .loop import loop_factory, new_event_loop
-from .tcp import TcpAddress, connect, listen, parse_address
+from .memory import MemoryStream, memory_stream_pair
+from .tcp import DEFAULT_BACKLOG, TcpAddress, TcpStream, connect, listen, parse_address
 
 __all__ = [
-    "FrameConnection", "FrameHandler", "TcpAddress", "connect", "listen", "loop_factory",
-    "new_event_loop", "parse_address",
+    "DEFAULT_BACKLOG", "BlockingStream", "MemoryStream", "Stream", "StreamOwner", "TcpAddress",
+    "TcpStream", "connect", "listen", "loop_factory", "memory_stream_pair", "new_event_loop",
+    "parse_address",
 ]  # fmt: skip

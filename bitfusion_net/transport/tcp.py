@@ -1,13 +1,32 @@
-"""TCP: addresses, listening and connecting for ``FrameConnection``."""
+"""TCP: addresses, listening and connecting, and ``TcpStream``, the event-loop stream over TCP.
+
+Receiving: ``asyncio.BufferedProtocol`` hands the kernel the owner's buffer, so small frames are
+parsed many per read and bulk payloads are read straight into the buffer their sink chose.
+
+Sending: writes queue here and go out in one coalesced ``writelines`` per loop iteration (or at
+``flush()``). The transport's own buffer is kept empty-or-paused (high and low water marks of 0;
+uvloop's default low mark is 16 bytes): we hand it more only after it has passed everything to
+the kernel. That gives three things at once: large payloads go out in bounded slices without
+being copied into a transport buffer, back-pressure is real (``drain()`` waits while our queue is
+over its limit), and we know when a payload's memory has been consumed (``on_sent``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
-from .connection import FrameConnection
+from .base import Stream, StreamOwner
+
+SLICE = 4 * 2**20  # the most of one payload handed to the transport at once
+DEFAULT_QUEUE_LIMIT = 8 * 2**20  # queued bytes above which drain() waits
+DEFAULT_BACKLOG = 1024  # pending connections the kernel holds for a server (bursts of clients)
+_TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
 
 
 @dataclass(frozen=True)
@@ -38,15 +57,226 @@ def parse_address(url: str) -> TcpAddress:
     return TcpAddress(parts.hostname, port)
 
 
-ConnectionFactory = Callable[[], FrameConnection]
+def tune_socket(sock: socket.socket) -> None:
+    """Most frames are small and someone waits for them: no Nagle delay."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def listen(address: TcpAddress, factory: ConnectionFactory) -> asyncio.Server:
+OwnerFactory = Callable[[Stream], StreamOwner]
+
+
+class TcpStream(asyncio.BufferedProtocol, Stream):
+    """``Stream`` over an asyncio (or uvloop) TCP transport; see ``Stream`` for each method."""
+
+    def __init__(self, owner_factory: OwnerFactory, *, queue_limit: int = DEFAULT_QUEUE_LIMIT):
+        self._owner_factory = owner_factory
+        self.owner: StreamOwner | None = None
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[tuple[memoryview | bytes, Callable[[], None] | None]] = deque()
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._flush_scheduled = False
+        self._transport_paused = False
+        self._awaiting_drain: list[Callable[[], None]] = []  # on_sent waiting for the kernel
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._reading_paused = False
+        self._closed = False
+        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio.BufferedProtocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_socket(sock)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        self.transport.set_write_buffer_limits(high=0, low=0)
+        self.owner = self._owner_factory(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self.owner is not None
+        return self.owner.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.owner is not None
+        self.owner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: a half-open connection has no use here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._queued = 0
+        self._awaiting_drain.clear()
+        self._wake_drain_waiters()
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        if self.owner is not None:
+            self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._transport_paused = True
+
+    def resume_writing(self) -> None:
+        self._transport_paused = False
+        self._payloads_consumed()
+        self.flush()
+
+    # -- sending --------------------------------------------------------------------------------
+    def write(
+        self,
+        head: bytes,
+        payload: memoryview | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        if self._closed:
+            return
+        if payload is not None and len(payload):
+            self._queue.append((head, None))
+            self._queue.append((payload, on_sent))
+            self._queued += len(head) + len(payload)
+        else:
+            self._queue.append((head, on_sent))
+            self._queued += len(head)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    @property
+    def writable(self) -> bool:
+        return self._queued <= self._queue_limit
+
+    async def drain(self) -> None:
+        while self._queued > self._queue_limit and not self._closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        queue = self._queue
+        while queue and not self._transport_paused:
+            if len(queue) == 1 and len(queue[0][0]) <= SLICE:  # the common case: one small frame
+                data, on_sent = queue.popleft()
+                self._queued -= len(data)
+                if on_sent is not None:
+                    self._awaiting_drain.append(on_sent)
+                transport.write(data)
+                break
+            batch: list[memoryview | bytes] = []
+            size = 0
+            while queue and size < SLICE:
+                data, on_sent = queue[0]
+                take = min(len(data), SLICE - size)
+                if take == len(data):
+                    queue.popleft()
+                    batch.append(data)
+                    if on_sent is not None:
+                        self._awaiting_drain.append(on_sent)
+                else:  # hand over a slice; the rest of this payload stays at the queue's head
+                    view = memoryview(data)
+                    batch.append(view[:take])
+                    queue[0] = (view[take:], on_sent)
+                size += take
+            self._queued -= size
+            transport.writelines(batch)  # pause_writing() runs in here if the kernel is full
+        if not self._transport_paused:
+            self._payloads_consumed()
+        if self._queued <= self._queue_limit:
+            self._wake_drain_waiters()
+
+    def _payloads_consumed(self) -> None:
+        if self._awaiting_drain:
+            callbacks, self._awaiting_drain = self._awaiting_drain, []
+            for callback in callbacks:
+                callback()
+
+    def _wake_drain_waiters(self) -> None:
+        if self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- flow control and closing ---------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def peer_alive(self) -> bool:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or self._closed:
+            return not self._closed
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            if hasattr(socket, "TCP_INFO"):  # Linux: anything but ESTABLISHED means it is gone
+                return (
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
+                )
+        except OSError:
+            return False
+        return True
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_waiter)
+
+    def close(self) -> None:
+        if self._closed or self.transport is None:
+            return
+        if self._queue or self._transport_paused:
+            self._awaiting_drain.append(self.close)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._scheduled_flush)
+            return
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+
+async def listen(
+    address: TcpAddress, owner_factory: OwnerFactory, *, backlog: int = DEFAULT_BACKLOG
+) -> asyncio.Server:
+    """Accept connections on ``address``; each becomes a ``TcpStream`` with its owner."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, address.host, address.port, reuse_address=True)
+    return await loop.create_server(
+        lambda: TcpStream(owner_factory),
+        address.host,
+        address.port,
+        reuse_address=True,
+        backlog=backlog,
+    )
 
 
-async def connect(address: TcpAddress, factory: ConnectionFactory) -> FrameConnection:
+async def connect(address: TcpAddress, owner_factory: OwnerFactory) -> TcpStream:
+    """Connect to ``address``; raises ``OSError`` when it cannot."""
     loop = asyncio.get_running_loop()
-    _transport, connection = await loop.create_connection(factory, address.host, address.port)
-    return connection
+    _transport, stream = await loop.create_connection(
+        lambda: TcpStream(owner_factory), address.host, address.port
+    )
+    return stream

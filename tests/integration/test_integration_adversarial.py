@@ -610,7 +610,7 @@ def test_a_client_that_pipelines_without_limit_is_held_back_not_buffered() -> No
     """50,000 launches sent without waiting: the server stops reading once a lease has
     MAX_QUEUED_OPERATIONS queued, so its queue stays bounded whatever the client sends; when the
     client vanishes, its queued work is dropped and the lease comes back at once."""
-    from bitfusion_net.server.session import MAX_QUEUED_OPERATIONS
+    from bitfusion_net.server.flow import MAX_QUEUED_OPERATIONS
 
     async def main() -> None:
         async with serve() as server:

@@ -8,6 +8,7 @@ are covered for every message class.
 from __future__ import annotations
 
 import struct
+from dataclasses import fields
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +39,7 @@ from bitfusion_net.protocol import (
     PROTOCOL_VERSION,
     REPLIES,
     REQUESTS,
+    RULES,
     DeviceGrant,
     ErrorCode,
     ErrorReply,
@@ -60,9 +62,17 @@ def test_every_message_class_is_registered() -> None:
     assert {cls.OPCODE for cls in REQUESTS.values()} == set(REQUESTS)
     # ERROR is the one reply without a request; every other reply answers a request opcode.
     assert set(REPLIES) - set(REQUESTS) == {Opcode.ERROR}
-    # A no-reply request has no reply layout, every other request has one.
+    # A no-reply request has no reply layout, every other request has one; its rule says which.
     for opcode, cls in REQUESTS.items():
-        assert (opcode in REPLIES) != cls.NO_REPLY, cls.__name__
+        assert cls.RULE is RULES[opcode] and cls.RULE.request is cls
+        assert (opcode in REPLIES) != cls.RULE.no_reply, cls.__name__
+
+
+def test_flat_messages_decode_their_fields_in_declaration_order() -> None:
+    """A message of scalar fields is decoded by position: its wire order must be its field order."""
+    for cls in all_message_classes():
+        if cls._flat:
+            assert [name for name, _ in cls.FIXED] == [f.name for f in fields(cls)], cls.__name__
 
 
 # -- round trips ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from wire_strategies import all_message_classes
 from bitfusion_net.protocol import (
     ERROR_DEFERRED,
     REPLIES,
-    REQUESTS,
+    RULES,
     DeviceGrant,
     ErrorCode,
     ErrorReply,
@@ -129,10 +129,10 @@ def test_the_opcode_table_matches_the_codec(spec: str) -> None:
         if opcode == Opcode.ERROR:
             assert reply_meta == "ErrorReply"
             continue
-        request = REQUESTS[opcode]
-        assert reply == ("no-reply" if request.NO_REPLY else "yes"), name
-        assert (request_payload != "none") == request.HAS_PAYLOAD, name
-        if request.NO_REPLY:
+        rule = RULES[opcode]
+        assert reply == ("no-reply" if rule.no_reply else "yes"), name
+        assert (request_payload != "none") == rule.request.HAS_PAYLOAD, name
+        if rule.no_reply:
             assert (reply_meta, reply_payload) == ("-", "-"), name
         else:
             assert reply_meta == REPLIES[opcode].__name__, name

@@ -1,0 +1,449 @@
+"""The two ends of a conversation, with no I/O: ``ClientConnection`` and ``ServerConnection``.
+
+A connection owns the rules of the conversation (docs/PROTOCOL.md, sections 3.3, 5, 8, 9): request
+ids, the table of requests waiting for a reply, the session phase, and what an ERROR frame means.
+It is fed received bytes (``receive_data``, or ``get_buffer``/``buffer_updated`` to have a transport
+read straight into its buffers), returns events from ``next_event()``, and returns the bytes to
+write from its ``send_*`` methods. Drivers (the asyncio one, the blocking one, tests pairing a
+client and a server in memory) move the bytes; none of them restates a rule.
+
+Everything that affects a connection's phase lives here, in the transition tables and the methods
+beside them. Events are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .decoder import Frame, FrameDecoder, PayloadSink
+from .encoder import encode_reply, encode_request
+from .errors import (
+    BitfusionError,
+    ConnectionLostError,
+    ErrorCode,
+    ProtocolError,
+    error_class,
+)
+from .frames import DEFAULT_LIMITS, MAX_REQUEST_ID, Limits
+from .messages import (
+    ERROR_DEFERRED,
+    ERROR_FATAL,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Message,
+    Opcode,
+    Reply,
+    Request,
+)
+
+# The client receives only payloads it asked for, into buffers it owns, so it accepts any length
+# it requested (the check is against the pending request, not a limit).
+CLIENT_LIMITS = Limits(max_metadata=DEFAULT_LIMITS.max_metadata, max_payload=2**63 - 1)
+
+
+# -- events ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ReplyReceived:
+    """The reply to request ``request_id``; ``token`` is what its sender attached to it."""
+
+    request_id: int
+    token: Any
+    message: Reply
+    payload: memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """Request ``request_id`` failed (``error.deferred_from``: an earlier no-reply call did)."""
+
+    request_id: int
+    token: Any
+    error: BitfusionError
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The conversation is over; ``orphans`` are the tokens of requests never to be answered.
+
+    The driver closes (or aborts) the transport. Every later send raises ``error``.
+    """
+
+    error: BitfusionError
+    orphans: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request for the server to handle; ``payload`` is where its sink put the bulk data."""
+
+    request_id: int
+    message: Request
+    payload: memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The client broke the protocol. ``data`` is the fatal ERROR frame to write before closing;
+    the connection delivers nothing more (docs/PROTOCOL.md, section 9.4)."""
+
+    request_id: int
+    error: ProtocolError
+    data: bytes
+
+
+ClientEvent = ReplyReceived | RequestFailed | ConnectionFailed
+ServerEvent = RequestReceived | ProtocolViolation
+
+
+class ClientState(enum.Enum):
+    IDLE = "idle"  # nothing sent yet: the first request must be HELLO
+    GREETING = "greeting"  # HELLO sent, its answer not yet received
+    READY = "ready"  # leased: device requests flow
+    CLOSED = "closed"  # refused, failed or closed; ``failure`` says why
+
+
+class ServerState(enum.Enum):
+    AWAITING_HELLO = "awaiting-hello"
+    NEGOTIATING = "negotiating"  # HELLO delivered; no event until it is accepted or refused
+    ACTIVE = "active"
+    CLOSING = "closing"  # a fatal ERROR was produced: nothing more is read or delivered
+
+
+# What moves a client: (state, what happened) -> next state. Anything else in CLOSED is refused
+# with the failure; a send in the wrong state is a bug of the caller (ProtocolError, nothing sent).
+CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
+    (ClientState.IDLE, "send HELLO"): ClientState.GREETING,
+    (ClientState.GREETING, "HELLO reply"): ClientState.READY,
+    (ClientState.GREETING, "ERROR"): ClientState.CLOSED,  # every refusal of a HELLO is fatal
+    (ClientState.IDLE, "failed"): ClientState.CLOSED,
+    (ClientState.GREETING, "failed"): ClientState.CLOSED,
+    (ClientState.READY, "failed"): ClientState.CLOSED,
+}
+
+# What moves a server. A protocol violation in any state but CLOSING leads to CLOSING.
+SERVER_TRANSITIONS: dict[tuple[ServerState, str], ServerState] = {
+    (ServerState.AWAITING_HELLO, "HELLO"): ServerState.NEGOTIATING,
+    (ServerState.NEGOTIATING, "accept"): ServerState.ACTIVE,
+    (ServerState.AWAITING_HELLO, "refuse"): ServerState.CLOSING,
+    (ServerState.NEGOTIATING, "refuse"): ServerState.CLOSING,
+    (ServerState.ACTIVE, "refuse"): ServerState.CLOSING,
+}
+
+
+def error_from_reply(reply: ErrorReply) -> BitfusionError:
+    """The exception an ERROR frame stands for (with its deferred origin, if it has one)."""
+    cls = error_class(reply.code)
+    if reply.flags & ERROR_DEFERRED:
+        return cls(
+            reply.message, deferred_from=reply.deferred_from, later_failures=reply.later_failures
+        )
+    return cls(reply.message)
+
+
+@dataclass(slots=True)
+class _Pending:
+    opcode: int
+    token: Any
+    into: memoryview | None  # where the reply's payload lands (MEMCPY_DTOH)
+
+
+class ClientConnection:
+    """The client end: numbers requests, matches replies and errors, knows when it is over.
+
+    ``send_request`` returns the bytes to write; ``next_event`` returns what came back. A request
+    that has a reply gets exactly one ``ReplyReceived`` or ``RequestFailed`` with the ``token``
+    given at send time, or is listed in the ``orphans`` of the ``ConnectionFailed`` that ends
+    the conversation.
+    """
+
+    def __init__(self, limits: Limits = CLIENT_LIMITS, buffer_size: int = 256 * 1024) -> None:
+        self.state = ClientState.IDLE
+        self.failure: BitfusionError | None = None
+        self.hello: HelloReply | None = None
+        self._decoder = FrameDecoder(
+            receives_replies=True,
+            limits=limits,
+            payload_sink=self._payload_destination,
+            buffer_size=buffer_size,
+        )
+        self.get_buffer = self._decoder.get_buffer
+        self._next_id = 1
+        self._pending: dict[int, _Pending] = {}
+        self._events: list[ClientEvent] = []  # produced by a state change, delivered first
+        self._broken: ProtocolError | None = None  # the decoder's error, after its good frames
+
+    def _move(self, what: str) -> None:
+        self.state = CLIENT_TRANSITIONS[(self.state, what)]
+
+    @property
+    def waiting(self) -> int:
+        """How many sent requests still wait for their reply."""
+        return len(self._pending)
+
+    # -- sending --------------------------------------------------------------------------------
+    def send_request(
+        self,
+        message: Request,
+        payload_length: int = 0,
+        *,
+        into: memoryview | None = None,
+        token: Any = None,
+    ) -> tuple[int, bytes]:
+        """Encode ``message``; returns its request id and its header and metadata, which the
+        caller writes followed by ``payload_length`` bytes of payload. ``into``: the buffer the
+        reply's payload lands in. Raises the failure once the connection is over, and
+        ``ProtocolError`` (nothing registered) for a request the phase does not allow or a
+        message that cannot be encoded."""
+        state = self.state
+        if state is not ClientState.READY:
+            self._check_phase(message)
+        rule = message.RULE
+        request_id = self._next_id
+        try:
+            head = encode_request(message, request_id, payload_length)
+        except ValueError as exc:
+            raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
+        self._next_id = 1 if request_id == MAX_REQUEST_ID else request_id + 1
+        if rule.reply is not None:
+            self._pending[request_id] = _Pending(message.OPCODE, token, into)
+        if state is ClientState.IDLE:
+            self._move("send HELLO")
+        return request_id, head
+
+    def _check_phase(self, message: Request) -> None:
+        if self.state is ClientState.CLOSED:
+            assert self.failure is not None
+            raise self.failure
+        is_hello = isinstance(message, Hello)
+        if self.state is ClientState.IDLE and not is_hello:
+            raise ProtocolError(f"HELLO must come first, not {type(message).__name__}")
+        if self.state is ClientState.GREETING or (is_hello and self.state is not ClientState.IDLE):
+            raise ProtocolError("HELLO is sent once, and nothing before its answer")
+
+    def close(self, reason: str = "the session was closed") -> ConnectionFailed:
+        """End the conversation from this side; the event lists the requests left unanswered."""
+        return self._fail(ConnectionLostError(reason))
+
+    # -- receiving ------------------------------------------------------------------------------
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        if self.state is ClientState.CLOSED:
+            return
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            # Frames decoded before the bad bytes are delivered first; then the failure.
+            self._broken = ProtocolError(f"the server broke the protocol: {exc}")
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes by copying them in (tests, in-memory pairs)."""
+        view = memoryview(data).cast("B")
+        while view and self.state is not ClientState.CLOSED:
+            target = self.get_buffer()
+            count = min(len(target), len(view))
+            target[:count] = view[:count]
+            view = view[count:]
+            self.buffer_updated(count)
+
+    def connection_lost(self, error: BaseException | None = None) -> ConnectionFailed | None:
+        """The transport closed. Returns the event that fails what was waiting (None when the
+        conversation was already over)."""
+        if self.state is ClientState.CLOSED:
+            return None
+        reason = f": {error}" if error else ""
+        if error is None and self._decoder.in_frame:
+            reason = ": in the middle of a frame"
+        return self._fail(ConnectionLostError(f"connection to the server closed{reason}"))
+
+    def next_event(self) -> ClientEvent | None:
+        """The next event, or None until more bytes arrive."""
+        if self._events:
+            return self._events.pop(0)
+        if self.state is ClientState.CLOSED:
+            return None
+        frame = self._decoder.next_frame()
+        if frame is None:
+            if self._broken is not None:
+                return self._fail(self._broken)
+            return None
+        return self._frame_event(frame)
+
+    def _frame_event(self, frame: Frame) -> ClientEvent | None:
+        message = frame.message
+        pending = self._pending.pop(frame.request_id, None)
+        if type(message) is ErrorReply:
+            error = error_from_reply(message)
+            if pending is None:  # for id 0, or for a no-reply request: the session is over
+                return self._fail(error)
+            event = RequestFailed(frame.request_id, pending.token, error)
+            if message.flags & ERROR_FATAL or self.state is ClientState.GREETING:
+                self._events.append(self._fail(error))
+            return event
+        if pending is None:
+            return self._fail(
+                ProtocolError(f"the server answered request #{frame.request_id}, never sent")
+            )
+        if pending.opcode != frame.opcode:
+            self._pending[frame.request_id] = pending  # so that its sender hears the failure
+            return self._fail(
+                ProtocolError(f"the reply to request #{frame.request_id} has the wrong opcode")
+            )
+        if self.state is ClientState.GREETING:
+            assert isinstance(message, HelloReply)
+            self.hello = message
+            self._move("HELLO reply")
+        return ReplyReceived(frame.request_id, pending.token, message, frame.payload)  # type: ignore[arg-type]
+
+    def _fail(self, error: BitfusionError) -> ConnectionFailed:
+        if self.state is not ClientState.CLOSED:
+            self._move("failed")
+        if self.failure is None:
+            self.failure = error
+        orphans = tuple(pending.token for pending in self._pending.values())
+        self._pending.clear()
+        return ConnectionFailed(error, orphans)
+
+    def _payload_destination(
+        self, opcode: int, request_id: int, message: Message, length: int
+    ) -> memoryview | None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.opcode != opcode or pending.into is None:
+            raise ProtocolError(f"unexpected payload for request #{request_id}")
+        if len(pending.into) != length:
+            raise ProtocolError(
+                f"the reply to request #{request_id} carries {length} bytes, "
+                f"expected {len(pending.into)}"
+            )
+        return pending.into
+
+
+class ServerConnection:
+    """The server end: checks the client keeps the rules, and encodes replies and errors.
+
+    ``payload_sink`` chooses where a request's bulk payload lands (None: read and drop it).
+    """
+
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        payload_sink: PayloadSink | None = None,
+        buffer_size: int = 256 * 1024,
+    ) -> None:
+        self.state = ServerState.AWAITING_HELLO
+        self._limits = limits
+        self._decoder = FrameDecoder(
+            receives_replies=False,
+            limits=limits,
+            payload_sink=payload_sink or _drop_payload,
+            buffer_size=buffer_size,
+        )
+        self.get_buffer = self._decoder.get_buffer
+        self._broken: ProtocolError | None = None
+        # Room for an error's text within the client's metadata limit (the text may echo what
+        # the client sent, a kernel name, say).
+        self._error_room = limits.max_metadata - ErrorReply._struct.size - 4
+
+    def _move(self, what: str) -> None:
+        self.state = SERVER_TRANSITIONS[(self.state, what)]
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has been received (a close now cuts it)."""
+        return self._decoder.in_frame
+
+    # -- receiving ------------------------------------------------------------------------------
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state is ServerState.CLOSING:
+            return
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._broken = exc  # delivered after the frames decoded before it
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view and self._broken is None and self.state is not ServerState.CLOSING:
+            target = self.get_buffer()
+            count = min(len(target), len(view))
+            target[:count] = view[:count]
+            view = view[count:]
+            self.buffer_updated(count)
+
+    def next_event(self) -> ServerEvent | None:
+        """The next request to handle, a violation to answer, or None: wait for more bytes (or,
+        while NEGOTIATING, for ``accept`` or ``refuse``)."""
+        state = self.state
+        if state is ServerState.NEGOTIATING or state is ServerState.CLOSING:
+            return None
+        frame = self._decoder.next_frame()
+        if frame is None:
+            if self._broken is not None:
+                return self._violation(0, self._broken)
+            return None
+        request_id, message = frame.request_id, frame.message
+        if request_id == 0:
+            return self._violation(0, ProtocolError("request id 0 is reserved"))
+        if state is ServerState.AWAITING_HELLO:
+            if not isinstance(message, Hello):
+                return self._violation(
+                    request_id,
+                    ProtocolError(f"expected HELLO first, got {Opcode(frame.opcode).name}"),
+                )
+            self._move("HELLO")
+        elif isinstance(message, Hello):
+            return self._violation(request_id, ProtocolError("HELLO sent twice"))
+        return RequestReceived(request_id, message, frame.payload)  # type: ignore[arg-type]
+
+    def _violation(self, request_id: int, error: ProtocolError) -> ProtocolViolation:
+        return ProtocolViolation(
+            request_id, error, self.refuse(request_id, ErrorCode.PROTOCOL, str(error))
+        )
+
+    # -- sending --------------------------------------------------------------------------------
+    def accept(self, request_id: int, reply: HelloReply) -> bytes:
+        """Grant the HELLO: its reply; requests after it are delivered from now on."""
+        self._move("accept")
+        return encode_reply(Opcode.HELLO, request_id, reply)
+
+    def refuse(self, request_id: int, code: ErrorCode, text: str) -> bytes:
+        """A fatal ERROR: write it, then close. Nothing more is delivered."""
+        if self.state is not ServerState.CLOSING:
+            self._move("refuse")
+        return self._error(request_id, code, text, ERROR_FATAL, 0, 0)
+
+    def reply(
+        self, opcode: int, request_id: int, message: Reply, payload_length: int = 0
+    ) -> bytes:
+        """The reply to request ``request_id`` (``payload_length`` bytes of payload follow)."""
+        return encode_reply(opcode, request_id, message, payload_length)
+
+    def error(
+        self,
+        request_id: int,
+        code: ErrorCode,
+        text: str,
+        *,
+        deferred_from: int = 0,
+        later_failures: int = 0,
+    ) -> bytes:
+        """A request failed (``deferred_from``: an earlier no-reply request did); not fatal."""
+        flags = ERROR_DEFERRED if deferred_from else 0
+        return self._error(request_id, code, text, flags, deferred_from, later_failures)
+
+    def _error(
+        self, request_id: int, code: ErrorCode, text: str, flags: int, deferred: int, later: int
+    ) -> bytes:
+        raw = text.encode()
+        if len(raw) > self._error_room:
+            text = raw[: self._error_room - 3].decode(errors="ignore") + "..."
+        return encode_reply(
+            Opcode.ERROR, request_id, ErrorReply(int(code), flags, deferred, later, text)
+        )
+
+
+def _drop_payload(opcode: int, request_id: int, message: Message, length: int) -> None:
+    return None
+

@@ -1,0 +1,105 @@
+"""The transport interface: a reliable, ordered byte stream between two peers, nothing of CUDA.
+
+A transport moves bytes; the sans-io connections in ``protocol`` give them meaning. There are two
+flavours, because the blocking API must never hop threads:
+
+- ``Stream``, driven by an event loop. Received bytes are written straight into buffers the
+  *owner* chooses (``StreamOwner.get_buffer``, as ``asyncio.BufferedProtocol``), so a payload
+  lands where it belongs without a copy. Sends queue and are written coalesced.
+- ``BlockingStream`` (``transport.blocking``): plain calls on a blocking socket, for one thread.
+
+Every implementation passes one conformance suite (``tests/transport``): ordering, 1-byte reads,
+payloads from 0 B to 256 MiB, back-pressure, a peer closing mid-frame, send-completion timing and
+many connections at once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
+
+
+class StreamOwner(Protocol):
+    """What a ``Stream`` hands its received bytes and its end to (a client or server driver)."""
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        ...
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``. The owner may call
+        ``pause_reading`` or ``close`` on its stream from here."""
+        ...
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        """The stream is closed: by the peer (``error`` None for an orderly close), by a reset,
+        or by this side. Called exactly once; nothing is received after it."""
+        ...
+
+
+class Stream(ABC):
+    """One end of an event-loop byte stream. All methods run on the loop's thread.
+
+    ``peer`` names the other end for logs (``HOST:PORT``).
+    """
+
+    peer: str = "?"
+
+    @abstractmethod
+    def write(
+        self,
+        head: bytes,
+        payload: memoryview | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue ``head`` then ``payload`` (neither is copied). ``on_sent`` runs once the stream
+        has handed all of it to the kernel (or to the peer), so ``payload`` may be reused; it
+        never runs for a write that was dropped because the stream closed. Queued bytes go out
+        in one coalesced write at the end of this loop iteration, or at ``flush()``. Never
+        blocks and never raises: a write to a closed stream is dropped."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write what is queued now (a request or reply someone waits for), not a loop iteration
+        later. What the kernel cannot take stays queued and goes out when it can."""
+
+    @property
+    @abstractmethod
+    def writable(self) -> bool:
+        """False while the send queue is over its limit: ``await drain()`` before queueing more."""
+
+    @abstractmethod
+    async def drain(self) -> None:
+        """Wait until the send queue is under its limit, or the stream is closed."""
+
+    @abstractmethod
+    def pause_reading(self) -> None:
+        """Receive nothing more until ``resume_reading()``: the peer's writes then block on the
+        transport's flow control (back-pressure). Idempotent."""
+
+    @abstractmethod
+    def resume_reading(self) -> None:
+        """Undo ``pause_reading()``. Idempotent; does nothing once closed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close after everything queued has been written. ``connection_lost`` follows."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Close now, dropping what is queued; the peer sees a reset."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once ``connection_lost`` has been called."""
+
+    @abstractmethod
+    async def wait_closed(self) -> None:
+        """Wait until the stream is closed (returns at once if it is)."""
+
+    def peer_alive(self) -> bool:
+        """Whether the peer is still there, asked without reading (a stream paused for long does
+        not see a close or a reset until it reads). Transports that cannot tell say True."""
+        return not self.closed

@@ -1,0 +1,166 @@
+"""An in-memory ``Stream`` pair on one event loop: the reference transport the others are held to.
+
+Bytes go from one end's queue straight into the buffers the other end's owner chooses, in pieces
+of at most ``chunk`` bytes (1 makes every read a 1-byte read), one piece at a time through the
+loop, so ordering, partial reads, back-pressure and closing behave as on a socket, with nothing
+of TCP in between. Tests and the conformance suite use it; so could an in-process client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from .base import Stream, StreamOwner
+
+DEFAULT_CHUNK = 256 * 1024
+DEFAULT_QUEUE_LIMIT = 8 * 2**20
+
+
+class MemoryStream(Stream):
+    """One end of an in-memory pair made by ``memory_stream_pair``."""
+
+    def __init__(self, name: str, chunk: int, queue_limit: int) -> None:
+        self.peer = name
+        self.owner: StreamOwner | None = None
+        self.other: MemoryStream | None = None
+        self._loop = asyncio.get_running_loop()
+        self._chunk = chunk
+        self._queue: deque[tuple[memoryview, Callable[[], None] | None]] = deque()
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._delivering = False
+        self._reading_paused = False
+        self._closing = False  # close() called: lose the connection once the queue is empty
+        self._closed = False
+        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def start(self, owner: StreamOwner) -> None:
+        self.owner = owner
+
+    # -- sending --------------------------------------------------------------------------------
+    def write(
+        self,
+        head: bytes,
+        payload: memoryview | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        if self._closed or self._closing:
+            return
+        if payload is not None and len(payload):
+            self._queue.append((memoryview(head), None))
+            self._queue.append((memoryview(payload).cast("B"), on_sent))
+            self._queued += len(head) + len(payload)
+        else:
+            self._queue.append((memoryview(head), on_sent))
+            self._queued += len(head)
+        self._schedule()
+
+    def flush(self) -> None:
+        self._schedule()  # delivery is one piece per loop step either way
+
+    def _schedule(self) -> None:
+        if not self._delivering and not self._closed:
+            self._delivering = True
+            self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Move one piece into the peer's buffer, then come back for the next."""
+        self._delivering = False
+        other = self.other
+        if self._closed or other is None:
+            return
+        if not self._queue:
+            if self._closing:
+                self._lose(None)
+            return
+        if other._reading_paused or other.owner is None:
+            return  # resumed by the peer's resume_reading()
+        data, on_sent = self._queue[0]
+        target = other.owner.get_buffer()
+        count = min(len(target), len(data), self._chunk)
+        target[:count] = data[:count]
+        if count == len(data):
+            self._queue.popleft()
+        else:
+            self._queue[0] = (data[count:], on_sent)
+        self._queued -= count
+        if count == len(data) and on_sent is not None:
+            on_sent()
+        if self._queued <= self._queue_limit:
+            self._wake_drain_waiters()
+        other.owner.buffer_updated(count)
+        self._schedule()
+
+    @property
+    def writable(self) -> bool:
+        return self._queued <= self._queue_limit
+
+    async def drain(self) -> None:
+        while self._queued > self._queue_limit and not self._closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- flow control and closing ---------------------------------------------------------------
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed:
+            self._reading_paused = False
+            if self.other is not None:
+                self.other._schedule()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_waiter)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closing = True
+            self._schedule()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._lose(None, reset=True)
+
+    def _lose(self, error: BaseException | None, reset: bool = False) -> None:
+        """Both ends close; the peer sees an orderly close, or a reset after an abort."""
+        self._finish(error)
+        if self.other is not None and not self.other._closed:
+            peer_error = ConnectionResetError("the peer aborted the connection") if reset else None
+            self.other._finish(peer_error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._queued = 0
+        self._wake_drain_waiters()
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        if self.owner is not None:
+            self.owner.connection_lost(error)
+
+
+def memory_stream_pair(
+    chunk: int = DEFAULT_CHUNK, queue_limit: int = DEFAULT_QUEUE_LIMIT
+) -> tuple[MemoryStream, MemoryStream]:
+    """Two connected ends (call ``start(owner)`` on each before writing)."""
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1 byte")
+    first = MemoryStream("memory:a", chunk, queue_limit)
+    second = MemoryStream("memory:b", chunk, queue_limit)
+    first.other, second.other = second, first
+    return first, second
