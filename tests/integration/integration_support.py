@@ -302,3 +302,90 @@ def reset_hwm(pid: int | str = "self") -> None:
     """
     with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as refs:
         refs.write("5")
+
+
+# -- one test, both APIs ----------------------------------------------------------------------------
+_SYNC_TYPES = (
+    bf.SyncSession, bf.SyncRemoteDevice, bf.SyncFunction, bf.SyncModule, bf.SyncStream,
+    bf.SyncEvent,
+)  # fmt: skip
+
+
+class OverBlocking:
+    """The blocking API's object behind the async API's shape: each call runs the real blocking
+    call in a worker thread (so tests written once with ``await`` drive either API, and the
+    blocking session is used from several threads, as its thread safety allows)."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if callable(value) and not isinstance(value, type):
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                args = tuple(_unwrap(a) for a in args)
+                kwargs = {k: _unwrap(v) for k, v in kwargs.items()}
+                return _wrap(await asyncio.to_thread(value, *args, **kwargs))
+
+            return call
+        return _wrap(value)
+
+    def __repr__(self) -> str:
+        return repr(self._target)
+
+    async def __aenter__(self) -> OverBlocking:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self._target.close)
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, _SYNC_TYPES):
+        return OverBlocking(value)
+    if isinstance(value, list) and value and isinstance(value[0], _SYNC_TYPES):
+        return [OverBlocking(v) for v in value]
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    return value._target if isinstance(value, OverBlocking) else value
+
+
+class _BlockingOpener:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args, self._kwargs = args, kwargs
+        self._session: OverBlocking | None = None
+
+    async def _open(self) -> OverBlocking:
+        return OverBlocking(await asyncio.to_thread(bf.connect_sync, *self._args, **self._kwargs))
+
+    def __await__(self) -> Any:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> OverBlocking:
+        self._session = await self._open()
+        return self._session
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class ClientApi:
+    """Which client API a test drives: ``connect`` returns what ``bf.connect`` returns (awaitable,
+    and an async context manager), for the async API itself or for the blocking one."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        if self.kind == "async":
+            return bf.connect(*args, **kwargs)
+        if "client_name" not in kwargs:
+            kwargs["client_name"] = "blocking-test"
+        return _BlockingOpener(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.kind

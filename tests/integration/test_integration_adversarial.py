@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from integration_support import (
     WAIT_S,
+    ClientApi,
     MiB,
     RawPeer,
     cli_server,
@@ -465,7 +466,7 @@ def test_zero_length_copy_from_host_is_a_no_op() -> None:
 
 
 # -- memory a peer can make the server hold -------------------------------------------------------
-def test_a_peer_that_does_not_read_cannot_make_the_server_stage_unbounded_replies() -> None:
+def test_a_peer_that_does_not_read_cannot_make_the_server_stage_unbounded_replies(api: ClientApi) -> None:
     """600 copies to host of 1 MiB each, sent in one write, replies never read.
 
     The server's staging budget is one frame payload (1 MiB here) and above it the session stops
@@ -486,7 +487,7 @@ def test_a_peer_that_does_not_read_cannot_make_the_server_stage_unbounded_replie
         await flood.writer.drain()
         # A second tenant's synchronize runs on the same device worker, after whatever part of
         # the flood the server has accepted by then: once it returns, that part has been staged.
-        async with bf.connect(address, fraction=0.5) as other:
+        async with api.connect(address, fraction=0.5) as other:
             await other.devices[0].synchronize()
         after = vm_hwm(pid)
         flood.abort()
@@ -494,7 +495,7 @@ def test_a_peer_that_does_not_read_cannot_make_the_server_stage_unbounded_replie
         deadline = time.monotonic() + WAIT_S
         while True:
             try:
-                async with bf.connect(address, fraction=1.0):
+                async with api.connect(address, fraction=1.0):
                     break
             except bf.CapacityError:
                 if time.monotonic() > deadline:
@@ -550,13 +551,13 @@ async def _fake_server(answer: bytes | None) -> asyncio.Server:
         "silent",
     ],
 )
-def test_connect_to_a_broken_server_raises_a_typed_error(answer: bytes | None, error: type) -> None:
+def test_connect_to_a_broken_server_raises_a_typed_error(answer: bytes | None, error: type, api: ClientApi) -> None:
     async def main() -> None:
         fake = await _fake_server(answer)
         try:
             port = fake.sockets[0].getsockname()[1]
             with pytest.raises(error):
-                await bf.connect(f"tcp://127.0.0.1:{port}", fraction=0.5, timeout=1.0)
+                await api.connect(f"tcp://127.0.0.1:{port}", fraction=0.5, timeout=1.0)
         finally:
             fake.close()
             await fake.wait_closed()
@@ -579,12 +580,12 @@ def test_frames_after_a_fatal_error_in_the_same_write_are_not_handled() -> None:
     run(main())
 
 
-def test_an_error_that_echoes_a_huge_name_still_fits_in_a_frame() -> None:
+def test_an_error_that_echoes_a_huge_name_still_fits_in_a_frame(api: ClientApi) -> None:
     """The error text quotes the unknown kernel name; the ERROR frame stays within the metadata
     limit, so the client hears InvalidHandleError instead of losing the connection."""
 
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.5) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.5) as session:
             device = session.devices[0]
             with pytest.raises(bf.InvalidHandleError):
                 await device.builtin("k" * 65_000)

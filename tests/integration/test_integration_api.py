@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from integration_support import GiB, poll_until, pool_is_empty, run, serve, wait_released
+from integration_support import ClientApi, GiB, poll_until, pool_is_empty, run, serve, wait_released
 
 import bitfusion_net as bf
+from bitfusion_net.protocol import messages as m
 
 F32 = np.float32
 N = 10_000
@@ -145,13 +146,14 @@ def test_blocking_api_surface() -> None:
         poll_until(lambda: pool_is_empty(server), "the blocking session's lease released")
 
 
-def test_async_api_streams_and_events() -> None:
+def test_streams_and_events(api: ClientApi) -> None:
     async def main() -> None:
         async with serve() as server:
-            session = await bf.connect(server.address, fraction=0.5)  # plain await, no ``with``
+            session = await api.connect(server.address, fraction=0.5)  # plain await, no ``with``
             try:
                 device = session.devices[0]
-                assert isinstance(device, bf.RemoteDevice)
+                if api.kind == "async":
+                    assert isinstance(device, bf.RemoteDevice)
                 assert "fraction 0.5" in repr(device)
                 streams = [await device.create_stream() for _ in range(3)]
                 assert len({s.handle for s in streams}) == 3
@@ -182,10 +184,10 @@ def test_async_api_streams_and_events() -> None:
     run(main())
 
 
-def test_concurrent_sessions_on_one_gpu() -> None:
+def test_concurrent_sessions_on_one_gpu(api: ClientApi) -> None:
     async def tenant(address: str, seed: int) -> None:
         data = np.random.default_rng(seed).integers(0, 256, 3 << 20, dtype=np.uint8)
-        async with bf.connect(address, fraction=0.1) as session:
+        async with api.connect(address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(data.nbytes)
             for _ in range(3):
@@ -210,13 +212,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_connecting_to_a_port_with_nothing_listening() -> None:
+def test_connecting_to_a_port_with_nothing_listening(api: ClientApi) -> None:
     address = f"tcp://127.0.0.1:{_free_port()}"
     with pytest.raises(bf.ConnectionLostError):
-        run(bf.connect(address, fraction=0.5, timeout=5.0), timeout=10)
+        run(api.connect(address, fraction=0.5, timeout=5.0), timeout=10)
 
     async def with_block() -> None:
-        async with bf.connect(address, timeout=5.0):
+        async with api.connect(address, timeout=5.0):
             raise AssertionError("connected to nothing")
 
     with pytest.raises(bf.ConnectionLostError):
@@ -240,16 +242,16 @@ BAD_ADDRESSES = [
 
 
 @pytest.mark.parametrize("address", BAD_ADDRESSES)
-def test_bad_address_strings_raise_value_error(address: str) -> None:
+def test_bad_address_strings_raise_value_error(address: str, api: ClientApi) -> None:
     with pytest.raises(ValueError):
-        run(bf.connect(address), timeout=10)
+        run(api.connect(address), timeout=10)
     with pytest.raises(ValueError):
         bf.connect_sync(address)
     with pytest.raises(ValueError):
         bf.Server(address)
 
 
-def test_ipv6_loopback_address() -> None:
+def test_ipv6_loopback_address(api: ClientApi) -> None:
     if not socket.has_ipv6:
         pytest.fail("this host has no IPv6 support")
 
@@ -261,9 +263,75 @@ def test_ipv6_loopback_address() -> None:
             pytest.fail(f"cannot listen on [::1]: {exc}")
         try:
             assert server.address.startswith("tcp://[::1]:")
-            async with bf.connect(server.address, fraction=0.5) as session:
+            async with api.connect(server.address, fraction=0.5) as session:
                 assert await session.devices[0].mem_get_info() == (GiB // 2, GiB // 2)
         finally:
             await server.close()
 
     run(main())
+
+
+def test_the_blocking_api_runs_on_the_callers_thread() -> None:
+    """No loop thread and no helper thread: a blocking session is a socket and a lock."""
+    with server_in_thread() as (address, _server):
+        before = threading.active_count()
+        with bf.connect_sync(address, fraction=0.25) as session:
+            device = session.devices[0]
+            ptr = device.mem_alloc(1024)
+            device.memset_d8(ptr, 7, 1024)
+            out = np.empty(1024, np.uint8)
+            device.memcpy_dtoh(out, ptr)
+            assert (out == 7).all()
+            assert threading.active_count() == before
+
+
+def test_one_blocking_session_shared_by_threads() -> None:
+    """Eight threads drive one session at once; each thread's copies and kernels see only its
+    own data, and every reply reaches the thread that asked."""
+    errors: list[BaseException] = []
+
+    def worker(device: bf.SyncRemoteDevice, seed: int) -> None:
+        try:
+            rng = np.random.default_rng(seed)
+            fill = device.builtin("fill")
+            ptr = device.mem_alloc(64 * 1024)
+            for round_ in range(20):
+                data = rng.standard_normal(16 * 1024, dtype=F32)
+                device.memcpy_htod(ptr, data)
+                out = np.empty_like(data)
+                device.memcpy_dtoh(out, ptr)
+                np.testing.assert_array_equal(out, data)
+                fill.launch(4, 256, [1024, float(seed * 100 + round_), ptr])
+                device.memcpy_dtoh(out[:1024], ptr)
+                assert (out[:1024] == seed * 100 + round_).all()
+            device.mem_free(ptr)
+            device.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    with server_in_thread() as (address, _server):
+        with bf.connect_sync(address, fraction=0.5) as session:
+            device = session.devices[0]
+            threads = [threading.Thread(target=worker, args=(device, s)) for s in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert not errors, errors[0]
+            assert device.mem_get_info()[0] == device.memory_limit
+
+
+def test_a_blocking_session_hears_why_the_server_closed_it() -> None:
+    """A no-reply call naming a device the session does not have is fatal; the server says why
+    and closes. The next blocking call raises that reason, not a bare broken pipe."""
+    with server_in_thread() as (address, _server):
+        with bf.connect_sync(address, fraction=0.25) as session:
+            device = session.devices[0]
+            driver = device._driver
+            driver.post(m.MemFree(5, 0))
+            with pytest.raises(bf.ProtocolError, match="device 5 is not in this session"):
+                for _ in range(100):  # the write may still succeed before the close arrives
+                    device.memset_d8(device.mem_alloc(16), 0, 16)
+            assert session.closed
+            with pytest.raises(bf.ProtocolError):
+                device.synchronize()

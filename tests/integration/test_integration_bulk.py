@@ -9,9 +9,16 @@ import sys
 
 import numpy as np
 import pytest
-from integration_support import MiB, cli_server, reset_hwm, run, serve, vm_hwm, wait_released
-
-import bitfusion_net as bf
+from integration_support import (
+    ClientApi,
+    MiB,
+    cli_server,
+    reset_hwm,
+    run,
+    serve,
+    vm_hwm,
+    wait_released,
+)
 
 # The client of the 256 MiB round trip, in its own process so that its peak RSS is its own. Its
 # baseline is taken after its two host arrays exist and are touched; what the copies add on top is
@@ -80,12 +87,12 @@ def test_256_mib_round_trip_is_bit_exact_and_bounded_in_rss() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 255, 4096, 1 * MiB - 1, 1 * MiB, 3 * MiB + 7])
-def test_copies_split_at_the_payload_limit_are_exact(size: int) -> None:
+def test_copies_split_at_the_payload_limit_are_exact(size: int, api: ClientApi) -> None:
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
 
     async def main() -> None:
         async with serve(max_payload="1MiB") as server:
-            async with bf.connect(server.address, fraction=0.25) as session:
+            async with api.connect(server.address, fraction=0.25) as session:
                 assert session.max_payload == MiB
                 device = session.devices[0]
                 pad = 512
@@ -104,11 +111,11 @@ def test_copies_split_at_the_payload_limit_are_exact(size: int) -> None:
     run(main())
 
 
-def test_host_buffer_kinds_and_device_to_device_copies() -> None:
+def test_host_buffer_kinds_and_device_to_device_copies(api: ClientApi) -> None:
     matrix = np.random.default_rng(3).standard_normal((64, 33)).astype(np.float32)
 
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.25) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.25) as session:
             device = session.devices[0]
             nbytes = matrix.nbytes
             a, b = await device.mem_alloc(nbytes), await device.mem_alloc(nbytes)
@@ -143,10 +150,10 @@ def test_host_buffer_kinds_and_device_to_device_copies() -> None:
     run(main())
 
 
-def test_large_copies_from_several_tenants_interleave_correctly() -> None:
+def test_large_copies_from_several_tenants_interleave_correctly(api: ClientApi) -> None:
     async def tenant(address: str, seed: int) -> None:
         data = np.random.default_rng(seed).integers(0, 256, 24 * MiB + seed, dtype=np.uint8)
-        async with bf.connect(address, fraction=0.2) as session:
+        async with api.connect(address, fraction=0.2) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(data.nbytes)
             await device.memcpy_htod(ptr, data)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from integration_support import run, serve
+from integration_support import ClientApi, run, serve
 
 import bitfusion_net as bf
 
 F32 = np.float32
 
 
-def test_bad_launch_is_sticky_until_the_next_synchronize() -> None:
+def test_bad_launch_is_sticky_until_the_next_synchronize(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(1024 * 4)
             fill = await device.builtin("fill")
@@ -35,9 +35,9 @@ def test_bad_launch_is_sticky_until_the_next_synchronize() -> None:
     run(main())
 
 
-def test_later_failures_are_counted_and_the_first_error_wins() -> None:
+def test_later_failures_are_counted_and_the_first_error_wins(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(256)
             await (await device.builtin("fill")).launch(1, 1, [1000, 1.0, ptr])  # KernelError
@@ -52,9 +52,9 @@ def test_later_failures_are_counted_and_the_first_error_wins() -> None:
     run(main())
 
 
-def test_sticky_error_surfaces_at_any_call_that_waits_and_that_call_does_not_run() -> None:
+def test_sticky_error_surfaces_at_any_call_that_waits_and_that_call_does_not_run(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(256)
             await device.memset_d32(ptr, 1, 1000)  # out of bounds
@@ -67,9 +67,9 @@ def test_sticky_error_surfaces_at_any_call_that_waits_and_that_call_does_not_run
     run(main())
 
 
-def test_bad_launch_geometry_and_handles_are_deferred_invalid_value_errors() -> None:
+def test_bad_launch_geometry_and_handles_are_deferred_invalid_value_errors(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(1024)
             fill = await device.builtin("fill")
@@ -94,9 +94,9 @@ def test_bad_launch_geometry_and_handles_are_deferred_invalid_value_errors() -> 
     run(main())
 
 
-def test_wrong_argument_count_and_types_raise_invalid_value_locally() -> None:
+def test_wrong_argument_count_and_types_raise_invalid_value_locally(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc(1024)
             fill = await device.builtin("fill")  # "ifP"
@@ -137,9 +137,9 @@ def test_wrong_argument_count_and_types_raise_invalid_value_locally() -> None:
     run(main())
 
 
-def test_typed_errors_of_calls_that_wait() -> None:
+def test_typed_errors_of_calls_that_wait(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             with pytest.raises(bf.InvalidHandleError):
                 await device.builtin("no_such_kernel")
@@ -172,13 +172,13 @@ def test_error_hierarchy() -> None:
     assert issubclass(bf.InvalidValueError, ValueError)
 
 
-def test_staging_buffers_come_back_when_copies_fail_or_never_run() -> None:
+def test_staging_buffers_come_back_when_copies_fail_or_never_run(api: ClientApi) -> None:
     # The device's staging memory (pinned on GPUs) is reused from a pool: a copy that fails, or
     # that is skipped because an earlier call failed, must still give its buffer back.
     size = 256 * 1024
 
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             pool = server._executors[0]._staging  # white box: the NumPy device's pool
             device = session.devices[0]
             ptr = await device.mem_alloc(size)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
-from integration_support import run, serve, wait_released
+from integration_support import ClientApi, run, serve, wait_released
 
 import bitfusion_net as bf
 
@@ -181,16 +181,16 @@ def test_a_freed_pointer_is_dead_for_everyone() -> None:
     run(main())
 
 
-def test_a_closed_tenants_memory_is_gone() -> None:
+def test_a_closed_tenants_memory_is_gone(api: ClientApi) -> None:
     """After a tenant leaves, its pointers are invalid for whoever comes next."""
 
     async def main() -> None:
         async with serve() as server:
-            async with bf.connect(server.address, fraction=0.5) as leaver:
+            async with api.connect(server.address, fraction=0.5) as leaver:
                 ptr = await leaver.devices[0].mem_alloc(N)
                 await leaver.devices[0].memcpy_htod(ptr, PATTERN)
             await wait_released(server)
-            async with bf.connect(server.address, fraction=1.0) as successor:
+            async with api.connect(server.address, fraction=1.0) as successor:
                 device = successor.devices[0]
                 with pytest.raises(bf.InvalidHandleError):
                     await device.memcpy_dtoh(np.zeros(N, np.uint8), ptr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from integration_support import run, serve
+from integration_support import ClientApi, run, serve
 
 import bitfusion_net as bf
 
@@ -24,14 +24,14 @@ async def download(device: bf.RemoteDevice, ptr: int, count: int) -> np.ndarray:
     return out
 
 
-def test_saxpy() -> None:
+def test_saxpy(api: ClientApi) -> None:
     rng = np.random.default_rng(1)
     n, a = 100_003, 2.5
     x = rng.standard_normal(n, dtype=F32)
     y = rng.standard_normal(n, dtype=F32)
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.25) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.25) as session:
             device = session.devices[0]
             x_ptr, y_ptr = await upload(device, x), await upload(device, y)
             saxpy = await device.builtin("saxpy")
@@ -43,11 +43,11 @@ def test_saxpy() -> None:
     np.testing.assert_allclose(run(main()), F32(a) * x + y, rtol=1e-6, atol=1e-6)
 
 
-def test_saxpy_in_place_x_is_y() -> None:
+def test_saxpy_in_place_x_is_y(api: ClientApi) -> None:
     x = np.random.default_rng(2).standard_normal(4096, dtype=F32)
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await upload(device, x)
             await (await device.builtin("saxpy")).launch(16, 256, [x.size, 3.0, ptr, ptr])
@@ -56,11 +56,11 @@ def test_saxpy_in_place_x_is_y() -> None:
     np.testing.assert_allclose(run(main()), F32(3.0) * x + x, rtol=1e-6)
 
 
-def test_fill_writes_exactly_n_elements() -> None:
+def test_fill_writes_exactly_n_elements(api: ClientApi) -> None:
     n, pad = 5000, 64
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             ptr = await device.mem_alloc((n + pad) * 4)
             await device.memset_d32(ptr, 0xDEADBEEF, n + pad)
@@ -77,14 +77,14 @@ def test_fill_writes_exactly_n_elements() -> None:
 @pytest.mark.parametrize(
     ("m", "n", "k", "alpha", "beta"), [(33, 17, 9, 1.5, 0.5), (64, 128, 40, -0.75, 2.0)]
 )
-def test_gemm_with_alpha_and_beta(m: int, n: int, k: int, alpha: float, beta: float) -> None:
+def test_gemm_with_alpha_and_beta(m: int, n: int, k: int, alpha: float, beta: float, api: ClientApi) -> None:
     rng = np.random.default_rng(m * n * k)
     a = rng.standard_normal((m, k), dtype=F32)
     b = rng.standard_normal((k, n), dtype=F32)
     c = rng.standard_normal((m, n), dtype=F32)
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             a_ptr = await upload(device, a)
             b_ptr = await upload(device, b)
@@ -98,7 +98,7 @@ def test_gemm_with_alpha_and_beta(m: int, n: int, k: int, alpha: float, beta: fl
     np.testing.assert_allclose(run(main()), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gemm_beta_zero_does_not_read_c() -> None:
+def test_gemm_beta_zero_does_not_read_c(api: ClientApi) -> None:
     """BLAS semantics: with beta == 0 leftover NaNs in C must not leak into the result."""
     rng = np.random.default_rng(7)
     m, n, k = 8, 12, 5
@@ -106,7 +106,7 @@ def test_gemm_beta_zero_does_not_read_c() -> None:
     b = rng.standard_normal((k, n), dtype=F32)
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             a_ptr, b_ptr = await upload(device, a), await upload(device, b)
             c_ptr = await device.mem_alloc(m * n * 4)
@@ -121,12 +121,12 @@ def test_gemm_beta_zero_does_not_read_c() -> None:
     np.testing.assert_allclose(result, 2.0 * (a.astype(np.float64) @ b), rtol=1e-4, atol=1e-4)
 
 
-def test_relu_maps_negatives_and_nan_to_zero() -> None:
+def test_relu_maps_negatives_and_nan_to_zero(api: ClientApi) -> None:
     x = np.random.default_rng(3).standard_normal(10_000, dtype=F32)
     x[0], x[1], x[2] = np.nan, np.inf, -np.inf
 
     async def main() -> tuple[np.ndarray, np.ndarray]:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             x_ptr = await upload(device, x)
             y_ptr = await device.mem_alloc(x.nbytes)
@@ -142,13 +142,13 @@ def test_relu_maps_negatives_and_nan_to_zero() -> None:
     np.testing.assert_array_equal(in_place, expected)
 
 
-def test_softmax_rows() -> None:
+def test_softmax_rows(api: ClientApi) -> None:
     rows, cols = 7, 129
     # Large magnitudes: a kernel that forgot to subtract the row max would overflow exp().
     x = np.random.default_rng(4).standard_normal((rows, cols), dtype=F32) * F32(60)
 
     async def main() -> np.ndarray:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             x_ptr = await upload(device, x)
             y_ptr = await device.mem_alloc(x.nbytes)
@@ -166,11 +166,11 @@ def test_softmax_rows() -> None:
     np.testing.assert_allclose(result.sum(axis=1), np.ones(rows), rtol=1e-5)
 
 
-def test_reduce_sum() -> None:
+def test_reduce_sum(api: ClientApi) -> None:
     x = np.random.default_rng(5).uniform(-1, 1, 1_000_001).astype(F32)
 
     async def main() -> float:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             x_ptr = await upload(device, x)
             out_ptr = await device.mem_alloc(4)
@@ -180,9 +180,9 @@ def test_reduce_sum() -> None:
     assert run(main()) == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-5, abs=1e-3)
 
 
-def test_busy_completes() -> None:
+def test_busy_completes(api: ClientApi) -> None:
     async def main() -> None:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             busy = await device.builtin("busy")
             assert busy.arg_types == "q"
@@ -193,7 +193,7 @@ def test_busy_completes() -> None:
     run(main())
 
 
-def test_kernel_on_pointer_plus_offset() -> None:
+def test_kernel_on_pointer_plus_offset(api: ClientApi) -> None:
     """``ptr + offset`` addresses the inside of an allocation, for kernels as for copies."""
     rng = np.random.default_rng(6)
     n, offset = 4096, 1000
@@ -201,7 +201,7 @@ def test_kernel_on_pointer_plus_offset() -> None:
     y = rng.standard_normal(n, dtype=F32)
 
     async def main() -> tuple[np.ndarray, float]:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             x_ptr, y_ptr = await upload(device, x), await upload(device, y)
             assert isinstance(x_ptr + 4 * offset, bf.DevicePtr)
@@ -221,11 +221,11 @@ def test_kernel_on_pointer_plus_offset() -> None:
     assert total == pytest.approx(float(x[-10:].astype(np.float64).sum()), rel=1e-5, abs=1e-6)
 
 
-def test_geometry_does_not_change_results() -> None:
+def test_geometry_does_not_change_results(api: ClientApi) -> None:
     x = np.random.default_rng(8).standard_normal(3000, dtype=F32)
 
     async def main() -> list[np.ndarray]:
-        async with serve() as server, bf.connect(server.address, fraction=0.1) as session:
+        async with serve() as server, api.connect(server.address, fraction=0.1) as session:
             device = session.devices[0]
             x_ptr = await upload(device, x)
             relu = await device.builtin("relu")

@@ -12,6 +12,7 @@ import pytest
 from integration_support import (
     PROCESS_START_S,
     WAIT_S,
+    ClientApi,
     GiB,
     cli_server,
     run,
@@ -93,7 +94,7 @@ def test_sigkill_mid_copy_releases_the_lease(direction: str) -> None:
     run(main())
 
 
-def test_sigkill_mid_copy_against_the_cli_server() -> None:
+def test_sigkill_mid_copy_against_the_cli_server(api: ClientApi) -> None:
     """The same against ``python -m bitfusion_net.server`` (uvloop when installed)."""
 
     async def lease_whole_gpu(address: str) -> None:
@@ -110,7 +111,7 @@ def test_sigkill_mid_copy_against_the_cli_server() -> None:
     async def main(address: str) -> None:
         proc = await _start_copy_client(address, "dtoh")
         with pytest.raises(bf.CapacityError):  # the doomed client holds the GPU
-            await bf.connect(address, fraction=0.05)
+            await api.connect(address, fraction=0.05)
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
         await lease_whole_gpu(address)
@@ -121,10 +122,10 @@ def test_sigkill_mid_copy_against_the_cli_server() -> None:
         assert server.terminate() == 0
 
 
-def test_closing_a_session_releases_its_lease() -> None:
+def test_closing_a_session_releases_its_lease(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpus=2) as server:
-            async with bf.connect(server.address, gpus=2, fraction=0.5, client_name="tidy") as s:
+            async with api.connect(server.address, gpus=2, fraction=0.5, client_name="tidy") as s:
                 ptr = await s.devices[1].mem_alloc(1024)
                 await s.devices[1].memset_d8(ptr, 1, 1024)
                 (status,) = server.sessions()
@@ -140,10 +141,10 @@ def test_closing_a_session_releases_its_lease() -> None:
     run(main())
 
 
-def test_close_with_no_reply_work_still_queued() -> None:
+def test_close_with_no_reply_work_still_queued(api: ClientApi) -> None:
     async def main() -> None:
         async with serve() as server:
-            session = await bf.connect(server.address, fraction=0.5)
+            session = await api.connect(server.address, fraction=0.5)
             device = session.devices[0]
             ptr = await device.mem_alloc(1 << 20)
             await device.memcpy_htod(ptr, np.ones(1 << 20, np.uint8))
@@ -156,11 +157,11 @@ def test_close_with_no_reply_work_still_queued() -> None:
     run(main())
 
 
-def test_many_sessions_in_a_row_leave_nothing_behind() -> None:
+def test_many_sessions_in_a_row_leave_nothing_behind(api: ClientApi) -> None:
     async def main() -> None:
         async with serve() as server:
             for i in range(25):
-                async with bf.connect(server.address, fraction=1.0) as session:
+                async with api.connect(server.address, fraction=1.0) as session:
                     await session.devices[0].mem_alloc(1 << 20)
                 await wait_released(server)  # before the next whole-GPU lease can fit
                 assert not server.sessions(), i
@@ -168,12 +169,12 @@ def test_many_sessions_in_a_row_leave_nothing_behind() -> None:
     run(main())
 
 
-def test_server_going_away_fails_pending_and_later_calls() -> None:
+def test_server_going_away_fails_pending_and_later_calls(api: ClientApi) -> None:
     async def main() -> None:
         server = bf.Server("tcp://127.0.0.1:0", gpu_memory="1GiB")
         await server.start()
         try:
-            session = await bf.connect(server.address, fraction=0.5)
+            session = await api.connect(server.address, fraction=0.5)
             device = session.devices[0]
             busy = await device.builtin("busy")
             await busy.launch(1, 1, [300_000])  # keeps the device busy while the server closes

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from integration_support import GiB, run, serve, wait_released
+from integration_support import ClientApi, GiB, run, serve, wait_released
 
 import bitfusion_net as bf
 
 N = 1 << 16
 
 
-def test_two_gpu_session_devices_are_distinct_and_independent() -> None:
+def test_two_gpu_session_devices_are_distinct_and_independent(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpus=2, gpu_memory="1GiB") as server:
-            async with bf.connect(server.address, gpus=2, fraction=0.5) as session:
+            async with api.connect(server.address, gpus=2, fraction=0.5) as session:
                 d0, d1 = session.devices
                 assert [d0.index, d1.index] == [0, 1]
                 assert {d0.server_gpu, d1.server_gpu} == {0, 1}
@@ -56,34 +56,34 @@ def test_two_gpu_session_devices_are_distinct_and_independent() -> None:
     run(main())
 
 
-def test_a_multi_gpu_lease_takes_distinct_gpus_or_nothing() -> None:
+def test_a_multi_gpu_lease_takes_distinct_gpus_or_nothing(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpus=2, gpu_memory="1GiB") as server:
-            async with bf.connect(server.address, fraction=1.0) as whole:
+            async with api.connect(server.address, fraction=1.0) as whole:
                 # One GPU is taken whole: two half GPUs cannot be on distinct GPUs any more,
                 # even though 1.0 of capacity is free in total.
                 with pytest.raises(bf.CapacityError):
-                    await bf.connect(server.address, gpus=2, fraction=0.5)
+                    await api.connect(server.address, gpus=2, fraction=0.5)
                 # ... and the refusal took nothing.
                 assert [g["tenants"] for g in server.gpus()].count(0) == 1
-                async with bf.connect(server.address, fraction=0.5) as half:
+                async with api.connect(server.address, fraction=0.5) as half:
                     assert half.devices[0].server_gpu != whole.devices[0].server_gpu
             await wait_released(server)
-            async with bf.connect(server.address, gpus=2, fraction=0.05) as session:
+            async with api.connect(server.address, gpus=2, fraction=0.05) as session:
                 assert sorted(d.server_gpu for d in session.devices) == [0, 1]
 
     run(main())
 
 
-def test_asking_for_more_gpus_than_the_server_has_is_an_invalid_value() -> None:
+def test_asking_for_more_gpus_than_the_server_has_is_an_invalid_value(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpus=2) as server:
             with pytest.raises(bf.InvalidValueError) as caught:
-                await bf.connect(server.address, gpus=3, fraction=0.05)
+                await api.connect(server.address, gpus=3, fraction=0.05)
             assert "3 GPU(s)" in str(caught.value)
             async with serve(gpus=1) as single:
                 with pytest.raises(bf.InvalidValueError):
-                    await bf.connect(single.address, gpus=2)
+                    await api.connect(single.address, gpus=2)
             await wait_released(server)
 
     run(main())

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from integration_support import MiB, run, serve
+from integration_support import ClientApi, MiB, run, serve
 
 import bitfusion_net as bf
 
 
-def test_mode_and_weight_are_granted_and_shown_by_the_server() -> None:
+def test_mode_and_weight_are_granted_and_shown_by_the_server(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpu_memory="1GiB") as server:
             async with (
-                bf.connect(server.address, fraction=0.25, mode="cap") as capped,
-                bf.connect(server.address, fraction=0.05, weight=0.5) as weighted,
-                bf.connect(server.address, fraction=0.1) as plain,
+                api.connect(server.address, fraction=0.25, mode="cap") as capped,
+                api.connect(server.address, fraction=0.05, weight=0.5) as weighted,
+                api.connect(server.address, fraction=0.1) as plain,
             ):
                 assert (capped.devices[0].mode, capped.devices[0].weight) == ("cap", 0.25)
                 assert (weighted.devices[0].mode, weighted.devices[0].weight) == ("share", 0.5)
@@ -34,12 +34,12 @@ def test_mode_and_weight_are_granted_and_shown_by_the_server() -> None:
     run(main())
 
 
-def test_stats_count_the_tenants_own_work_and_memory() -> None:
+def test_stats_count_the_tenants_own_work_and_memory(api: ClientApi) -> None:
     async def main() -> None:
         async with serve(gpu_memory="1GiB") as server:
             async with (
-                bf.connect(server.address, fraction=0.5) as mine,
-                bf.connect(server.address, fraction=0.5) as other,
+                api.connect(server.address, fraction=0.5) as mine,
+                api.connect(server.address, fraction=0.5) as other,
             ):
                 gpu = mine.devices[0]
                 fresh = await gpu.stats()
@@ -80,11 +80,11 @@ def test_stats_count_the_tenants_own_work_and_memory() -> None:
         ({"weight": float("nan")}, "weight"),
     ],
 )
-def test_bad_mode_or_weight_is_refused_locally(kwargs: dict[str, object], match: str) -> None:
+def test_bad_mode_or_weight_is_refused_locally(kwargs: dict[str, object], match: str, api: ClientApi) -> None:
     async def main() -> None:
         async with serve() as server:
             with pytest.raises(bf.InvalidValueError, match=match):
-                await bf.connect(server.address, fraction=0.5, **kwargs)  # type: ignore[arg-type]
+                await api.connect(server.address, fraction=0.5, **kwargs)  # type: ignore[arg-type]
 
     run(main())
 
