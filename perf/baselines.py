@@ -77,6 +77,17 @@ def summarize(samples_ns: Sequence[int]) -> dict[str, float]:
     }
 
 
+# The process id of each server ``server_process`` started, by the address it yielded.
+SERVER_PIDS: dict[str, int] = {}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def server_process(argv: Sequence[str], what: str) -> Iterator[str]:
     """Run a server subprocess; yield its ``tcp://HOST:PORT`` once it prints that it listens."""
@@ -100,7 +111,9 @@ def server_process(argv: Sequence[str], what: str) -> Iterator[str]:
             match = LISTENING.match(line.decode())
             if match is None:
                 raise RuntimeError(f"{what} printed {line!r}, not 'listening on tcp://HOST:PORT'")
-            yield f"tcp://{match.group(1)}:{match.group(2)}"
+            address = f"tcp://{match.group(1)}:{match.group(2)}"
+            SERVER_PIDS[address] = process.pid
+            yield address
         finally:
             stop_process(process)
 
@@ -433,6 +446,92 @@ def grpc_round_trip(address: str, samples: int, warmup: int) -> dict[str, float]
     return summarize(timings)
 
 
+# -- the blocking-socket echo (Python) ----------------------------------------------------------
+def _serve_blocking_echo(host: str, port: int) -> None:
+    """PING echo on plain blocking sockets, a thread per connection: the baseline of the
+    blocking API (no event loop on either side)."""
+    listener = socket.create_server((host, port))
+    bound = listener.getsockname()
+    print(f"listening on tcp://{bound[0]}:{bound[1]}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_echo_pings, args=(conn,), daemon=True).start()
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    while view:
+        count = sock.recv_into(view)
+        if not count:
+            return False
+        view = view[count:]
+    return True
+
+
+def _echo_pings(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = memoryview(bytearray(HEADER.size + 65536))
+    with conn:
+        while _recv_exactly(conn, buffer[: HEADER.size]):
+            op, _reserved, size = HEADER.unpack_from(buffer)
+            if op != OP_PING or size > 65536:
+                return
+            if not _recv_exactly(conn, buffer[HEADER.size : HEADER.size + size]):
+                return
+            conn.sendall(buffer[HEADER.size : HEADER.size + size])
+
+
+class BlockingBaselineClient:
+    """A blocking socket that pings the blocking (or uvloop, or C) echo server."""
+
+    def __init__(self, address: str) -> None:
+        self._sock = socket.create_connection(split_address(address))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._message = ping_message()
+        self._reply = memoryview(bytearray(PING_SIZE))
+
+    def ping(self) -> None:
+        self._sock.sendall(self._message)
+        if not _recv_exactly(self._sock, self._reply):
+            raise ConnectionError("the echo server closed the connection")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class RawWireClient:
+    """A bare blocking socket speaking bitfusion-net's wire protocol: one pre-encoded MEM_GET_INFO
+    frame out, its 40-byte reply in. What the server alone costs per request, with no client
+    library in the way."""
+
+    def __init__(self, address: str) -> None:
+        from bitfusion_net.protocol import FrameDecoder, encode_request
+        from bitfusion_net.protocol import messages as m
+
+        self._sock = socket.create_connection(split_address(address))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.sendall(encode_request(m.Hello(1, 0, 2**20, "raw-wire"), 1))
+        decoder = FrameDecoder(receives_replies=True)
+        while (frame := decoder.next_frame()) is None:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection instead of leasing")
+            decoder.receive_data(data)
+        if not isinstance(frame.message, m.HelloReply):
+            raise ConnectionError(f"the server refused the lease: {frame.message}")
+        # Ids may repeat: each request is answered before the next is sent.
+        self._request = encode_request(m.MemGetInfo(0), 2)
+        self._reply = memoryview(bytearray(40))  # header 24 + MemGetInfoReply 16
+
+    def ping(self) -> None:
+        self._sock.sendall(self._request)
+        if not _recv_exactly(self._sock, self._reply):
+            raise ConnectionError("the server closed the connection")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 # -- keep-awake ---------------------------------------------------------------------------------
 def _keep_awake() -> None:
     """Spin at the lowest priority so that one CPU never halts (see ``keep_awake``)."""
@@ -500,7 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=["uvloop-echo-server", "zmq-rep-server", "grpc-server", "serve-all", "keep-awake"],
+        choices=[
+            "uvloop-echo-server", "blocking-echo-server", "zmq-rep-server", "grpc-server",
+            "serve-all", "keep-awake",
+        ],  # fmt: skip
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
@@ -510,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "uvloop-echo-server":
         with asyncio.Runner(loop_factory=uvloop_factory()) as runner:
             runner.run(_serve_uvloop_echo(args.host, args.port))
+    elif args.command == "blocking-echo-server":
+        _serve_blocking_echo(args.host, args.port)
     elif args.command == "zmq-rep-server":
         _serve_zmq(args.host, args.port)
     elif args.command == "grpc-server":

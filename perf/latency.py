@@ -189,8 +189,8 @@ class Progress:
 
 
 def count_steps(cfg: Config) -> int:
-    fixed = 2 + 2 + 3 + 1 + 1 + 2 + 2 + 1  # build, servers, round trips, launches, MLP, C,
-    # uvloop round trip and posts, zmq and grpc, report
+    fixed = 2 + 2 + 3 + 1 + 1 + 2 + 2 + 1 + 2  # build, servers, round trips, launches, MLP, C,
+    # uvloop round trip and posts, zmq and grpc, report, blocking echo, concurrent clients
     return fixed + 2 * len(cfg.sizes) + cfg.h2h_rounds
 
 
@@ -343,6 +343,55 @@ def bench_launches_inprocess(cfg: Config, executor: str) -> dict[str, float]:
     return rate_result(cfg.launches, seconds)
 
 
+# -- 3b. many clients at once --------------------------------------------------------------------
+def _concurrent_client(address: str, seconds: float, results: Any) -> None:
+    """One of the concurrent clients: blocking mem_get_info calls until the deadline."""
+    with bf.connect_sync(address, fraction=0.05, client_name="perf/concurrent") as session:
+        gpu = session.devices[0]
+        for _ in range(200):
+            gpu.mem_get_info()
+        results.put("ready")
+        count, deadline = 0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            gpu.mem_get_info()
+            count += 1
+        results.put(count)
+
+
+def bench_concurrent_clients(address: str, clients: int, seconds: float) -> dict[str, Any]:
+    """``clients`` processes of blocking clients, each calling mem_get_info in a loop: the
+    server's rate of small synchronous requests and its CPU time per request."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # no loop is running here: forking is safe
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_concurrent_client, args=(address, seconds, queue))
+        for _ in range(clients)
+    ]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        queue.get(timeout=60)  # every client connected and warm
+    pid = bl.SERVER_PIDS.get(address)
+    cpu_before = bl.process_cpu_seconds(pid) if pid else None
+    started = time.perf_counter()
+    counts = [queue.get(timeout=seconds + 60) for _ in workers]
+    elapsed = time.perf_counter() - started
+    cpu = bl.process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
+    for worker in workers:
+        worker.join(30)
+    total = sum(counts)
+    return {
+        "clients": clients,
+        "seconds": elapsed,
+        "requests": total,
+        "per_second": total / elapsed,
+        "server_cpu_seconds": cpu,
+        "server_cpu_us_per_request": None if cpu is None else cpu / total * 1e6,
+    }
+
+
 # -- 4. the MLP training step: see mlp_workload.py ------------------------------------------------
 
 
@@ -456,13 +505,22 @@ def _median_ratio(mine: Sequence[float], theirs: Sequence[float]) -> float | Non
 
 async def bench_head_to_head(
     gpu: bf.RemoteDevice,
+    sync_gpu: bf.SyncRemoteDevice,
     uv: bl.UvloopBaselineClient,
+    echo: bl.BlockingBaselineClient,
+    raw: bl.RawWireClient,
     c: tuple[Path, str] | None,
     cfg: Config,
     host: memoryview,
     progress: Progress,
 ) -> dict[str, Any]:
-    """Rounds of ours, uvloop and C back to back: round-trip p50 and 64 MiB copies each way.
+    """Rounds of ours (both APIs), uvloop, the blocking echo, the raw wire client and C back to
+    back: round-trip p50 and 64 MiB copies each way.
+
+    Each API is held to its matching baseline: the async API to the uvloop echo (an event loop
+    on both sides), the blocking API to the blocking-socket echo (plain blocking sockets on both
+    sides, Python). The raw wire client (a bare blocking socket sending pre-encoded frames to our
+    server) shows what the server alone costs.
 
     On a shared, noisy machine the sweeps run seconds to minutes apart, and the machine's speed
     may change between them. Here every contender is measured in every short round; the targets
@@ -473,8 +531,13 @@ async def bench_head_to_head(
     samples, reps = cfg.h2h_samples, cfg.h2h_reps
     view = host[:size]
     message = bl.ping_message()
-    rtt: dict[str, list[float]] = {"ours": [], "uvloop": [], "c": []}
-    kinds = ("ours_htod", "ours_dtoh", "uvloop_put", "uvloop_get", "c_put", "c_get")
+    rtt: dict[str, list[float]] = {
+        "ours": [], "blocking": [], "uvloop": [], "blocking_echo": [], "raw_wire": [], "c": [],
+    }  # fmt: skip
+    kinds = (
+        "ours_htod", "ours_dtoh", "blocking_htod", "blocking_dtoh", "uvloop_put", "uvloop_get",
+        "c_put", "c_get",
+    )  # fmt: skip
     gbps: dict[str, list[float]] = {kind: [] for kind in kinds}
 
     async def p50(call: Callable[[], Awaitable[Any]]) -> float:
@@ -483,7 +546,21 @@ async def bench_head_to_head(
     async def bandwidth(call: Callable[[], Awaitable[Any]]) -> float:
         return copy_result(size, await time_async(call, reps, 1))["gbps"]
 
+    def p50_sync(call: Callable[[], Any]) -> float:
+        return bl.summarize(time_sync(call, samples, samples // 10))["p50_us"]
+
+    def bandwidth_sync(call: Callable[[], Any]) -> float:
+        return copy_result(size, time_sync(call, reps, 1))["gbps"]
+
     device = await gpu.mem_alloc(size)
+    sync_device = sync_gpu.mem_alloc(size)
+
+    def to_device_sync() -> None:
+        sync_gpu.memcpy_htod(sync_device, view)
+        sync_gpu.synchronize()
+
+    def to_host_sync() -> None:
+        sync_gpu.memcpy_dtoh(view, sync_device)
 
     async def to_device() -> None:
         await gpu.memcpy_htod(device, view)
@@ -498,8 +575,13 @@ async def bench_head_to_head(
             gc.collect()
             rtt["ours"].append(await p50(gpu.mem_get_info))
             rtt["uvloop"].append(await p50(lambda: uv.ping(message, bl.PING_SIZE)))
+            rtt["blocking"].append(p50_sync(sync_gpu.mem_get_info))
+            rtt["blocking_echo"].append(p50_sync(echo.ping))
+            rtt["raw_wire"].append(p50_sync(raw.ping))
             gbps["ours_htod"].append(await bandwidth(to_device))
             gbps["ours_dtoh"].append(await bandwidth(to_host))
+            gbps["blocking_htod"].append(bandwidth_sync(to_device_sync))
+            gbps["blocking_dtoh"].append(bandwidth_sync(to_host_sync))
             gbps["uvloop_put"].append(await bandwidth(lambda: uv.put(view)))
             gbps["uvloop_get"].append(await bandwidth(lambda: uv.get(view)))
             if c is not None:
@@ -511,13 +593,19 @@ async def bench_head_to_head(
             progress.advance()
     finally:
         await gpu.mem_free(device)
+        sync_gpu.mem_free(sync_device)
     best_rtt = {k: min(v) for k, v in rtt.items() if v}
     best_gbps = {k: max(v) for k, v in gbps.items() if v}
     pairs = {
         "rtt_vs_uvloop": ("ours", "uvloop"),
         "rtt_vs_c": ("ours", "c"),
+        "rtt_blocking_vs_blocking_echo": ("blocking", "blocking_echo"),
+        "rtt_blocking_vs_c": ("blocking", "c"),
+        "rtt_raw_wire_vs_blocking_echo": ("raw_wire", "blocking_echo"),
         "htod_vs_c": ("ours_htod", "c_put"),
         "dtoh_vs_c": ("ours_dtoh", "c_get"),
+        "blocking_htod_vs_c": ("blocking_htod", "c_put"),
+        "blocking_dtoh_vs_c": ("blocking_dtoh", "c_get"),
         "htod_vs_uvloop": ("ours_htod", "uvloop_put"),
         "dtoh_vs_uvloop": ("ours_dtoh", "uvloop_get"),
     }
@@ -550,6 +638,7 @@ class Peers:
     c: tuple[Path, str] | None
     c_note: str
     uvloop: str
+    blocking_echo: str
     executor: str = "numpy"
 
 
@@ -609,12 +698,30 @@ async def measure_async(
         )
         progress.advance()
         uv = await bl.UvloopBaselineClient.connect(peers.uvloop)
+        echo = bl.BlockingBaselineClient(peers.blocking_echo)
+        raw = bl.RawWireClient(peers.server)
+        # The blocking API needs no loop: it runs here, between the async measurements.
+        sync_lease = HEAD_TO_HEAD_SIZE + 16 * MiB + CONTEXT_ALLOWANCE[peers.executor]
+        sync_session = bf.connect_sync(
+            peers.server, memory=sync_lease, client_name="perf/latency-h2h"
+        )
         try:
             baselines["uvloop"] = await bench_uvloop(cfg, uv, host, progress)
+            progress.stage("blocking echo and raw wire: round trip")
+            baselines["blocking_echo"] = {
+                "round_trip": bl.summarize(time_sync(echo.ping, cfg.rtt_samples, cfg.rtt_warmup))
+            }
+            baselines["raw_wire"] = {
+                "round_trip": bl.summarize(time_sync(raw.ping, cfg.rtt_samples, cfg.rtt_warmup))
+            }
+            progress.advance()
             results["head_to_head"] = await bench_head_to_head(
-                gpu, uv, peers.c, cfg, host, progress
+                gpu, sync_session.devices[0], uv, echo, raw, peers.c, cfg, host, progress
             )
         finally:
+            sync_session.close()
+            raw.close()
+            echo.close()
             uv.close()
     results["baselines"] = baselines
     return results
@@ -623,7 +730,7 @@ async def measure_async(
 def measure_blocking(
     address: str, cfg: Config, progress: Progress, executor: str = "numpy"
 ) -> dict[str, Any]:
-    """The blocking API (its own loop thread), from this thread."""
+    """The blocking API, from this thread (it has no loop and no thread of its own)."""
     lease = 64 * MiB + CONTEXT_ALLOWANCE[executor]
     with bf.connect_sync(address, memory=lease, client_name="perf/latency-sync") as session:
         gpu = session.devices[0]
@@ -711,12 +818,18 @@ def measure_all(
         uv_address = remote["uvloop"] or servers.enter_context(
             bl.server_process(bl.python_server("uvloop-echo-server"), "uvloop echo server")
         )
+        blocking_echo = servers.enter_context(
+            bl.server_process(bl.python_server("blocking-echo-server"), "blocking echo server")
+        )
         meta["server"] = address
         progress.advance()
-        peers = Peers(address, c_peer, c_note, uv_address, executor)
+        peers = Peers(address, c_peer, c_note, uv_address, blocking_echo, executor)
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             measured = runner.run(measure_async(peers, cfg, host, progress))
         blocking = measure_blocking(address, cfg, progress, executor)
+        progress.stage("ours: 8 concurrent blocking clients")
+        concurrent = bench_concurrent_clients(address, 8, 2.0 if cfg.quick else 10.0)
+        progress.advance()
     meta["device"] = measured["device"]
     if measured["device"]["executor"] != executor:
         notes.append(
@@ -749,6 +862,7 @@ def measure_all(
             "inprocess": inprocess,
         },
         "mlp": measured["mlp"],
+        "concurrent": concurrent,
         "baselines": baselines,
         "head_to_head": measured["head_to_head"],
         "notes": notes,

@@ -9,10 +9,14 @@ from typing import Any
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 TARGETS = {
-    "round_trip_vs_uvloop": 1.25,  # our p50 <= 1.25 x the raw uvloop echo's
-    "copy_vs_c": 0.80,  # 64 MiB copies >= 80 % of the C stream's bandwidth
-    "launches_per_second": 50_000.0,
+    "round_trip_vs_uvloop": 1.25,  # async API p50 <= 1.25 x the raw uvloop echo's
+    "blocking_vs_blocking_echo": 1.5,  # blocking API p50 <= 1.5 x the blocking-socket echo's
+    "p99_over_p50": 3.0,  # p99 <= 3 x p50, both APIs
+    "copy_vs_c": 0.80,  # 64 MiB copies >= 80 % of the C stream's bandwidth, both APIs
+    "launches_async": 150_000.0,
+    "launches_blocking": 100_000.0,
     "mlp_ratio": 1.10,  # remote step <= 1.10 x in-process
+    "concurrent_requests": 100_000.0,  # small synchronous requests per second, 8 clients
 }
 
 
@@ -85,6 +89,8 @@ def print_report(results: dict[str, Any]) -> None:
         ("round trip mem_get_info, blocking API", get(results, "round_trip", "blocking")),
         ("C TCP ping-pong (baseline)", c_rtt),
         ("uvloop echo ping-pong (baseline)", uv_rtt),
+        ("blocking-socket echo, Python (baseline)", get(base, "blocking_echo", "round_trip")),
+        ("raw wire client to our server", get(base, "raw_wire", "round_trip")),
         ("pyzmq REQ/REP (baseline)", get(base, "zmq", "round_trip")),
         ("grpcio unary (baseline)", get(base, "grpc", "round_trip")),
     ]
@@ -173,6 +179,13 @@ def print_report(results: dict[str, Any]) -> None:
             f" [{_x(median['rtt_vs_uvloop'])}], ours/C {_x(ratios['rtt_vs_c'])}"
             f" [{_x(median['rtt_vs_c'])}]"
         )
+        print(
+            f"  blocking round trip p50: ours {fmt(rtt.get('blocking'), 'us')}, blocking echo "
+            f"{fmt(rtt.get('blocking_echo'), 'us')}, raw wire {fmt(rtt.get('raw_wire'), 'us')}; "
+            f"ours/echo {_x(ratios.get('rtt_blocking_vs_blocking_echo'))}"
+            f" [{_x(median.get('rtt_blocking_vs_blocking_echo'))}], raw/echo "
+            f"{_x(ratios.get('rtt_raw_wire_vs_blocking_echo'))}"
+        )
         copy = h2h["copy_gbps"]
         print(
             f"  {format_size(h2h['copy_size'])} copies GB/s: ours htod {_gb(copy['ours_htod'])},"
@@ -180,7 +193,16 @@ def print_report(results: dict[str, Any]) -> None:
             f" get {_gb(copy.get('c_get'))}; uvloop put {_gb(copy.get('uvloop_put'))},"
             f" get {_gb(copy.get('uvloop_get'))}; htod/C {_x(ratios['htod_vs_c'])}"
             f" [{_x(median['htod_vs_c'])}], dtoh/C {_x(ratios['dtoh_vs_c'])}"
-            f" [{_x(median['dtoh_vs_c'])}]"
+            f" [{_x(median['dtoh_vs_c'])}]; blocking htod {_gb(copy.get('blocking_htod'))},"
+            f" dtoh {_gb(copy.get('blocking_dtoh'))}"
+        )
+        print()
+    concurrent = results.get("concurrent")
+    if concurrent:
+        print(
+            f"{concurrent['clients']} concurrent blocking clients: "
+            f"{fmt(concurrent['per_second'], '/s')} mem_get_info, server CPU "
+            f"{fmt(concurrent['server_cpu_us_per_request'], 'us')} per request"
         )
         print()
 
@@ -203,17 +225,49 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     uv_p50 = get(h2h, "round_trip_p50_us", "uvloop") or get(base, "uvloop", "round_trip", "p50_us")
     targets: dict[str, dict[str, Any]] = {}
 
+    def target(name: str, value: float | None, limit: float, at_most: bool, text: str) -> None:
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        targets[name] = {
+            "value": value,
+            "target": f"{'<=' if at_most else '>='} {limit:g}",
+            "met": met,
+            "text": text,
+        }
+
     limit = TARGETS["round_trip_vs_uvloop"]
     value = get(h2h, "ratios", "rtt_vs_uvloop")
     if value is None and ours_p50 and uv_p50:
         value = ours_p50 / uv_p50
-    targets["round_trip_p50_vs_uvloop"] = {
-        "value": value,
-        "target": f"<= {limit}",
-        "met": None if value is None else value <= limit,
-        "text": f"async round trip p50 {fmt(ours_p50, 'us')} = {value or 0:.2f}x uvloop echo "
-        f"{fmt(uv_p50, 'us')} (target <= {limit}x; blocking API {fmt(blocking_p50, 'us')})",
-    }
+    target(
+        "round_trip_p50_vs_uvloop",
+        value,
+        limit,
+        True,
+        f"async round trip p50 {fmt(ours_p50, 'us')} = {value or 0:.2f}x uvloop echo "
+        f"{fmt(uv_p50, 'us')} (target <= {limit}x)",
+    )
+    limit = TARGETS["blocking_vs_blocking_echo"]
+    value = get(h2h, "ratios", "rtt_blocking_vs_blocking_echo")
+    echo_p50 = get(h2h, "round_trip_p50_us", "blocking_echo")
+    mine = get(h2h, "round_trip_p50_us", "blocking") or blocking_p50
+    target(
+        "blocking_round_trip_p50_vs_blocking_echo",
+        value,
+        limit,
+        True,
+        f"blocking round trip p50 {fmt(mine, 'us')} = {value or 0:.2f}x blocking-socket echo "
+        f"{fmt(echo_p50, 'us')} (target <= {limit}x)",
+    )
+    for api in ("async", "blocking"):
+        p50, p99 = (get(results, "round_trip", api, key) for key in ("p50_us", "p99_us"))
+        tail = p99 / p50 if p50 and p99 else None
+        target(
+            f"round_trip_p99_over_p50_{api}",
+            tail,
+            TARGETS["p99_over_p50"],
+            True,
+            f"{api} round trip p99 {fmt(p99, 'us')} = {tail or 0:.2f}x its p50 (target <= 3x)",
+        )
     for kind, package in (("zmq", "pyzmq"), ("grpc", "grpcio")):
         other = get(base, kind, "round_trip", "p50_us")
         targets[f"round_trip_p50_below_{kind}"] = {
@@ -225,33 +279,48 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }
 
     size = h2h.get("copy_size") or max(results["meta"]["sizes"])
-    for ours_key, c_key in (("htod", "put"), ("dtoh", "get")):
-        mine = get(h2h, "copy_gbps", f"ours_{ours_key}")
-        c = get(h2h, "copy_gbps", f"c_{c_key}")
-        value = get(h2h, "ratios", f"{ours_key}_vs_c")
-        if value is None and mine and c:
-            value = mine / c
-        targets[f"copy_{ours_key}_{format_size(size).replace(' ', '')}_vs_c"] = {
-            "value": value,
-            "target": f">= {TARGETS['copy_vs_c']}",
-            "met": None if value is None else value >= TARGETS["copy_vs_c"],
-            "text": f"{ours_key} {format_size(size)} {fmt(mine, 'GB/s')} = {(value or 0) * 100:.0f}% "
-            f"of C {c_key} {fmt(c, 'GB/s')} (target >= 80%)",
-        }
-    rate = get(results, "launches", "async", "per_second")
-    targets["launches_per_second"] = {
-        "value": rate,
-        "target": f">= {TARGETS['launches_per_second']:.0f}",
-        "met": None if rate is None else rate >= TARGETS["launches_per_second"],
-        "text": f"pipelined launches {fmt(rate, '/s')} (target >= 50,000 /s)",
-    }
+    for api, prefix in (("async", "ours"), ("blocking", "blocking")):
+        for ours_key, c_key in (("htod", "put"), ("dtoh", "get")):
+            mine = get(h2h, "copy_gbps", f"{prefix}_{ours_key}")
+            c = get(h2h, "copy_gbps", f"c_{c_key}")
+            name = f"{ours_key}_vs_c" if api == "async" else f"blocking_{ours_key}_vs_c"
+            value = get(h2h, "ratios", name)
+            target(
+                f"copy_{ours_key}_{format_size(size).replace(' ', '')}_vs_c_{api}",
+                value,
+                TARGETS["copy_vs_c"],
+                False,
+                f"{api} {ours_key} {format_size(size)} {fmt(mine, 'GB/s')} = "
+                f"{(value or 0) * 100:.0f}% of C {c_key} {fmt(c, 'GB/s')} (target >= 80%)",
+            )
+    for api in ("async", "blocking"):
+        rate = get(results, "launches", api, "per_second")
+        limit = TARGETS[f"launches_{api}"]
+        target(
+            f"launches_per_second_{api}",
+            rate,
+            limit,
+            False,
+            f"pipelined launches, {api} API {fmt(rate, '/s')} (target >= {limit:,.0f} /s)",
+        )
     mlp_ratio = get(results, "mlp", "ratio")
-    targets["mlp_ratio"] = {
-        "value": mlp_ratio,
-        "target": f"<= {TARGETS['mlp_ratio']}",
-        "met": None if mlp_ratio is None else mlp_ratio <= TARGETS["mlp_ratio"],
-        "text": f"remote MLP step {mlp_ratio or 0:.3f}x in-process (target <= 1.10x)",
-    }
+    target(
+        "mlp_ratio",
+        mlp_ratio,
+        TARGETS["mlp_ratio"],
+        True,
+        f"remote MLP step {mlp_ratio or 0:.3f}x in-process (target <= 1.10x)",
+    )
+    rate = get(results, "concurrent", "per_second")
+    cpu = get(results, "concurrent", "server_cpu_us_per_request")
+    target(
+        "concurrent_requests_per_second",
+        rate,
+        TARGETS["concurrent_requests"],
+        False,
+        f"8 concurrent clients: {fmt(rate, '/s')} small synchronous requests, server CPU "
+        f"{fmt(cpu, 'us')} per request (target >= 100,000 /s)",
+    )
     return targets
 
 

@@ -107,18 +107,29 @@ def check_results(results: dict[str, Any], stdout: str) -> None:
         else:
             check_latency(base[kind]["round_trip"], kind)
 
+    check_latency(base["blocking_echo"]["round_trip"], "blocking echo")
+    check_latency(base["raw_wire"]["round_trip"], "raw wire client")
+
     h2h = results["head_to_head"]
-    positive(h2h, "round_trip_p50_us", "ours")
-    positive(h2h, "round_trip_p50_us", "uvloop")
-    positive(h2h, "copy_gbps", "ours_htod")
-    positive(h2h, "copy_gbps", "ours_dtoh")
+    for contender in ("ours", "blocking", "uvloop", "blocking_echo", "raw_wire"):
+        positive(h2h, "round_trip_p50_us", contender)
+    for copy in ("ours_htod", "ours_dtoh", "blocking_htod", "blocking_dtoh"):
+        positive(h2h, "copy_gbps", copy)
+    concurrent = results["concurrent"]
+    assert concurrent["clients"] == 8 and concurrent["requests"] > 0
+    positive(concurrent, "per_second")
 
     assert set(results["targets"]) >= {
         "round_trip_p50_vs_uvloop",
+        "blocking_round_trip_p50_vs_blocking_echo",
+        "round_trip_p99_over_p50_async",
+        "round_trip_p99_over_p50_blocking",
         "round_trip_p50_below_zmq",
         "round_trip_p50_below_grpc",
-        "launches_per_second",
+        "launches_per_second_async",
+        "launches_per_second_blocking",
         "mlp_ratio",
+        "concurrent_requests_per_second",
     }
     for target in results["targets"].values():
         assert target["met"] in (True, False, None)  # reported, never asserted
