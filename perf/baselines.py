@@ -571,6 +571,7 @@ def _serve_all(host: str, port: int) -> int:
     argvs.append(("uvloop echo", python_server("uvloop-echo-server", host, port + 1)))
     argvs.append(("pyzmq REP", python_server("zmq-rep-server", host, port + 2)))
     argvs.append(("grpcio", python_server("grpc-server", host, port + 3)))
+    argvs.append(("blocking echo", python_server("blocking-echo-server", host, port + 4)))
     with contextlib.ExitStack() as stack:
         for what, argv in argvs:
             try:

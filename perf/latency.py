@@ -744,16 +744,18 @@ def measure_blocking(
 
 
 def baseline_addresses(spec: str | None) -> dict[str, str | None]:
-    """``--baselines-at HOST:PORT``: C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3."""
+    """``--baselines-at HOST:PORT``: C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3,
+    the blocking echo PORT+4."""
+    kinds = ("c", "uvloop", "zmq", "grpc", "blocking_echo")
     if spec is None:
-        return dict.fromkeys(("c", "uvloop", "zmq", "grpc"))
+        return dict.fromkeys(kinds)
     host, _, port_text = spec.rpartition(":")
     if not host or not port_text.isdigit():
         raise SystemExit(f"--baselines-at wants HOST:PORT, got {spec!r}")
     port = int(port_text)
     return {
         kind: f"tcp://{host}:{port + offset}"
-        for offset, kind in enumerate(("c", "uvloop", "zmq", "grpc"))
+        for offset, kind in enumerate(kinds)
     }
 
 
@@ -818,7 +820,7 @@ def measure_all(
         uv_address = remote["uvloop"] or servers.enter_context(
             bl.server_process(bl.python_server("uvloop-echo-server"), "uvloop echo server")
         )
-        blocking_echo = servers.enter_context(
+        blocking_echo = remote["blocking_echo"] or servers.enter_context(
             bl.server_process(bl.python_server("blocking-echo-server"), "blocking echo server")
         )
         meta["server"] = address
@@ -898,7 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines-at",
         metavar="HOST:PORT",
         help="use baseline servers started elsewhere by 'python perf/baselines.py serve-all "
-        "--port PORT' (C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3) instead of "
+        "--port PORT' (C on PORT, uvloop PORT+1, pyzmq PORT+2, grpcio PORT+3, blocking echo PORT+4) instead of "
         "starting them on loopback",
     )
     parser.add_argument(

@@ -72,6 +72,11 @@ class Message:
         cls._flat = not cls.VARIABLE and all(count == 0 for _, count in cls._layout)
 
     def encode(self) -> bytes:
+        if self._flat:
+            try:
+                return self._struct.pack(*[getattr(self, name) for name, _ in self._layout])
+            except struct.error as exc:
+                raise ValueError(f"{type(self).__name__}: {exc}") from None
         values: list[Any] = []
         for name, count in self._layout:
             value = getattr(self, name)

@@ -56,6 +56,7 @@ _DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     Unsupported: ErrorCode.UNSUPPORTED,
 }
 _session_ids = itertools.count(1)
+QUEUE_CHECK_EVERY = 64  # the backlog bound may be overshot by this many operations
 
 
 def _nothing() -> None:
@@ -86,6 +87,9 @@ class ServerSession:
         self._flow = SessionFlow(limits.max_payload)
         self._reading = True  # False while flow control holds the connection
         self._backlog_check: asyncio.TimerHandle | None = None
+        # Operations submitted since the queue depths were last read: they are read (a lock per
+        # lease) every QUEUE_CHECK_EVERY submissions, not on every frame.
+        self._unchecked = 0
         self.connection = ServerConnection(limits, payload_sink=self._payload_buffer)
         self.get_buffer = self.connection.get_buffer
 
@@ -210,6 +214,7 @@ class ServerSession:
                 f"{self._limits.max_payload}; split it"
             )
         op, to_reply = DISPATCH[type(message)](executor, tenant, message, payload)
+        self._unchecked += 1
         give_back: Callable[[], None] = _nothing
         if payload is not None:
             op, give_back = self._unstaging(op, tenant, payload)
@@ -323,9 +328,12 @@ class ServerSession:
     def _update_flow(self) -> None:
         if self._closed or self.connection.state is ServerState.CLOSING:
             return
-        most_queued = max(
-            (lease.executor.queued(lease.tenant) for lease in self.leases), default=0
-        )
+        most_queued = 0  # unknown counts as short: only a backlog needs a fresh count
+        if self._flow.backlogged or self._unchecked >= QUEUE_CHECK_EVERY:
+            self._unchecked = 0
+            most_queued = max(
+                (lease.executor.queued(lease.tenant) for lease in self.leases), default=0
+            )
         if self._flow.should_read(self.stream.writable, most_queued):
             if not self._reading:
                 self._reading = True

@@ -52,6 +52,9 @@ class BlockingStream:
     def send(self, *buffers: bytes | memoryview) -> None:
         """Write every buffer, in order, without joining them; returns once the kernel has all of
         it (the buffers may be reused), blocking while the socket's buffer is full."""
+        if len(buffers) == 1:
+            self._sock.sendall(buffers[0])
+            return
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         while pending:
             sent = self._sock.sendmsg(pending[:_IOV_MAX])
