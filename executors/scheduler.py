@@ -15,6 +15,18 @@
 - ``in_flight_budget`` bounds how many jobs of one tenant may be on the device at once, so a deep
   backlog never delays another tenant by more than about one kernel (1 on a synchronous device).
 
+Closed-loop tenants (a few kernels, then a wait for a result) empty their queue every round trip.
+A kernel cannot be pre-empted, so if a neighbour's kernel started in that gap the returning tenant
+waits a whole kernel each time, and a 0.9 tenant beside a 0.1 one gets half the device. So the
+scheduler *anticipates* (BFQ's idling for synchronous queues): when a job that answers its tenant
+(a reply is on its way) leaves that tenant's queue empty, and that tenant would be served next
+if it had work, the device is held for it for a short window learned from its own recent think
+time (twice its typical gap between reply and next job), never more than ``ANTICIPATE_MAX`` nor
+``ANTICIPATE_NEIGHBOUR`` of the shortest usual job among the tenants waiting. A tenant that
+returns in time keeps its turn; one that does not loses it when the window ends, and one whose
+think time is longer than the cap is not waited for at all. Idle time nobody claims still goes to
+whoever has work: share mode stays work-conserving over any window longer than the cap.
+
 Work-conserving by default (``share``): idle time goes to the busy tenants in proportion to weight.
 A tenant with a ``cap`` (a fraction of device time) is also held to it when the device is otherwise
 idle, by a token bucket that refills at ``cap`` device-seconds per second and holds at most
@@ -45,6 +57,10 @@ ESTIMATE_DECAY = 0.99
 # gets two jobs in one second and none in another.
 STABLE_ORDER = 0.5
 _SLACK = 1e-12  # float tolerance of the eligibility test
+ANTICIPATE_MAX = 0.002  # the longest the device is held for a tenant expected back (seconds)
+ANTICIPATE_NEIGHBOUR = 0.5  # ... and at most this fraction of a waiting neighbour's usual job
+ANTICIPATE_MIN = 50e-6  # the shortest window worth holding the device for
+THINK_SMOOTHING = 0.3  # weight of the newest think time in a tenant's running estimate
 
 
 @dataclass
@@ -68,11 +84,19 @@ class _TenantState(Generic[T]):
     order: int = 0  # tie-break: when it became ready
     credit: float = 0.0  # capped tenants: device-seconds they may still use
     credit_time: float = 0.0  # when credit was last refilled
+    replied_at: float | None = None  # when its queue emptied with a reply on the way to it
+    think: float | None = None  # its usual gap between that reply and its next job (seconds)
+    expected_until: float | None = None  # counted as backlogged until then: it is coming back
     usage: Usage = field(default_factory=Usage)
 
     @property
     def active(self) -> bool:
         return bool(self.jobs) or self.in_flight > 0
+
+    @property
+    def counted(self) -> bool:
+        """Its weight is in the active weight: it has work, or is expected back with some."""
+        return self.active or self.expected_until is not None
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,11 @@ class FairScheduler(Generic[T]):
         self._virtual = 0.0
         self._active_weight = 0.0  # sum of the weights of tenants with work queued or running
         self._pending = 0
+        # The tenant the device is held for, and until when (before the neighbours' cap).
+        self._anticipated: tuple[Hashable, float, float] | None = None  # (key, since, until)
+        self._expected: dict[Hashable, _TenantState[T]] = {}  # tenants expected back
+        self.anticipations = 0  # times the device was held, for measurements
+        self.anticipation_hits = 0  # ... and the tenant came back in time
 
     # -- tenants --------------------------------------------------------------------------------
     def add(self, key: Hashable, weight: float, cap: float | None = None, now: float = 0.0) -> None:
@@ -113,10 +142,13 @@ class FairScheduler(Generic[T]):
         state = self._tenants.pop(key, None)
         if state is None:
             return []
-        if state.active:
+        if state.counted:
             self._active_weight -= state.weight
         self._pending -= len(state.jobs)
         self._ready.pop(key, None)
+        self._expected.pop(key, None)
+        if self._anticipated is not None and self._anticipated[0] == key:
+            self._anticipated = None
         return [job for job, _ in state.jobs]
 
     def has(self, key: Hashable) -> bool:
@@ -128,10 +160,16 @@ class FairScheduler(Generic[T]):
         if state is None:
             return []
         jobs = [job for job, _ in state.jobs]
+        was_counted = state.counted
         self._pending -= len(jobs)
         state.jobs.clear()
         self._ready.pop(key, None)
-        if jobs and not state.active:
+        state.replied_at = None  # its client is gone: nobody is coming back
+        state.expected_until = None
+        self._expected.pop(key, None)
+        if self._anticipated is not None and self._anticipated[0] == key:
+            self._anticipated = None
+        if was_counted and not state.active:
             self._active_weight -= state.weight
         return jobs
 
@@ -152,7 +190,23 @@ class FairScheduler(Generic[T]):
     # -- jobs -----------------------------------------------------------------------------------
     def push(self, key: Hashable, job: T, now: float) -> None:
         state = self._tenants[key]
-        if not state.active:
+        if state.replied_at is not None:  # back from a reply: learn how long that takes it
+            gap = now - state.replied_at
+            state.think = (
+                gap
+                if state.think is None
+                else state.think + THINK_SMOOTHING * (gap - state.think)
+            )
+            state.replied_at = None
+            if self._anticipated is not None and self._anticipated[0] == key:
+                self._anticipated = None
+                self.anticipation_hits += 1
+        if state.expected_until is not None:
+            # Back in time: as if it had stayed backlogged (its weight is counted, its start
+            # tag goes on from its last job).
+            state.expected_until = None
+            self._expected.pop(key, None)
+        elif not state.active:
             # Newly backlogged: it restarts at the current virtual time, no earlier.
             self._active_weight += state.weight
             state.start = max(self._virtual, state.finish)
@@ -161,8 +215,10 @@ class FairScheduler(Generic[T]):
         self._make_ready(key, state)
 
     def pop(self, now: float) -> Dispatch[T] | float | None:
-        """The next job to run; or, if only capped tenants have work, seconds until one may run;
-        or None when nothing is runnable."""
+        """The next job to run; or seconds until one may run (only capped tenants have work, or
+        the device is held for a tenant expected back); or None when nothing is runnable."""
+        if self._expected:
+            self._forget_late(now)
         candidates: list[tuple[float, int, Hashable, float]] = []  # (finish, order, key, span)
         earliest: tuple[float, int, Hashable] | None = None  # (start, order, key)
         wait: float | None = None
@@ -185,12 +241,20 @@ class FairScheduler(Generic[T]):
             first = min(candidates)
             tolerance = first[0] + STABLE_ORDER * first[3]
             best = min((c for c in candidates if c[0] <= tolerance), key=lambda c: c[1])[:3]
+            best_finish = first[0]
         else:
             if earliest is None:
                 return wait
-            # Everyone with work is ahead of v: v moves up to the earliest of them.
-            self._virtual = max(self._virtual, earliest[0])
             best = earliest
+            chosen = self._ready[earliest[2]]
+            best_finish = earliest[0] + chosen.typical / chosen.weight
+        if self._anticipated is not None:
+            hold = self._hold(now, best_finish, best[2])
+            if hold is not None:
+                return hold if wait is None else min(hold, wait)
+        if not candidates:
+            # Everyone with work is ahead of v: v moves up to the earliest of them.
+            self._virtual = max(self._virtual, best[0])
         key = best[2]
         state = self._ready.pop(key)
         job, submitted = state.jobs.popleft()
@@ -201,8 +265,58 @@ class FairScheduler(Generic[T]):
         self._make_ready(key, state)
         return Dispatch(key, job, waited)
 
-    def charge(self, key: Hashable, seconds: float, now: float) -> None:
-        """A job of ``key`` finished after running ``seconds`` of device time."""
+    def _hold(self, now: float, best_finish: float, best_key: Hashable) -> float | None:
+        """Seconds to keep the device idle for the anticipated tenant, or None to go on (its
+        window is over, or it would not be served next anyway, so holding gains it nothing)."""
+        assert self._anticipated is not None
+        key, since, until = self._anticipated
+        state = self._tenants.get(key)
+        neighbour = self._tenants.get(best_key)
+        if state is None or neighbour is None:
+            self._anticipated = None
+            return None
+        until = min(until, since + ANTICIPATE_NEIGHBOUR * neighbour.typical)
+        mine = max(self._virtual, state.finish) + state.typical / state.weight
+        if now >= until or mine > best_finish:
+            self._anticipated = None
+            return None
+        return until - now
+
+    def _forget_late(self, now: float) -> None:
+        """Tenants expected back whose window has passed are idle after all."""
+        for key, state in list(self._expected.items()):
+            assert state.expected_until is not None
+            if state.expected_until <= now:
+                state.expected_until = None
+                del self._expected[key]
+                self._active_weight -= state.weight
+                if self._active_weight < 1e-9:
+                    self._active_weight = 0.0
+
+    def replied(self, key: Hashable, now: float) -> None:
+        """A reply to ``key`` left just now and it has nothing queued: it may be a closed loop
+        about to send its next job (see the module docstring). The worker calls this for a job
+        that wanted a reply; the server for a query it answered without the worker."""
+        state = self._tenants.get(key)
+        if state is None or state.active or state.cap is not None:
+            return
+        state.replied_at = now
+        window = ANTICIPATE_MAX if state.think is None else 2 * state.think
+        if window > ANTICIPATE_MAX:
+            return  # too slow to be worth waiting for: it is idle between its rounds
+        window = max(window, ANTICIPATE_MIN)
+        if state.expected_until is None:
+            if not state.counted:  # answered without the worker: it was idle until now
+                self._active_weight += state.weight
+                state.start = max(self._virtual, state.finish)
+            self._expected[key] = state
+        state.expected_until = now + window
+        self._anticipated = (key, now, now + window)
+        self.anticipations += 1
+
+    def charge(self, key: Hashable, seconds: float, now: float, replied: bool = False) -> None:
+        """A job of ``key`` finished after running ``seconds`` of device time; ``replied``: its
+        result goes back to a client that waits for it."""
         state = self._tenants.get(key)
         if state is None:  # removed while its last job ran
             return
@@ -220,9 +334,12 @@ class FairScheduler(Generic[T]):
             self._refill(state, now)
             state.credit -= seconds
         if not state.active:
-            self._active_weight -= state.weight
-            if self._active_weight < 1e-9:  # nobody is active: drop the float residue
-                self._active_weight = 0.0
+            if replied:
+                self.replied(key, now)  # it may stay counted, expected back
+            if state.expected_until is None:
+                self._active_weight -= state.weight
+                if self._active_weight < 1e-9:  # nobody is active: drop the float residue
+                    self._active_weight = 0.0
         self._make_ready(key, state, keep_turn)
 
     def _make_ready(self, key: Hashable, state: _TenantState[T], keep_turn: bool = False) -> None:
@@ -255,6 +372,9 @@ class FifoScheduler(FairScheduler[T]):
     def queued(self, key: Hashable) -> int:
         return self._counts.get(key, 0)
 
+    def replied(self, key: Hashable, now: float) -> None:
+        """Arrival order never waits for anyone."""
+
     def pop(self, now: float) -> Dispatch[T] | float | None:
         if not self._arrivals:
             return None
@@ -265,7 +385,7 @@ class FifoScheduler(FairScheduler[T]):
         state.usage.queue_wait += now - submitted
         return Dispatch(key, job, now - submitted)
 
-    def charge(self, key: Hashable, seconds: float, now: float) -> None:
+    def charge(self, key: Hashable, seconds: float, now: float, replied: bool = False) -> None:
         state = self._tenants.get(key)
         if state is not None:
             state.usage.device_time += seconds

@@ -117,7 +117,10 @@ class DeviceWorker:
             failure = tenant.take_async_failure()
             if failure is not None:
                 raise DeferredError(failure)
-            return True, op()
+            result = op()
+            # Its answer leaves now: a closed-loop tenant may be back with work in a moment.
+            self._scheduler.replied(tenant, self._clock())
+            return True, result
 
     def usage(self, tenant: Tenant) -> TenantUsage:
         """The tenant's account, including the part of a job it is running right now (so that
@@ -199,7 +202,7 @@ class DeviceWorker:
             finished = clock()
             with ready:
                 self._running = None
-                scheduler.charge(tenant, finished - started, finished)
+                scheduler.charge(tenant, finished - started, finished, replied=wants_reply)
 
     @staticmethod
     def _execute(
