@@ -57,7 +57,7 @@ class Stream(ABC):
         has handed all of it to the kernel (or to the peer), so ``payload`` may be reused; it
         never runs for a write that was dropped because the stream closed. Queued bytes go out
         in one coalesced write at the end of this loop iteration, or at ``flush()``. Never
-        blocks and never raises: a write to a closed stream is dropped."""
+        blocks and never raises: a write after ``close()`` or ``abort()`` is dropped."""
 
     @abstractmethod
     def flush(self) -> None:

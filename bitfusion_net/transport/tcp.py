@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         self._awaiting_drain: list[Callable[[], None]] = []  # on_sent waiting for the kernel
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
+        self._closing = False  # close() or abort() was called: later writes are dropped
         self._closed = False
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
 
@@ -135,7 +137,7 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         payload: memoryview | None = None,
         on_sent: Callable[[], None] | None = None,
     ) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             return
         if payload is not None and len(payload):
             self._queue.append((head, None))
@@ -164,8 +166,8 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
 
     def flush(self) -> None:
         transport = self.transport
-        if transport is None or self._closed:
-            return
+        if transport is None or self._closed or transport.is_closing():
+            return  # a closing transport drops writes: leave them queued, never "sent"
         queue = self._queue
         while queue and not self._transport_paused:
             if len(queue) == 1 and len(queue[0][0]) <= SLICE:  # the common case: one small frame
@@ -230,15 +232,14 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         if sock is None or self._closed:
             return not self._closed
         try:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                return False
             if hasattr(socket, "TCP_INFO"):  # Linux: anything but ESTABLISHED means it is gone
                 return (
                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
                 )
+            # Elsewhere SO_ERROR, which clears the error: connection_lost then reports None.
+            return not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
             return False
-        return True
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed_waiter)
@@ -246,6 +247,7 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
     def close(self) -> None:
         if self._closed or self.transport is None:
             return
+        self._closing = True
         if self._queue or self._transport_paused:
             self._awaiting_drain.append(self.close)
             if not self._flush_scheduled:
@@ -256,6 +258,13 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
 
     def abort(self) -> None:
         if self.transport is not None and not self._closed:
+            self._closing = True
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # linger 0: the kernel sends a reset, not an orderly FIN
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass  # already gone
             self.transport.abort()
 
 
