@@ -22,7 +22,10 @@ scheduler *anticipates* (BFQ's idling for synchronous queues): when a job that a
 (a reply is on its way) leaves that tenant's queue empty, and that tenant would be served next
 if it had work, the device is held for it for a short window learned from its own recent think
 time (twice its typical gap between reply and next job), never more than ``ANTICIPATE_MAX`` nor
-``ANTICIPATE_NEIGHBOUR`` of the shortest usual job among the tenants waiting. A tenant that
+``ANTICIPATE_NEIGHBOUR`` of the usual job of the tenant that would run instead, and only if its
+share entitles it to the device again sooner than it would get it after that job (otherwise it
+makes its lag up on its next turn, and holding would only idle the device). While it is expected
+back its weight stays counted and its start tag goes on, as if it had stayed backlogged. A tenant that
 returns in time keeps its turn; one that does not loses it when the window ends, and one whose
 think time is longer than the cap is not waited for at all. Idle time nobody claims still goes to
 whoever has work: share mode stays work-conserving over any window longer than the cap.
@@ -277,7 +280,15 @@ class FairScheduler(Generic[T]):
             return None
         until = min(until, since + ANTICIPATE_NEIGHBOUR * neighbour.typical)
         mine = max(self._virtual, state.finish) + state.typical / state.weight
-        if now >= until or mine > best_finish:
+        # Holding pays only for a tenant whose share wants it back on the device sooner than it
+        # would get there after a neighbour's job: then the neighbour's job is time it loses for
+        # good (it has one round of work at a time). A tenant entitled to less (twenty equal
+        # loops, say) makes its lag up on its next turn: nobody waits for it.
+        share = state.weight / max(self._active_weight, state.weight)
+        think = state.think or 0.0
+        entitled_interval = state.typical / share
+        worth_it = entitled_interval < state.typical + think + neighbour.typical
+        if now >= until or mine > best_finish or not worth_it:
             self._anticipated = None
             return None
         return until - now
@@ -294,25 +305,30 @@ class FairScheduler(Generic[T]):
                     self._active_weight = 0.0
 
     def replied(self, key: Hashable, now: float) -> None:
-        """A reply to ``key`` left just now and it has nothing queued: it may be a closed loop
-        about to send its next job (see the module docstring). The worker calls this for a job
-        that wanted a reply; the server for a query it answered without the worker."""
+        """A reply to ``key`` left just now without the worker (the server answered a query on
+        its own) and it has nothing queued: it may be a closed loop about to send its next job
+        (see the module docstring). A job the worker ran says so through ``charge``."""
         state = self._tenants.get(key)
-        if state is None or state.active or state.cap is not None:
+        if state is None or state.active or state.expected_until is not None:
             return
+        if self._expect(key, state, now):  # it was idle until now: count it again
+            self._active_weight += state.weight
+            state.start = max(self._virtual, state.finish)
+
+    def _expect(self, key: Hashable, state: _TenantState[T], now: float) -> bool:
+        """Expect ``key`` back soon, if it comes back fast enough to be worth it; says whether."""
+        if state.cap is not None:
+            return False
         state.replied_at = now
         window = ANTICIPATE_MAX if state.think is None else 2 * state.think
         if window > ANTICIPATE_MAX:
-            return  # too slow to be worth waiting for: it is idle between its rounds
+            return False  # too slow to be worth waiting for: it is idle between its rounds
         window = max(window, ANTICIPATE_MIN)
-        if state.expected_until is None:
-            if not state.counted:  # answered without the worker: it was idle until now
-                self._active_weight += state.weight
-                state.start = max(self._virtual, state.finish)
-            self._expected[key] = state
         state.expected_until = now + window
+        self._expected[key] = state
         self._anticipated = (key, now, now + window)
         self.anticipations += 1
+        return True
 
     def charge(self, key: Hashable, seconds: float, now: float, replied: bool = False) -> None:
         """A job of ``key`` finished after running ``seconds`` of device time; ``replied``: its
@@ -334,9 +350,10 @@ class FairScheduler(Generic[T]):
             self._refill(state, now)
             state.credit -= seconds
         if not state.active:
-            if replied:
-                self.replied(key, now)  # it may stay counted, expected back
-            if state.expected_until is None:
+            expected = state.expected_until is not None or (
+                replied and self._expect(key, state, now)
+            )
+            if not expected:  # idle now: its weight leaves the active weight
                 self._active_weight -= state.weight
                 if self._active_weight < 1e-9:  # nobody is active: drop the float residue
                     self._active_weight = 0.0

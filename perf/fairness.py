@@ -13,6 +13,13 @@ below are measured, not assumed. Scenarios (targets from the fractional-GPU issu
   light       a light tenant (a 1 ms kernel every 10 ms, waiting for each) beside 19 saturating
               tenants with 5 ms kernels: its p99 latency <= its solo p99 + one longest kernel + 1 ms.
   overhead    one tenant issuing 100 us kernels back to back, fair scheduler vs FIFO: >= 98 %.
+  closed      two closed-loop tenants at 0.1 and 0.9 (k ``busy`` kernels of 2 ms, then
+              ``synchronize()``, in a loop) for k = 1, 4, 16, through the async and the blocking
+              API, under fair and FIFO scheduling: achieved ratio within 5 % of 9 (fair).
+  closed20    20 closed-loop tenants at 0.05 (k = 1): Jain >= 0.99 per 1 s window, max
+              deviation <= 5 %.
+  closed_cost one closed-loop tenant alone, fair vs FIFO: >= 98 % of the device time; and the
+              device's total use with a light saturating tenant beside a heavy closed-loop one.
 
 The server runs the NumPy reference device by default; ``--executor pycuda`` runs it on this
 host's NVIDIA GPU instead, where ``busy`` spins on the GPU's clock, so every scenario means the
@@ -89,6 +96,8 @@ class TenantSpec:
     weight: float | None = None
     light: bool = False  # one kernel per period, waiting for each; else saturating
     period_s: float = 0.010
+    closed_k: int = 0  # closed loop: this many kernels, then synchronize(), again and again
+    api: str = "async"  # closed loops only: "blocking" runs the tenant on the blocking API
 
 
 async def saturate(gpu: Any, kernel_us: int, stop_at: float) -> int:
@@ -130,6 +139,37 @@ async def tick(gpu: Any, kernel_us: int, period_s: float, stop_at: float) -> lis
     return latencies
 
 
+async def closed_loop(gpu: Any, kernel_us: int, k: int, stop_at: float) -> int:
+    """k kernels, then wait for them: a training step's shape (launches, then ``loss.item()``)."""
+    busy = await gpu.builtin("busy")
+    rounds = 0
+    while time.monotonic() < stop_at:
+        for _ in range(k):
+            await busy.launch(1, 1, [kernel_us])
+        await gpu.synchronize()
+        rounds += 1
+    return rounds
+
+
+def closed_loop_blocking(
+    address: str, spec: TenantSpec, started: threading.Barrier, stop: list[float]
+) -> int:
+    """``closed_loop`` through the blocking API, on a thread of its own."""
+    with bf.connect_sync(address, fraction=spec.fraction, client_name=spec.name) as session:
+        gpu = session.devices[0]
+        busy = gpu.builtin("busy")
+        busy.launch(1, 1, [1])
+        gpu.synchronize()
+        started.wait()
+        rounds = 0
+        while time.monotonic() < stop[0]:
+            for _ in range(spec.closed_k):
+                busy.launch(1, 1, [spec.kernel_us])
+            gpu.synchronize()
+            rounds += 1
+        return rounds
+
+
 async def warm_up(gpu: Any) -> None:
     """A first kernel: the server makes the tenant's context (a CUDA context on a GPU) and loads
     the built-in kernels, which takes a while on a GPU and must not count as a share."""
@@ -144,6 +184,8 @@ async def run_tenants(
     duration: float,
     on_ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
+    if any(spec.api == "blocking" for spec in specs):
+        return await run_blocking_tenants(address, specs, duration, on_ready)
     sessions = [
         await bf.connect(
             address,
@@ -162,6 +204,8 @@ async def run_tenants(
             *(
                 tick(s.devices[0], spec.kernel_us, spec.period_s, stop_at)
                 if spec.light
+                else closed_loop(s.devices[0], spec.kernel_us, spec.closed_k, stop_at)
+                if spec.closed_k
                 else saturate(s.devices[0], spec.kernel_us, stop_at)
                 for s, spec in zip(sessions, specs, strict=True)
             )
@@ -169,6 +213,25 @@ async def run_tenants(
     finally:
         for session in sessions:
             await session.close()
+    return {spec.name: result for spec, result in zip(specs, results, strict=True)}
+
+
+async def run_blocking_tenants(
+    address: str, specs: list[TenantSpec], duration: float, on_ready: Callable[[], None]
+) -> dict[str, Any]:
+    """Closed-loop tenants on the blocking API, a thread each (no event loop in their way)."""
+    if not all(spec.closed_k for spec in specs):
+        raise ValueError("the blocking API runs closed-loop tenants only")
+    started = threading.Barrier(len(specs) + 1)
+    stop = [math.inf]
+    tasks = [
+        asyncio.create_task(asyncio.to_thread(closed_loop_blocking, address, spec, started, stop))
+        for spec in specs
+    ]
+    await asyncio.to_thread(started.wait)
+    stop[0] = time.monotonic() + duration
+    on_ready()
+    results = await asyncio.gather(*tasks)
     return {spec.name: result for spec, result in zip(specs, results, strict=True)}
 
 
@@ -464,12 +527,112 @@ def overhead(duration: float, options: ServerOptions) -> dict[str, Any]:
     }
 
 
+CLOSED_KERNEL_US = 2000
+CLOSED_K = (1, 4, 16)
+
+
+def closed(duration: float, options: ServerOptions) -> dict[str, Any]:
+    """Two closed-loop tenants at 0.1 and 0.9, each k kernels then a wait, for every k, API and
+    scheduling; the target is on fair scheduling (FIFO is what the device does without it)."""
+    runs: dict[str, Any] = {}
+    errors = []
+    last: tuple[Trace, list[TenantSpec]] | None = None
+    for api in ("async", "blocking"):
+        for k in CLOSED_K:
+            for scheduling in ("fair", "fifo"):
+                specs = [
+                    TenantSpec("small", 0.1, CLOSED_KERNEL_US, closed_k=k, api=api),
+                    TenantSpec("large", 0.9, CLOSED_KERNEL_US, closed_k=k, api=api),
+                ]
+                trace, _ = run_scenario(specs, duration, options, scheduling)
+                windows = trace.window_shares(["small", "large"])
+                small = sum(w["small"] for w in windows)
+                large = sum(w["large"] for w in windows)
+                achieved = large / small if small else math.inf
+                busy = statistics.fmean(w["small"] + w["large"] for w in windows)
+                runs[f"{api} k={k} {scheduling}"] = {
+                    "achieved_ratio": achieved,
+                    "device_busy": busy,
+                }
+                if scheduling == "fair":
+                    errors.append(abs(achieved / 9.0 - 1))
+                    if api == "async" and k == 1:
+                        last = (trace, specs)
+    result: dict[str, Any] = {
+        "kernel_us": CLOSED_KERNEL_US,
+        "runs": runs,
+        "worst_error_fair": max(errors),
+        "targets": {"worst_error_fair": "<= 0.05 for every k and API"},
+        "met": max(errors) <= 0.05,
+    }
+    if last is not None:
+        result["_trace"], result["_specs"] = last
+    return result
+
+
+def closed20(duration: float, options: ServerOptions) -> dict[str, Any]:
+    specs = [TenantSpec(f"c{i:02d}", 0.05, CLOSED_KERNEL_US, closed_k=1) for i in range(20)]
+    trace, _ = run_scenario(specs, duration, options)
+    names = [s.name for s in specs]
+    promised = entitled(specs)
+    jains, deviations = [], []
+    for shares in trace.window_shares(names):
+        total = sum(shares.values())
+        ratios = [shares[n] / total / promised[n] for n in names]
+        jains.append(jain(ratios))
+        deviations.append(max(abs(r - 1) for r in ratios))
+    return {
+        "windows": len(jains),
+        "jain_min": min(jains),
+        "max_share_deviation": max(deviations),
+        "targets": {"jain_min": ">= 0.99", "max_share_deviation": "<= 0.05"},
+        "met": min(jains) >= 0.99 and max(deviations) <= 0.05,
+        "_trace": trace,
+        "_specs": specs,
+    }
+
+
+def closed_cost(duration: float, options: ServerOptions) -> dict[str, Any]:
+    """What anticipation costs: a lone closed-loop tenant under fair vs FIFO (it must not be
+    slowed), and the device's use with a light saturating tenant beside a heavy closed-loop one
+    (held time may cost no more than the heavy tenant's own think time costs it alone)."""
+    alone_busy: dict[str, float] = {}
+    for scheduling in ("fair", "fifo"):
+        specs = [TenantSpec("loop", 0.9, CLOSED_KERNEL_US, closed_k=1)]
+        trace, _ = run_scenario(specs, duration, options, scheduling)
+        alone_busy[scheduling] = statistics.fmean(w["loop"] for w in trace.window_shares(["loop"]))
+    specs = [
+        TenantSpec("loop", 0.9, CLOSED_KERNEL_US, closed_k=1),
+        TenantSpec("light", 0.1, CLOSED_KERNEL_US),
+    ]
+    trace, _ = run_scenario(specs, duration, options)
+    windows = trace.window_shares(["loop", "light"])
+    together = statistics.fmean(w["loop"] + w["light"] for w in windows)
+    ratio = alone_busy["fair"] / alone_busy["fifo"]
+    # Alone, the loop leaves the device idle for its think time; beside a saturating tenant the
+    # device may idle at most that much (what anticipation holds for it), never more.
+    allowed_idle = 1 - alone_busy["fifo"]
+    return {
+        "alone_fair_busy": alone_busy["fair"],
+        "alone_fifo_busy": alone_busy["fifo"],
+        "alone_ratio": ratio,
+        "beside_light_busy": together,
+        "beside_light_idle": 1 - together,
+        "allowed_idle": allowed_idle,
+        "targets": {"alone_ratio": ">= 0.98", "beside_light_idle": "<= allowed_idle"},
+        "met": ratio >= 0.98 and 1 - together <= allowed_idle + 0.01,
+    }
+
+
 SCENARIOS: dict[str, Callable[[float, ServerOptions], dict[str, Any]]] = {
     "fair20": fair20,
     "ratio": ratio,
     "alone": alone,
     "light": light,
     "overhead": overhead,
+    "closed": closed,
+    "closed20": closed20,
+    "closed_cost": closed_cost,
 }
 
 
@@ -564,6 +727,34 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str
                 "100 us kernels/s fair vs fifo",
                 f"{r['fair_per_s']:.0f} vs {r['fifo_per_s']:.0f} ({r['ratio']:.1%})",
                 ">= 98 %",
+            )
+        )
+    if "closed" in results:
+        r = results["closed"]
+        for name, run in r["runs"].items():
+            target = "9 : 1 +- 5 %" if name.endswith("fair") else "-"
+            rows.append(
+                ("closed", f"{name} large : small", f"{run['achieved_ratio']:.2f} : 1", target)
+            )
+    if "closed20" in results:
+        r = results["closed20"]
+        rows.append(
+            ("closed20", "Jain's index, worst 1 s window", f"{r['jain_min']:.4f}", ">= 0.99")
+        )
+        rows.append(
+            ("closed20", "max share deviation", f"{r['max_share_deviation']:.1%}", "<= 5 %")
+        )
+    if "closed_cost" in results:
+        r = results["closed_cost"]
+        rows.append(
+            ("closed_cost", "alone, fair vs fifo device time", f"{r['alone_ratio']:.1%}", ">= 98 %")
+        )
+        rows.append(
+            (
+                "closed_cost",
+                "idle beside a light tenant",
+                f"{r['beside_light_idle']:.1%}",
+                f"<= {r['allowed_idle']:.1%} (its think time alone)",
             )
         )
     return rows
