@@ -45,7 +45,7 @@ import itertools
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -372,53 +372,115 @@ class FairScheduler(Generic[T]):
         state.credit_time = now
 
 
-class FifoScheduler(FairScheduler[T]):
+class FifoScheduler(Generic[T]):
     """Arrival order across all tenants, ignoring weights and caps: the baseline to measure against."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._arrivals: deque[tuple[Hashable, T, float]] = deque()
+        self._usage: dict[Hashable, Usage] = {}  # the scheduled tenants
         self._counts: dict[Hashable, int] = {}
 
-    def push(self, key: Hashable, job: T, now: float) -> None:
-        self._tenants[key]  # noqa: B018 - an unknown tenant is an error, as in FairScheduler
-        self._arrivals.append((key, job, now))
-        self._counts[key] = self._counts.get(key, 0) + 1
-        self._pending += 1
+    def add(self, key: Hashable, weight: float, cap: float | None = None, now: float = 0.0) -> None:
+        if key in self._usage:
+            raise ValueError(f"tenant {key!r} is already scheduled")
+        self._usage[key] = Usage()
+
+    def remove(self, key: Hashable) -> list[T]:
+        if self._usage.pop(key, None) is None:
+            return []
+        return self._take(key)
+
+    def has(self, key: Hashable) -> bool:
+        return key in self._usage
+
+    def clear(self, key: Hashable) -> list[T]:
+        return self._take(key) if key in self._usage else []
+
+    def usage(self, key: Hashable) -> Usage:
+        return self._usage.get(key) or Usage()
+
+    def __len__(self) -> int:
+        return len(self._arrivals)
 
     def queued(self, key: Hashable) -> int:
         return self._counts.get(key, 0)
 
-    def replied(self, key: Hashable, now: float) -> None:
-        """Arrival order never waits for anyone."""
+    def push(self, key: Hashable, job: T, now: float) -> None:
+        if key not in self._usage:
+            raise KeyError(key)  # as in FairScheduler: an unknown tenant is a caller's bug
+        self._arrivals.append((key, job, now))
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def pop(self, now: float) -> Dispatch[T] | float | None:
         if not self._arrivals:
             return None
         key, job, submitted = self._arrivals.popleft()
-        self._pending -= 1
         self._counts[key] -= 1
-        state = self._tenants[key]
-        state.usage.queue_wait += now - submitted
+        self._usage[key].queue_wait += now - submitted
         return Dispatch(key, job, now - submitted)
 
     def charge(self, key: Hashable, seconds: float, now: float, replied: bool = False) -> None:
-        state = self._tenants.get(key)
-        if state is not None:
-            state.usage.device_time += seconds
-            state.usage.operations += 1
+        usage = self._usage.get(key)
+        if usage is not None:
+            usage.device_time += seconds
+            usage.operations += 1
 
-    def remove(self, key: Hashable) -> list[T]:
-        if self._tenants.pop(key, None) is None:
-            return []
-        return self._take(key)
-
-    def clear(self, key: Hashable) -> list[T]:
-        return self._take(key) if key in self._tenants else []
+    def replied(self, key: Hashable, now: float) -> None:
+        """Arrival order never waits for anyone."""
 
     def _take(self, key: Hashable) -> list[T]:
         self._counts.pop(key, None)
         mine = [job for k, job, _ in self._arrivals if k == key]
         self._arrivals = deque(entry for entry in self._arrivals if entry[0] != key)
-        self._pending -= len(mine)
         return mine
+
+
+class Scheduler(Protocol[T]):
+    """What the device worker asks of a queueing discipline (all calls under its lock).
+
+    Tenants are any hashable keys; jobs are opaque. ``pop`` returns the next job to run, seconds
+    to wait before asking again (nothing may run yet), or None (nothing queued); ``charge`` says
+    how long a dispatched job occupied the device, and whether its result goes back to a waiting
+    client; ``replied`` says a reply left without a job (a query answered on its own).
+    """
+
+    def add(self, key: Hashable, weight: float, cap: float | None = None, now: float = 0.0) -> None:
+        """Schedule a new tenant; ``ValueError`` if it is scheduled or its terms are invalid."""
+        ...
+
+    def remove(self, key: Hashable) -> list[T]:
+        """Forget a tenant; returns the jobs it still had queued (the caller answers them)."""
+        ...
+
+    def has(self, key: Hashable) -> bool: ...
+
+    def clear(self, key: Hashable) -> list[T]:
+        """Take back the jobs ``key`` has queued (not the one running); it stays scheduled."""
+        ...
+
+    def usage(self, key: Hashable) -> Usage: ...
+
+    def __len__(self) -> int:
+        """Jobs queued and not yet dispatched."""
+        ...
+
+    def queued(self, key: Hashable) -> int: ...
+
+    def push(self, key: Hashable, job: T, now: float) -> None:
+        """Queue a job of a scheduled tenant (``KeyError`` for an unknown one)."""
+        ...
+
+    def pop(self, now: float) -> Dispatch[T] | float | None: ...
+
+    def charge(self, key: Hashable, seconds: float, now: float, replied: bool = False) -> None: ...
+
+    def replied(self, key: Hashable, now: float) -> None: ...
+
+
+def make_scheduler(kind: str) -> Scheduler[T]:
+    """``"fair"`` (the default everywhere) or ``"fifo"`` (the baseline)."""
+    if kind == "fair":
+        return FairScheduler()
+    if kind == "fifo":
+        return FifoScheduler()
+    raise ValueError(f"unknown scheduling {kind!r}; choose 'fair' or 'fifo'")

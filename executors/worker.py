@@ -18,7 +18,7 @@ from typing import Any
 
 from .base import Completion, DeferredError, DeviceProperties, Executor, Tenant, TenantUsage
 from .errors import DeviceError, DeviceOutOfMemory, InvalidHandle, InvalidValue
-from .scheduler import Dispatch, FairScheduler, FifoScheduler
+from .scheduler import Dispatch, Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ class DeviceWorker:
     ) -> None:
         if scheduling not in SCHEDULERS:
             raise ValueError(f"unknown scheduling {scheduling!r}; choose from {SCHEDULERS}")
-        self._scheduler: FairScheduler[_Job] = (
-            FairScheduler() if scheduling == "fair" else FifoScheduler()
-        )
+        self._scheduler: Scheduler[_Job] = make_scheduler(scheduling)
         self._clock = clock
         self._on_exit = on_exit  # runs on the worker thread as it stops (thread-bound cleanup)
         self._ready = threading.Condition()

@@ -24,7 +24,9 @@ from executors.scheduler import (
     Dispatch,
     FairScheduler,
     FifoScheduler,
+    Scheduler,
     Usage,
+    make_scheduler,
 )
 
 MS = 1e-3
@@ -70,7 +72,7 @@ class Run:
 
 @dataclass
 class Trace:
-    scheduler: FairScheduler[Job]
+    scheduler: Scheduler[Job]
     horizon: float
     runs: list[Run] = field(default_factory=list)
     idle: list[tuple[float, float | None]] = field(default_factory=list)  # (now, what pop said)
@@ -93,11 +95,11 @@ class Trace:
 
 
 def simulate(
-    loads: dict[str, Load], horizon: float, scheduler: FairScheduler[Job] | None = None
+    loads: dict[str, Load], horizon: float, scheduler: Scheduler[Job] | None = None
 ) -> Trace:
     """Run ``loads`` through ``scheduler`` (a fresh ``FairScheduler`` by default) on one simulated
     synchronous device until ``horizon`` seconds, as ``DeviceWorker`` does in real time."""
-    sched: FairScheduler[Job] = FairScheduler() if scheduler is None else scheduler
+    sched: Scheduler[Job] = FairScheduler() if scheduler is None else scheduler
     trace = Trace(sched, horizon)
     # (time, tie-break, tenant): a start, an arrival, or a closed-loop tenant coming back
     events: list[tuple[float, int, str]] = []
@@ -760,3 +762,10 @@ def test_closed_loop_tenants_stay_within_the_sfq_bound(
     bound = {key: max(lengths) * MS / w for key, (w, lengths) in zip(spec, loads, strict=True)}
     for i, j in itertools.combinations(spec, 2):
         assert abs(normalised[i] - normalised[j]) <= 2 * (bound[i] + bound[j]) + EPS, (i, j)
+
+
+def test_both_disciplines_are_made_by_name_and_unknown_names_are_refused() -> None:
+    assert isinstance(make_scheduler("fair"), FairScheduler)
+    assert isinstance(make_scheduler("fifo"), FifoScheduler)
+    with pytest.raises(ValueError, match="unknown scheduling"):
+        make_scheduler("lottery")
