@@ -15,6 +15,7 @@ many connections at once.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
@@ -103,3 +104,48 @@ class Stream(ABC):
         """Whether the peer is still there, asked without reading (a stream paused for long does
         not see a close or a reset until it reads). Transports that cannot tell say True."""
         return not self.closed
+
+
+class QueuedStream(Stream):
+    """What every event-loop stream keeps the same way: the count of queued bytes against its
+    limit, the tasks waiting in ``drain()``, and being closed."""
+
+    def _init_queue(self, loop: asyncio.AbstractEventLoop, queue_limit: int) -> None:
+        self._loop = loop
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._closed_waiter: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def writable(self) -> bool:
+        return self._queued <= self._queue_limit
+
+    async def drain(self) -> None:
+        while self._queued > self._queue_limit and not self._closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        if self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _mark_closed(self) -> None:
+        """Closed for good: nothing is queued any more and every waiter wakes."""
+        self._closed = True
+        self._queued = 0
+        self._wake_drain_waiters()
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_waiter)

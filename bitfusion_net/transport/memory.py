@@ -12,30 +12,25 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from .base import Stream, StreamOwner
+from .base import QueuedStream, StreamOwner
 
 DEFAULT_CHUNK = 256 * 1024
 DEFAULT_QUEUE_LIMIT = 8 * 2**20
 
 
-class MemoryStream(Stream):
+class MemoryStream(QueuedStream):
     """One end of an in-memory pair made by ``memory_stream_pair``."""
 
     def __init__(self, name: str, chunk: int, queue_limit: int) -> None:
         self.peer = name
         self.owner: StreamOwner | None = None
         self.other: MemoryStream | None = None
-        self._loop = asyncio.get_running_loop()
+        self._init_queue(asyncio.get_running_loop(), queue_limit)
         self._chunk = chunk
         self._queue: deque[tuple[memoryview, Callable[[], None] | None]] = deque()
-        self._queued = 0
-        self._queue_limit = queue_limit
         self._delivering = False
         self._reading_paused = False
         self._closing = False  # close() called: lose the connection once the queue is empty
-        self._closed = False
-        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
-        self._drain_waiters: list[asyncio.Future[None]] = []
 
     def start(self, owner: StreamOwner) -> None:
         self.owner = owner
@@ -94,22 +89,6 @@ class MemoryStream(Stream):
         other.owner.buffer_updated(count)
         self._schedule()
 
-    @property
-    def writable(self) -> bool:
-        return self._queued <= self._queue_limit
-
-    async def drain(self) -> None:
-        while self._queued > self._queue_limit and not self._closed:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
-
-    def _wake_drain_waiters(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
     # -- flow control and closing ---------------------------------------------------------------
     def pause_reading(self) -> None:
         self._reading_paused = True
@@ -119,13 +98,6 @@ class MemoryStream(Stream):
             self._reading_paused = False
             if self.other is not None:
                 self.other._schedule()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed_waiter)
 
     def close(self) -> None:
         if not self._closed:
@@ -144,12 +116,8 @@ class MemoryStream(Stream):
             self.other._finish(peer_error)
 
     def _finish(self, error: BaseException | None) -> None:
-        self._closed = True
         self._queue.clear()
-        self._queued = 0
-        self._wake_drain_waiters()
-        if not self._closed_waiter.done():
-            self._closed_waiter.set_result(None)
+        self._mark_closed()
         if self.owner is not None:
             self.owner.connection_lost(error)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-from .base import Stream, StreamOwner
+from .base import QueuedStream, Stream, StreamOwner
 
 SLICE = 4 * 2**20  # the most of one payload handed to the transport at once
 DEFAULT_QUEUE_LIMIT = 8 * 2**20  # queued bytes above which drain() waits
@@ -67,25 +67,20 @@ def tune_socket(sock: socket.socket) -> None:
 OwnerFactory = Callable[[Stream], StreamOwner]
 
 
-class TcpStream(asyncio.BufferedProtocol, Stream):
+class TcpStream(asyncio.BufferedProtocol, QueuedStream):
     """``Stream`` over an asyncio (or uvloop) TCP transport; see ``Stream`` for each method."""
 
     def __init__(self, owner_factory: OwnerFactory, *, queue_limit: int = DEFAULT_QUEUE_LIMIT):
         self._owner_factory = owner_factory
         self.owner: StreamOwner | None = None
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self._init_queue(asyncio.get_running_loop(), queue_limit)
         self._queue: deque[tuple[memoryview | bytes, Callable[[], None] | None]] = deque()
-        self._queued = 0
-        self._queue_limit = queue_limit
         self._flush_scheduled = False
         self._transport_paused = False
         self._awaiting_drain: list[Callable[[], None]] = []  # on_sent waiting for the kernel
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
         self._closing = False  # close() or abort() was called: later writes are dropped
-        self._closed = False
-        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,13 +107,9 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         return False  # close our side too: a half-open connection has no use here
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
         self._queue.clear()
-        self._queued = 0
         self._awaiting_drain.clear()
-        self._wake_drain_waiters()
-        if not self._closed_waiter.done():
-            self._closed_waiter.set_result(None)
+        self._mark_closed()
         if self.owner is not None:
             self.owner.connection_lost(exc)
 
@@ -149,16 +140,6 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
-
-    @property
-    def writable(self) -> bool:
-        return self._queued <= self._queue_limit
-
-    async def drain(self) -> None:
-        while self._queued > self._queue_limit and not self._closed:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
@@ -205,13 +186,6 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
             for callback in callbacks:
                 callback()
 
-    def _wake_drain_waiters(self) -> None:
-        if self._drain_waiters:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-
     # -- flow control and closing ---------------------------------------------------------------
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._closed:
@@ -222,10 +196,6 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
         if self._reading_paused and not self._closed and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def peer_alive(self) -> bool:
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
@@ -240,9 +210,6 @@ class TcpStream(asyncio.BufferedProtocol, Stream):
             return not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
             return False
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed_waiter)
 
     def close(self) -> None:
         if self._closed or self.transport is None:
