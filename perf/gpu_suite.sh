@@ -22,7 +22,8 @@
 # (at most 7 files).
 #
 # Knobs (environment): CUDA_ROOT (default /usr/local/cuda), PYTHON (default python3),
-# SUITE_BUDGET_S, FAIRNESS_DURATION (seconds per fairness scenario, default 5).
+# SUITE_BUDGET_S, FAIRNESS_DURATION (seconds per fairness scenario, default 5),
+# FAIRNESS_SCENARIOS (which of perf/fairness.py's scenarios, default the open-loop ones).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,6 +37,9 @@ CUDA_ROOT=${CUDA_ROOT:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-540}
 FAIRNESS_DURATION=${FAIRNESS_DURATION:-5}
+# The open-loop scenarios fit the step's 200 s; the closed-loop ones (12 runs in "closed") are
+# for a run of their own: FAIRNESS_SCENARIOS="closed closed20 closed_cost" bash perf/gpu_suite.sh
+FAIRNESS_SCENARIOS=${FAIRNESS_SCENARIOS:-fair20 ratio alone light overhead}
 
 log() {
     printf '[%s] %s\n' "$(date '+%H:%M:%S')" "$*" | tee -a "$LOG"
@@ -190,7 +194,10 @@ step pycuda 300 bash "$SELF" check_pycuda
 step env 60 bash "$SELF" check_env
 step gpu-tests 200 bash "$SELF" gpu_tests
 step twins 150 "$PYTHON" perf/twins.py
-step fairness 200 "$PYTHON" perf/fairness.py --executor pycuda --duration "$FAIRNESS_DURATION"
+fairness_args=()
+for scenario in $FAIRNESS_SCENARIOS; do fairness_args+=(--scenario "$scenario"); done
+step fairness 200 "$PYTHON" perf/fairness.py --executor pycuda --duration "$FAIRNESS_DURATION" \
+    "${fairness_args[@]}"
 step latency 150 "$PYTHON" perf/latency.py --executor pycuda --quick --no-progress
 step executors 150 bash "$SELF" executor_tests
 
