@@ -20,11 +20,11 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from .allocations import AllocationTable
 from .base import (
     BUILTIN_MODULE,
     DeviceProperties,
@@ -102,18 +102,6 @@ class AddressSpace:
         return candidate if candidate + size <= self._end else None
 
 
-@dataclass(eq=False)
-class _Allocation:
-    start: int
-    nbytes: int
-    charged: int  # nbytes rounded up to ALIGNMENT: what the tenant's quota pays
-    data: np.ndarray  # uint8, exactly nbytes long, so a range past nbytes is out of bounds
-
-    @property
-    def end(self) -> int:
-        return self.start + self.nbytes
-
-
 class _TenantMemory:
     """The ``KernelMemory`` a launch hands to a built-in: the launching tenant's allocations."""
 
@@ -155,8 +143,8 @@ class NumpyTenant(SerialTenant):
         self._staging = staging
         self._address_space = address_space
         self._properties = properties
-        self._starts: list[int] = []  # sorted, for bisect lookups of interior pointers
-        self._allocations: dict[int, _Allocation] = {}
+        # Backed by uint8 arrays exactly nbytes long, so a range past nbytes is out of bounds.
+        self._allocations: AllocationTable[np.ndarray] = AllocationTable()
         # self._events: handle -> perf_counter() when recorded, or None
         self._functions: dict[int, Builtin] = {}
         self._function_handles: dict[str, int] = {}
@@ -175,23 +163,16 @@ class NumpyTenant(SerialTenant):
     # -- memory ---------------------------------------------------------------------------------
     def _resolve(self, ptr: int, nbytes: int) -> np.ndarray | None:
         """The uint8 bytes [ptr, ptr + nbytes) if they lie inside one allocation, else None."""
-        index = bisect.bisect_right(self._starts, ptr) - 1
-        if index < 0:
+        allocation = self._allocations.find(ptr, nbytes)
+        if allocation is None:
             return None
-        allocation = self._allocations[self._starts[index]]
         offset = ptr - allocation.start
-        if ptr + nbytes > allocation.end or offset >= allocation.nbytes:
-            return None
-        return allocation.data[offset : offset + nbytes]
+        return allocation.backing[offset : offset + nbytes]
 
     def _device_bytes(self, ptr: int, nbytes: int, what: str) -> np.ndarray:
-        found = self._resolve(ptr, nbytes)
-        if found is None:
-            raise InvalidHandle(
-                f"{what}: {nbytes} bytes at {ptr:#x} are not inside "
-                "one of this tenant's allocations"
-            )
-        return found
+        allocation = self._allocations.check_range(ptr, nbytes, what)
+        offset = ptr - allocation.start
+        return allocation.backing[offset : offset + nbytes]
 
     def mem_alloc(self, nbytes: int) -> int:
         if nbytes <= 0:
@@ -211,19 +192,14 @@ class NumpyTenant(SerialTenant):
                 f"out of memory: the host cannot back {nbytes} more bytes of device memory"
             ) from None
         start = self._address_space.reserve(nbytes)
-        bisect.insort(self._starts, start)
-        self._allocations[start] = _Allocation(start, nbytes, charged, data)
+        self._allocations.add(start, nbytes, data)
         self.memory_used += charged
         self.memory_high_water = max(self.memory_high_water, self.memory_used)
         return start
 
     def mem_free(self, ptr: int) -> None:
-        allocation = self._allocations.pop(ptr, None)
-        if allocation is None:
-            inside = self._resolve(ptr, 0) is not None
-            detail = "is inside an allocation but not its start" if inside else "is not allocated"
-            raise InvalidHandle(f"mem_free: {ptr:#x} {detail}")
-        del self._starts[bisect.bisect_left(self._starts, ptr)]
+        allocation = self._allocations.at(ptr)
+        self._allocations.remove(allocation)
         self._address_space.unreserve(ptr)
         self.memory_used -= allocation.charged
 
@@ -346,10 +322,9 @@ class NumpyTenant(SerialTenant):
 
     def release(self) -> None:
         self._released = True
-        for start in self._allocations:
-            self._address_space.unreserve(start)
+        for allocation in self._allocations:
+            self._address_space.unreserve(allocation.start)
         self._allocations.clear()
-        self._starts.clear()
         self.memory_used = 0
         self._streams.clear()
         self._events.clear()

@@ -33,7 +33,6 @@ precisely what is missing when a GPU is asked for.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import struct
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .allocations import AllocationTable
 from .base import (
     ARG_TYPE_CODES,
     BUILTIN_MODULE,
@@ -199,14 +199,6 @@ def gpu_unavailable_reason() -> str | None:
 
 
 @dataclass(eq=False)
-class _Allocation:
-    start: int
-    nbytes: int
-    charged: int
-    memory: Any  # pycuda DeviceAllocation; freed explicitly, never left to the garbage collector
-
-
-@dataclass(eq=False)
 class _Module:
     module: Any  # pycuda Module
     charged: int  # device memory its load took
@@ -259,8 +251,8 @@ class PycudaTenant(SerialTenant):
         self._stream: Any = None
         self._timing: tuple[Any, Any] | None = None  # events around every device operation
         self._overhead = 0  # device memory of the context itself
-        self._starts: list[int] = []
-        self._allocations: dict[int, _Allocation] = {}
+        # Backed by PyCUDA DeviceAllocations: freed explicitly, never by the garbage collector.
+        self._allocations: AllocationTable[Any] = AllocationTable()
         self._modules: dict[int, _Module] = {}
         self._builtins_module: int | None = None
         self._functions: dict[int, _Kernel] = {}
@@ -358,22 +350,8 @@ class PycudaTenant(SerialTenant):
         self._device.staging.give_back(buffer)
 
     # -- memory ---------------------------------------------------------------------------------
-    def _find(self, ptr: int, nbytes: int) -> _Allocation | None:
-        index = bisect.bisect_right(self._starts, ptr) - 1
-        if index < 0:
-            return None
-        allocation = self._allocations[self._starts[index]]
-        offset = ptr - allocation.start
-        if offset >= allocation.nbytes or ptr + nbytes > allocation.start + allocation.nbytes:
-            return None
-        return allocation
-
     def _check_range(self, ptr: int, nbytes: int, what: str) -> None:
-        if self._find(ptr, nbytes) is None:
-            raise InvalidHandle(
-                f"{what}: {nbytes} bytes at {ptr:#x} are not inside "
-                "one of this tenant's allocations"
-            )
+        self._allocations.check_range(ptr, nbytes, what)
 
     def mem_alloc(self, nbytes: int) -> int:
         if nbytes <= 0:
@@ -389,8 +367,7 @@ class PycudaTenant(SerialTenant):
         with self._cuda_errors("mem_alloc"):
             memory = cuda.mem_alloc(nbytes)
         start = int(memory)
-        bisect.insort(self._starts, start)
-        self._allocations[start] = _Allocation(start, nbytes, charged, memory)
+        self._allocations.add(start, nbytes, memory)
         self._charge(charged)
         return start
 
@@ -398,16 +375,11 @@ class PycudaTenant(SerialTenant):
         return sum(module.charged for module in self._modules.values())
 
     def mem_free(self, ptr: int) -> None:
-        allocation = self._allocations.get(ptr)
-        if allocation is None:
-            inside = self._find(ptr, 0) is not None
-            detail = "is inside an allocation but not its start" if inside else "is not allocated"
-            raise InvalidHandle(f"mem_free: {ptr:#x} {detail}")
+        allocation = self._allocations.at(ptr)
         self._activate()
         with self._cuda_errors("mem_free"):
-            allocation.memory.free()
-        del self._allocations[ptr]
-        del self._starts[bisect.bisect_left(self._starts, ptr)]
+            allocation.backing.free()
+        self._allocations.remove(allocation)
         self.memory_used -= allocation.charged
 
     def mem_get_info(self) -> tuple[int, int]:
@@ -622,7 +594,7 @@ class PycudaTenant(SerialTenant):
         for ptr, nbytes in builtin.check(values):
             if ptr % 4:
                 raise KernelFault(f"misaligned address {ptr:#x} for 4-byte float32")
-            if self._find(ptr, nbytes) is None:
+            if self._allocations.find(ptr, nbytes) is None:
                 raise KernelFault(
                     f"illegal address: {builtin.name} would address {nbytes} bytes at {ptr:#x}, "
                     "which are not inside one of the tenant's allocations"
@@ -680,7 +652,6 @@ class PycudaTenant(SerialTenant):
             self._device.destroy(context)
         finally:
             self._allocations.clear()
-            self._starts.clear()
             self._functions.clear()
             self._function_handles.clear()
             self._modules.clear()
