@@ -11,6 +11,7 @@ import logging
 
 from .base import DeferredError, DeviceProperties, Executor, FunctionInfo, Tenant, TenantUsage
 from .builtins import BUILTINS
+from .cuda_driver import GpuUnavailable, gpu_count, gpu_unavailable_reason
 from .errors import (
     DeviceError,
     DeviceOutOfMemory,
@@ -20,7 +21,7 @@ from .errors import (
     Unsupported,
 )
 from .numpy_device import NumpyExecutor
-from .pycuda_device import GpuUnavailable, PycudaExecutor, gpu_count, gpu_unavailable_reason
+from .pycuda_device import PycudaExecutor
 
 __all__ = [
     "BUILTINS",

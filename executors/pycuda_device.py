@@ -27,15 +27,14 @@ Because every operation has finished when the worker returns, a tenant's streams
 FIFO (stronger ordering than CUDA promises, and correct), events complete as they are recorded,
 and ``synchronize`` has nothing left to wait for.
 
-PyCUDA is imported lazily: this module imports on machines without it, and ``load_driver`` says
-precisely what is missing when a GPU is asked for.
+PyCUDA is imported lazily (``cuda_driver``): this module imports on machines without it.
+Kernel arguments are marshalled by ``cuda_kernels``, the built-in library is built and test-loaded
+by ``cuda_library``, and the worker's CUDA context stack is ``cuda_contexts``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,27 +51,30 @@ from .base import (
     FunctionInfo,
     SerialTenant,
     aligned_size,
-    arg_struct_format,
     check_launch,
 )
 from .builtins import Builtin, lookup
 from .cuda_build import (
-    BUILTINS_SOURCE,
-    PORTABLE_PTX_ARCH,
     NvccError,
     NvccNotFound,
-    builtins_image,
-    compile_cuda,
     ptx_to_cubin,
 )
+from .cuda_contexts import ContextStack
+from .cuda_driver import (
+    GpuUnavailable,
+    classify_cuda_error,
+    gpu_count,
+    gpu_unavailable_reason,
+    load_driver,
+)
 from .cuda_images import image_kind
+from .cuda_kernels import Kernel
+from .cuda_library import BuiltinLibrary
 from .errors import (
-    DeviceError,
     DeviceOutOfMemory,
     InvalidHandle,
     InvalidValue,
     KernelFault,
-    Unsupported,
 )
 from .ptx import check_arg_types, kernel_params
 from .staging import STAGING_POOL_BYTES, StagingArena, StagingPool
@@ -96,142 +98,12 @@ MIN_HEADROOM = 256 * 2**20
 # Page-locked host memory per GPU for copies' payloads: room for a few full 64 MiB frames at once.
 PINNED_STAGING_BYTES = 256 * 2**20
 BOUNCE_BYTES = 64 * 2**20  # host memory an overlapping device-to-device copy goes through
-_BUILTINS_JOIN_S = 60.0  # how long closing waits for the start-up build of the built-ins
-
-# Messages of CUDA errors that mean the caller asked for something the GPU cannot do.
-_CALLER_ERRORS = (
-    "too many resources",
-    "invalid argument",
-    "invalid value",
-    "invalid configuration",
-    "invalid pitch",
-    "not supported",
-)
-# Messages of the CUDA errors after which a context is unusable ("sticky" errors).
-_CONTEXT_LOST = (
-    "illegal memory access",
-    "illegal address",
-    "misaligned address",
-    "illegal instruction",
-    "unspecified launch failure",
-    "launch failed",
-    "hardware stack error",
-    "exception on",
-    "invalid program counter",
-    "launch timed out",
-    "context is destroyed",
-    "an assert",
-    "device-side assert",
-    "not supported on global/shared address space",
-    "uncorrectable ecc",
-    "hardware exception",
-)
-
-_driver: Any = None
-_driver_lock = threading.Lock()
-
-
-class GpuUnavailable(RuntimeError):
-    """No usable NVIDIA GPU here; the message says what is missing and how to fix it."""
-
-
-def load_driver() -> Any:
-    """``pycuda.driver``, initialised; raises ``GpuUnavailable`` saying what is missing."""
-    global _driver
-    with _driver_lock:
-        if _driver is not None:
-            return _driver
-        # Eager loading makes a module's device memory appear when it loads, where it is measured
-        # and charged, rather than at its kernels' first launches (lazy loading would let
-        # tenants' code escape their limits).
-        if os.environ.get("CUDA_MODULE_LOADING", "EAGER") != "EAGER":
-            log.warning(
-                "CUDA_MODULE_LOADING=%s overridden: the executor charges tenants for "
-                "their modules at load, which needs EAGER",
-                os.environ["CUDA_MODULE_LOADING"],
-            )
-        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
-        try:
-            import pycuda.driver as cuda
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and exc.name.split(".")[0] == "pycuda":
-                raise GpuUnavailable(
-                    "PyCUDA is not installed: install the GPU extra, "
-                    "`CUDA_ROOT=/usr/local/cuda pip install 'bitfusion-net[gpu]'` "
-                    "(it builds from source against the CUDA toolkit)"
-                ) from None
-            raise GpuUnavailable(f"PyCUDA could not be imported: {exc}") from None
-        except ImportError as exc:
-            # PyCUDA's extension links against the driver's libcuda.so.1.
-            raise GpuUnavailable(
-                f"the NVIDIA driver could not be loaded ({exc}); is an NVIDIA driver installed "
-                "and is libcuda.so.1 on the library path?"
-            ) from None
-        try:
-            cuda.init()
-        except Exception as exc:  # noqa: BLE001 - any failure here means "no usable GPU"
-            raise GpuUnavailable(
-                f"CUDA could not start: {exc} (no NVIDIA GPU visible, or the driver is too old "
-                "for this PyCUDA build)"
-            ) from None
-        _driver = cuda
-        return cuda
-
-
-def gpu_count() -> int:
-    """How many NVIDIA GPUs CUDA sees; raises ``GpuUnavailable`` if none can be used."""
-    cuda = load_driver()
-    count = int(cuda.Device.count())
-    if count == 0:
-        raise GpuUnavailable(
-            "the NVIDIA driver is loaded but sees no GPU (check CUDA_VISIBLE_DEVICES)"
-        )
-    return count
-
-
-def gpu_unavailable_reason() -> str | None:
-    """Why no NVIDIA GPU can be used here (PyCUDA, its driver, a device), or None if one can."""
-    try:
-        gpu_count()
-    except GpuUnavailable as exc:
-        return str(exc)
-    return None
-
 
 @dataclass(eq=False)
 class _Module:
     module: Any  # pycuda Module
     charged: int  # device memory its load took
     kernels: dict[str, list[str]] | None  # PTX parameter types by kernel, for PTX modules
-
-
-class _Kernel:
-    """A function a tenant may launch, and how its arguments go from the wire to CUDA."""
-
-    def __init__(self, function: Any, module: int, arg_types: str, builtin: Builtin | None) -> None:
-        self.function = function  # pycuda Function
-        self.module = module
-        self.arg_types = arg_types
-        self.builtin = builtin
-        # On the wire: little-endian, no padding. For CUDA: each at its natural alignment. The
-        # bytes are moved, never converted, so every value (a float's NaN payload too) is exact.
-        self.wire = struct.Struct(arg_struct_format(arg_types))
-        self.native_size = struct.calcsize("@" + arg_types.replace("P", "Q"))
-        self._moves: list[tuple[int, int, int]] = []  # (wire offset, native offset, size)
-        wire_offset = native_offset = 0
-        for code in arg_types:
-            size = struct.calcsize("<" + ("Q" if code == "P" else code))
-            native_offset = -(-native_offset // size) * size  # scalars align to their size
-            self._moves.append((wire_offset, native_offset, size))
-            wire_offset += size
-            native_offset += size
-
-    def parameters(self, args: bytes) -> bytes:
-        """The launch's parameter buffer as CUDA reads it, from the wire's packed ``args``."""
-        buffer = bytearray(self.native_size)
-        for wire, native, size in self._moves:
-            buffer[native : native + size] = args[wire : wire + size]
-        return bytes(buffer)
 
 
 class PycudaTenant(SerialTenant):
@@ -255,7 +127,7 @@ class PycudaTenant(SerialTenant):
         self._allocations: AllocationTable[Any] = AllocationTable()
         self._modules: dict[int, _Module] = {}
         self._builtins_module: int | None = None
-        self._functions: dict[int, _Kernel] = {}
+        self._functions: dict[int, Kernel] = {}
         self._function_handles: dict[tuple[int, str], int] = {}
         self._recorded: set[int] = set()  # events recorded at least once (self._events: Event)
         self._lost: str | None = None  # why the context is unusable, after a fault
@@ -269,21 +141,21 @@ class PycudaTenant(SerialTenant):
         if self._context is None:
             self._create_context()
         with self._cuda_errors("switching to the tenant's CUDA context"):
-            self._device.make_current(self._context)
+            self._device.contexts.make_current(self._context)
         return self._device.cuda
 
     def _create_context(self) -> None:
         cuda, device = self._device.cuda, self._device
-        device.make_current(device.primary)
+        device.contexts.make_current(device.primary)
         with self._cuda_errors("creating the tenant's CUDA context"):
             free_before = cuda.mem_get_info()[0]
             # make_context takes whatever is current off CUDA's stack before it creates; if
             # creating then fails, that context would be gone from CUDA's stack but not from
             # PyCUDA's. With nothing current there is nothing to lose.
-            device.clear_current()
+            device.contexts.clear()
             context = device.cuda_device.make_context(cuda.ctx_flags.SCHED_AUTO)
         # make_context pushed it on this thread's stack; record that so make_current stays exact.
-        device.pushed(context)
+        device.contexts.pushed(context)
         try:
             with self._cuda_errors("creating the tenant's CUDA context"):
                 self._stream = cuda.Stream()
@@ -296,7 +168,7 @@ class PycudaTenant(SerialTenant):
                 )
         except BaseException:
             self._stream = self._timing = None
-            device.destroy(context)
+            device.contexts.destroy(context)
             raise
         self._context = context
         self._overhead = cost
@@ -313,20 +185,11 @@ class PycudaTenant(SerialTenant):
         try:
             yield
         except cuda.Error as exc:
-            text = str(exc)
-            # "cuX failed: <CUDA's message>[ - <JIT log>]": the log is the tenant's own text.
-            lowered = text.split(" - ", 1)[0].lower()
-            if any(marker in lowered for marker in _CONTEXT_LOST):
-                self._lost = (
-                    f"{what}: the GPU reported '{text}'; this tenant's CUDA context is lost "
-                    "(its memory and modules are gone): release the lease and request a new one"
-                )
+            error, lost = classify_cuda_error(what, str(exc), isinstance(exc, cuda.MemoryError))
+            if lost:
+                self._lost = str(error)
                 raise KernelFault(self._lost) from None
-            if isinstance(exc, cuda.MemoryError) or "out of memory" in lowered:
-                raise DeviceOutOfMemory(f"{what}: the GPU is out of memory ({text})") from None
-            if any(marker in lowered for marker in _CALLER_ERRORS):
-                raise InvalidValue(f"{what}: {text}") from None
-            raise DeviceError(f"{what}: {text}") from None
+            raise error from None
 
     def _on_device(self, what: str, work: Callable[[Any], None]) -> None:
         """Run ``work(stream)`` on the GPU between the timing events and wait for it to finish."""
@@ -463,8 +326,10 @@ class PycudaTenant(SerialTenant):
         try:
             module = cuda.module_from_buffer(image, message_handler=keep_log)
         except cuda.Error as exc:
-            head = str(exc).split(" - ", 1)[0].lower()  # without the JIT log, the tenant's text
-            if isinstance(exc, cuda.MemoryError) or any(m in head for m in _CONTEXT_LOST):
+            error, lost = classify_cuda_error(
+                "module_load", str(exc), isinstance(exc, cuda.MemoryError)
+            )
+            if lost or isinstance(error, DeviceOutOfMemory):  # the GPU's trouble, not the image's
                 with self._cuda_errors("module_load"):
                     raise
             detail = f": {jit_log[0]}" if jit_log else ""
@@ -545,7 +410,7 @@ class PycudaTenant(SerialTenant):
         except cuda.Error as exc:
             raise InvalidHandle(f"no kernel {name!r} in module {module} ({exc})") from None
         handle = self._new_handle()
-        self._functions[handle] = _Kernel(function, source, arg_types, builtin)
+        self._functions[handle] = Kernel(function, source, arg_types, builtin)
         self._function_handles[(module, name)] = handle
         return FunctionInfo(handle, arg_types)
 
@@ -649,7 +514,7 @@ class PycudaTenant(SerialTenant):
         # afterwards find their context dead and skip their own frees, silently; freeing them
         # first would cost a driver call each, and may fail in a context lost to a fault.
         try:
-            self._device.destroy(context)
+            self._device.contexts.destroy(context)
         finally:
             self._allocations.clear()
             self._functions.clear()
@@ -712,21 +577,13 @@ class PycudaExecutor(WorkerExecutor):
             ),
             max_shared_memory_per_block=get(attribute.MAX_SHARED_MEMORY_PER_BLOCK),
         )
-        self._builtins: bytes | None = None
-        self._builtins_error: str | None = None
-        self._builtins_lock = threading.Lock()
         self.staging = self._staging_arena(cuda)
-        # Compiled now, beside the server's start-up, rather than on the worker when a tenant
-        # first asks for a built-in (which would hold the GPU up for everyone while nvcc runs).
         self._jit_warned = False
-        self._closing = threading.Event()
-        self._primary_lock = threading.Lock()
-        self._builtins_thread = threading.Thread(
-            target=self._prepare_builtins, name=f"nvcc-gpu{index}", daemon=True
+        self._primary_lock = threading.Lock()  # close() releases the primary context under it
+        self.library = BuiltinLibrary(
+            cuda, self.primary, self._primary_lock, self.compute_capability, index
         )
-        self._builtins_thread.start()
-        # Worker-thread state: the contexts on the worker's context stack, bottom first.
-        self._stack: list[Any] = []
+        self.contexts = ContextStack(cuda)  # the worker's, used on the worker thread only
         super().__init__(f"cuda-gpu{index}", scheduling)
         log.info(
             "GPU %d: %s, compute capability %d.%d, %d of %d bytes free, %d offered to tenants",
@@ -762,40 +619,8 @@ class PycudaExecutor(WorkerExecutor):
             cuda.Context.pop()
         return StagingArena(arena, pageable)
 
-    # -- contexts (worker thread) ---------------------------------------------------------------
-    def make_current(self, context: Any) -> None:
-        """Make ``context`` the worker's current context, switching only when it is not."""
-        if self._stack and self._stack[-1] is context:
-            return
-        self.clear_current()
-        context.push()
-        self._stack.append(context)
-
-    def clear_current(self) -> None:
-        """Leave no context current on the worker."""
-        while self._stack:
-            self.cuda.Context.pop()
-            self._stack.pop()
-
     def _worker_exiting(self) -> None:
-        self.clear_current()  # PyCUDA aborts the process if a thread ends with a context current
-
-    def pushed(self, context: Any) -> None:
-        """Note that ``context`` was pushed by CUDA itself (``make_context`` does)."""
-        self._stack.append(context)
-
-    def destroy(self, context: Any) -> None:
-        """Destroy a tenant's context, whatever its state, and leave none of ours current."""
-        try:
-            self.make_current(context)
-            self.cuda.Context.pop()
-            self._stack.pop()
-        except Exception:  # noqa: BLE001 - a lost context may refuse; detaching still frees it
-            log.debug("popping a context failed", exc_info=True)
-        try:
-            context.detach()
-        except Exception:  # noqa: BLE001 - nothing more can be done; say so
-            log.warning("destroying a tenant's CUDA context failed", exc_info=True)
+        self.contexts.clear()  # PyCUDA aborts the process if a thread ends with a context current
 
     # -- tenants' PTX ---------------------------------------------------------------------------
     def assemble(self, ptx: bytes) -> bytes:
@@ -820,57 +645,9 @@ class PycudaExecutor(WorkerExecutor):
         return ptx if ptx.endswith(b"\0") else ptx + b"\0"  # the driver reads a C string
 
     # -- built-in kernels -----------------------------------------------------------------------
-    def _prepare_builtins(self) -> None:
-        try:
-            self.builtins_image()
-        except Unsupported:
-            pass  # logged; a tenant asking for a built-in gets the reason
-
     def builtins_image(self) -> bytes:
-        """The built-in library compiled for this GPU (by nvcc, cached) and known to load;
-        ``Unsupported`` saying why if that cannot be done here."""
-        with self._builtins_lock:
-            if self._builtins is None and self._builtins_error is None:
-                try:
-                    self._builtins = self._loadable_builtins()
-                except Exception as exc:  # noqa: BLE001 - any failure: say it, once, to all
-                    self._builtins_error = str(exc)
-                    if not self._closing.is_set():
-                        log.error(
-                            "the built-in kernels are unavailable on GPU %d: %s", self.index, exc
-                        )
-            if self._builtins is None:
-                raise Unsupported(
-                    f"the built-in kernels could not be built for this GPU: {self._builtins_error}"
-                )
-            return self._builtins
-
-    def _loadable_builtins(self) -> bytes:
-        image = builtins_image(self.compute_capability)
-        if self._driver_loads(image):
-            return image
-        # Machine code from an nvcc newer than the driver can be refused; portable PTX is then
-        # the better bet (the driver compiles it itself).
-        portable = compile_cuda(BUILTINS_SOURCE, "ptx", PORTABLE_PTX_ARCH)
-        if image != portable and self._driver_loads(portable):
-            return portable
-        raise DeviceError("the GPU driver refuses the built-in library (is it older than nvcc?)")
-
-    def _driver_loads(self, image: bytes) -> bool:
-        cuda = self.cuda
-        with self._primary_lock:  # close() releases the primary context under this lock
-            if self._closing.is_set():
-                raise DeviceError("the device is shutting down")
-            self.primary.push()  # balanced by the pop below, so the worker's stack is unchanged
-            try:
-                module = cuda.module_from_buffer(image)
-                del module  # unloaded here, while its context is current on this thread
-                return True
-            except cuda.Error as exc:
-                log.warning("GPU %d: the driver refused a built-in image: %s", self.index, exc)
-                return False
-            finally:
-                cuda.Context.pop()
+        """The built-in library for this GPU; ``Unsupported`` saying why if it cannot be had."""
+        return self.library.image()
 
     # -- tenants --------------------------------------------------------------------------------
     def open_tenant(
@@ -884,8 +661,7 @@ class PycudaExecutor(WorkerExecutor):
     def close(self) -> None:
         # The start-up build test-loads the built-ins in the primary context: let it finish
         # before that context goes (nvcc is bounded; its cache makes this quick after a first run).
-        self._closing.set()
-        self._builtins_thread.join(timeout=_BUILTINS_JOIN_S)
+        self.library.close()
         super().close()  # releases every tenant's context on the worker, then stops it
         with self._primary_lock:  # no start-up test-load can be using the primary context now
             self._release_primary()

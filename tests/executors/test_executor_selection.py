@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from executors import GpuUnavailable, NumpyExecutor, create_executors, pycuda_device
-from executors.pycuda_device import gpu_unavailable_reason, load_driver
+from executors import GpuUnavailable, NumpyExecutor, create_executors, cuda_driver
+from executors.cuda_driver import gpu_unavailable_reason, load_driver
 
 
 def close_all(executors: list) -> None:
@@ -105,7 +105,7 @@ class _RefuseImport(importlib.abc.MetaPathFinder):
 @pytest.fixture
 def fresh_driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """load_driver as on a fresh process: nothing loaded, no pycuda module imported."""
-    monkeypatch.setattr(pycuda_device, "_driver", None)
+    monkeypatch.setattr(cuda_driver, "_driver", None)
     for name in [n for n in sys.modules if n == "pycuda" or n.startswith("pycuda.")]:
         monkeypatch.delitem(sys.modules, name)
     yield
