@@ -39,7 +39,10 @@ def arg_struct_format(arg_types: str) -> str:
     """The ``struct`` format that packs and unpacks arguments of ``arg_types``.
 
     Arguments travel little-endian with standard sizes and no padding, but ``struct`` accepts 'P'
-    only in native mode, so a device pointer is packed as 'Q' (unsigned 64-bit) instead.
+    only in native mode, so a device pointer is packed as 'Q' (unsigned 64-bit) instead. This is
+    the executors' statement of docs/PROTOCOL.md's section 7; the protocol's own is
+    ``bitfusion_net.protocol.messages.kernel_args_format`` (neither package may import the
+    other), and ``tests/protocol/test_spec_document.py`` holds the two to each other.
     """
     return "<" + arg_types.replace("P", "Q")
 

@@ -25,15 +25,15 @@ class Kernel:
         # On the wire: little-endian, no padding. For CUDA: each at its natural alignment. The
         # bytes are moved, never converted, so every value (a float's NaN payload too) is exact.
         self.wire = struct.Struct(arg_struct_format(arg_types))
-        self.native_size = struct.calcsize("@" + arg_types.replace("P", "Q"))
         self._moves: list[tuple[int, int, int]] = []  # (wire offset, native offset, size)
         wire_offset = native_offset = 0
         for code in arg_types:
-            size = struct.calcsize("<" + ("Q" if code == "P" else code))
+            size = struct.calcsize(arg_struct_format(code))
             native_offset = -(-native_offset // size) * size  # scalars align to their size
             self._moves.append((wire_offset, native_offset, size))
             wire_offset += size
             native_offset += size
+        self.native_size = native_offset  # C adds no padding after the last parameter
 
     def parameters(self, args: bytes) -> bytes:
         """The launch's parameter buffer as CUDA reads it, from the wire's packed ``args``."""

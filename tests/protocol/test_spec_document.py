@@ -171,3 +171,14 @@ def test_worked_example_bytes(spec: str, name: str) -> None:
 
 def test_every_example_in_the_document_is_checked(spec: str) -> None:
     assert set(re.findall(r"<!-- example: ([\w-]+) -->", spec)) == set(EXAMPLES)
+
+
+def test_the_pointer_as_u64_rule_is_the_same_in_the_protocol_and_the_executors() -> None:
+    """Section 7 is stated once per package (the protocol and the executors may not import each
+    other); both statements must pack every code alike."""
+    from executors.base import ARG_TYPE_CODES, arg_struct_format
+
+    for code in sorted(ARG_TYPE_CODES):
+        assert m.kernel_args_format(code) == arg_struct_format(code), code
+    assert struct.calcsize(m.kernel_args_format("P")) == 8
+    assert "`P`  | device pointer, as a `u64`" in SPEC.read_text(encoding="utf-8")
