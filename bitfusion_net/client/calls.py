@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..protocol import DeviceGrant, InvalidValueError, Reply, Request
+from ..protocol import DeviceGrant, InvalidValueError, Request
 from ..protocol import messages as m
 
 T = TypeVar("T")
@@ -143,16 +143,8 @@ def stream_handle(stream: Any) -> int:
 
 
 # -- plans --------------------------------------------------------------------------------------
-def _reply(message: Request) -> Plan[Any]:
-    reply = yield Call(message)
-    return reply
-
-
-def _post(message: Request) -> Plan[None]:
-    yield Call(message)
-
-
-def _done(message: Request) -> Plan[None]:
+def _one(message: Request) -> Plan[None]:
+    """A call whose result is nothing: a no-reply request, or a wait (synchronize)."""
     yield Call(message)
 
 
@@ -184,7 +176,7 @@ class DeviceCalls:
         return DevicePtr(reply.ptr)
 
     def _mem_free(self, ptr: int) -> Plan[None]:
-        return _post(m.MemFree(self.index, pointer_arg(ptr)))
+        return _one(m.MemFree(self.index, pointer_arg(ptr)))
 
     def _mem_get_info(self) -> Plan[tuple[int, int]]:
         reply = yield Call(m.MemGetInfo(self.index))
@@ -211,7 +203,7 @@ class DeviceCalls:
             yield calls
 
     def _memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: Any) -> Plan[None]:
-        return _post(
+        return _one(
             m.MemcpyDtoD(
                 self.index,
                 pointer_arg(dst, "dst"),
@@ -223,7 +215,7 @@ class DeviceCalls:
 
     def _memset(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> Plan[None]:
         value = _integer(value, f"memset value ({itemsize} byte(s))", 0, (1 << (8 * itemsize)) - 1)
-        return _post(
+        return _one(
             m.Memset(
                 self.index,
                 itemsize,
@@ -235,7 +227,7 @@ class DeviceCalls:
         )
 
     def _synchronize(self) -> Plan[None]:
-        return _done(m.Synchronize(self.index))
+        return _one(m.Synchronize(self.index))
 
     def _stats(self) -> Plan[TenantStats]:
         reply = yield Call(m.TenantStats(self.index))
@@ -265,7 +257,7 @@ class DeviceCalls:
         return reply.function, reply.arg_types
 
     def _module_unload(self, module: int) -> Plan[None]:
-        return _post(m.ModuleUnload(self.index, module))
+        return _one(m.ModuleUnload(self.index, module))
 
     # -- streams and events ---------------------------------------------------------------------
     def _create_stream(self) -> Plan[int]:
@@ -277,23 +269,23 @@ class DeviceCalls:
         return int(reply.handle)
 
     def _stream_synchronize(self, handle: int) -> Plan[None]:
-        return _done(m.StreamSynchronize(self.index, handle))
+        return _one(m.StreamSynchronize(self.index, handle))
 
     def _stream_destroy(self, handle: int) -> Plan[None]:
-        return _post(m.StreamDestroy(self.index, handle))
+        return _one(m.StreamDestroy(self.index, handle))
 
     def _event_record(self, handle: int, stream: Any) -> Plan[None]:
-        return _post(m.EventRecord(self.index, handle, stream_handle(stream)))
+        return _one(m.EventRecord(self.index, handle, stream_handle(stream)))
 
     def _event_synchronize(self, handle: int) -> Plan[None]:
-        return _done(m.EventSynchronize(self.index, handle))
+        return _one(m.EventSynchronize(self.index, handle))
 
     def _event_elapsed(self, start: int, end: int) -> Plan[float]:
         reply = yield Call(m.EventElapsed(self.index, start, end))
         return float(reply.milliseconds)
 
     def _event_destroy(self, handle: int) -> Plan[None]:
-        return _post(m.EventDestroy(self.index, handle))
+        return _one(m.EventDestroy(self.index, handle))
 
 
 class KernelCalls:
@@ -343,7 +335,3 @@ class KernelCalls:
             self.pack_args(args),
         )
 
-
-def reply_of(message: Request) -> Plan[Reply]:
-    """A plan of one request, returning its reply as it is (tools and tests)."""
-    return _reply(message)
