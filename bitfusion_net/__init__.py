@@ -27,6 +27,7 @@ from .client import (
 )
 from .protocol.errors import (
     BitfusionError,
+    CallTimeoutError,
     CapacityError,
     ConnectionLostError,
     InternalError,
@@ -43,7 +44,7 @@ from .units import parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "BitfusionError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
+    "BitfusionError", "CallTimeoutError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
     "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "Module",
     "OutOfMemoryError", "ProtocolError", "RemoteDevice", "Server", "Session", "Stream",
     "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats",

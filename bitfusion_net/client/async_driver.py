@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from ..protocol import (
     BitfusionError,
+    CallTimeoutError,
     ClientConnection,
     ConnectionFailed,
     ReplyReceived,
@@ -38,6 +39,7 @@ class AsyncDriver:
         self.connection = ClientConnection()
         self.get_buffer = self.connection.get_buffer
         self._loop = asyncio.get_running_loop()
+        self.call_timeout: float | None = None  # seconds a reply may take; None: no bound
         # posts waiting for the stream to take their payload (failed if the connection dies)
         self._consumption_waits: set[asyncio.Future[None]] = set()
 
@@ -59,7 +61,13 @@ class AsyncDriver:
         stream.flush()  # someone waits for this: do not wait for the end of the loop iteration
         if not stream.writable:
             await stream.drain()
-        return await future
+        if self.call_timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self.call_timeout)
+        except TimeoutError:
+            self._give_up(f"no reply from the server within {self.call_timeout} s")
+            raise self.connection.failure from None  # type: ignore[misc]
 
     def post_nowait(self, message: Request) -> int:
         """Queue a no-reply ``message`` without a payload; never waits. Returns its id."""
@@ -146,6 +154,12 @@ class AsyncDriver:
         for future in (*event.orphans, *self._consumption_waits):
             if not future.done():
                 future.set_exception(event.error)
+
+    def _give_up(self, reason: str) -> None:
+        """A reply is overdue: the session is over (what the server did is unknown)."""
+        if self.connection.failure is None:
+            self._fail_waiters(self.connection.abandon(CallTimeoutError(reason)))
+        self.stream.abort()
 
     def close(self) -> None:
         """End the session: what is queued is written, then the stream closes."""

@@ -198,10 +198,11 @@ def connect_sync(
     weight: float | None = None,
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    call_timeout: float | None = None,
 ) -> SyncSession:
     """Blocking ``connect`` (same arguments): ``with connect_sync(address, fraction=0.05) as s:``."""
     request = LeaseRequest.make(
-        address, gpus, fraction, memory, mode, weight, client_name, timeout
+        address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
     )
     try:
         stream = BlockingStream.connect(request.address, request.timeout)
@@ -211,7 +212,7 @@ def connect_sync(
     try:
         stream.settimeout(request.timeout)
         reply = driver.run(request.greet())
-        stream.settimeout(None)
+        driver.set_call_timeout(request.call_timeout)
     except BaseException as exc:
         stream.close()
         if isinstance(exc, OSError):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from ..protocol import (
     BitfusionError,
+    CallTimeoutError,
     ClientConnection,
     ClientState,
     ConnectionFailed,
@@ -42,6 +43,13 @@ class BlockingDriver:
         self.connection = ClientConnection()
         self._lock = threading.Lock()
         self._answers: dict[int, Any] = {}  # request id -> reply message or error
+        self._call_timeout: float | None = None
+
+    def set_call_timeout(self, seconds: float | None) -> None:
+        """How long a call may block on the socket (a reply to wait for, a full send buffer)
+        before the session gives up with ``CallTimeoutError``; None: no bound."""
+        self._call_timeout = seconds
+        self.stream.settimeout(seconds)
 
     @property
     def failure(self) -> BitfusionError | None:
@@ -106,6 +114,11 @@ class BlockingDriver:
                 self.stream.send(head, payload)  # type: ignore[arg-type]
             else:
                 self.stream.send(head)
+        except TimeoutError:
+            self._give_up(f"the server took nothing for {self._call_timeout} s")
+            failure = self.connection.failure
+            assert failure is not None
+            raise failure from None
         except OSError as exc:
             self._hear_last_words(exc)
             failure = self.connection.failure
@@ -144,11 +157,20 @@ class BlockingDriver:
     def _receive(self) -> None:
         try:
             count = self.stream.receive_into(self.connection)
+        except TimeoutError:
+            self._give_up(f"no reply from the server within {self._call_timeout} s")
+            return
         except OSError as exc:
             self._lost(exc)
             return
         if not count:
             self._lost(None)
+
+    def _give_up(self, reason: str) -> None:
+        """A reply is overdue: the session is over (what the server did is unknown)."""
+        if self.connection.failure is None:
+            self._apply(self.connection.abandon(CallTimeoutError(reason)))
+        self.stream.close()
 
     def _lost(self, error: BaseException | None) -> None:
         event = self.connection.connection_lost(error)

@@ -30,6 +30,7 @@ class LeaseRequest:
     address: TcpAddress
     hello: m.Hello
     timeout: float
+    call_timeout: float | None = None
 
     @classmethod
     def make(
@@ -42,6 +43,7 @@ class LeaseRequest:
         weight: float | None,
         client_name: str | None,
         timeout: float,
+        call_timeout: float | None = None,
     ) -> LeaseRequest:
         try:
             target = parse_address(address)
@@ -69,6 +71,8 @@ class LeaseRequest:
             raise InvalidValueError(f"weight must be in (0, 1000], got {weight}")
         if not timeout > 0:
             raise InvalidValueError(f"timeout must be positive, got {timeout}")
+        if call_timeout is not None and not call_timeout > 0:
+            raise InvalidValueError(f"call_timeout must be positive or None, got {call_timeout}")
         name = client_name if client_name is not None else socket.gethostname()
         hello = m.Hello(
             gpus,
@@ -78,7 +82,7 @@ class LeaseRequest:
             weight=0.0 if weight is None else float(weight),
             mode=m.MODES[mode],
         )
-        return cls(target, hello, timeout)
+        return cls(target, hello, timeout, call_timeout)
 
     def greet(self) -> Plan[m.HelloReply]:
         reply = yield Call(self.hello)
@@ -138,6 +142,7 @@ async def open_session(request: LeaseRequest) -> Session:
             driver = stream.owner
             assert isinstance(driver, AsyncDriver)
             reply = await driver.run(request.greet())
+            driver.call_timeout = request.call_timeout
     except BaseException as exc:
         if stream is not None:
             stream.abort()
@@ -181,6 +186,7 @@ def connect(
     weight: float | None = None,
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    call_timeout: float | None = None,
 ) -> _SessionOpener:
     """Lease ``gpus`` GPUs on the server at ``address`` (``tcp://HOST:PORT``).
 
@@ -192,7 +198,12 @@ def connect(
     ``session = await connect(...)`` or ``async with connect(...) as session``.
     Raises InvalidValueError for a request that cannot be valid, CapacityError when the server
     cannot place the lease, ConnectionLostError when it cannot be reached within ``timeout`` s.
+    ``call_timeout`` (seconds, default none) bounds how long any later call waits for its reply:
+    past it the call raises ``CallTimeoutError`` and the session is closed. Without it a call
+    to a server that stopped answering waits until TCP keepalive finds the connection dead.
     """
     return _SessionOpener(
-        LeaseRequest.make(address, gpus, fraction, memory, mode, weight, client_name, timeout)
+        LeaseRequest.make(
+            address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
+        )
     )

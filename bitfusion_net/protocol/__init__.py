@@ -19,6 +19,7 @@ from .decoder import Frame, FrameDecoder, PayloadSink
 from .encoder import encode_reply, encode_request
 from .errors import (
     BitfusionError,
+    CallTimeoutError,
     CapacityError,
     ConnectionLostError,
     ErrorCode,
@@ -46,7 +47,7 @@ from .rules import REPLIES, REQUESTS, RULES, OpcodeRule
 
 __all__ = [
     "CLIENT_LIMITS", "DEFAULT_LIMITS", "ERROR_DEFERRED", "ERROR_FATAL", "HEADER_SIZE", "MAGIC",
-    "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "BitfusionError", "CapacityError",
+    "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "BitfusionError", "CallTimeoutError", "CapacityError",
     "ClientConnection", "ClientState", "ConnectionFailed", "ConnectionLostError", "DeviceGrant",
     "ErrorCode", "ErrorReply", "Frame", "FrameDecoder", "InternalError", "InvalidHandleError",
     "InvalidValueError", "KernelError", "Limits", "Message", "OpcodeRule", "Opcode",

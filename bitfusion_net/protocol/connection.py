@@ -227,6 +227,11 @@ class ClientConnection:
         """End the conversation from this side; the event lists the requests left unanswered."""
         return self._fail(ConnectionLostError(reason))
 
+    def abandon(self, error: BitfusionError) -> ConnectionFailed:
+        """End the conversation because of ``error`` (the driver gave up waiting, say); later
+        sends raise it."""
+        return self._fail(error)
+
     # -- receiving ------------------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""

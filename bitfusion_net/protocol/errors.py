@@ -100,6 +100,12 @@ class ConnectionLostError(BitfusionError, ConnectionError):
     code = ErrorCode.PROTOCOL
 
 
+class CallTimeoutError(ConnectionLostError, TimeoutError):
+    """A call got no answer within the session's ``call_timeout``. The session is closed (what
+    the server did with the call is unknown), and its leases are released when the server sees
+    the connection go."""
+
+
 _BY_CODE: dict[int, type[BitfusionError]] = {
     cls.code: cls
     for cls in (

@@ -58,10 +58,27 @@ def parse_address(url: str) -> TcpAddress:
     return TcpAddress(parts.hostname, port)
 
 
+# TCP keepalive: a peer that vanished without a word (a host powered off, a cable pulled) is
+# found out after about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S = 60 s of silence.
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 3
+
+
 def tune_socket(sock: socket.socket) -> None:
-    """Most frames are small and someone waits for them: no Nagle delay."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """Most frames are small and someone waits for them: no Nagle delay. And keepalive, so that
+    a silent connection to a dead peer ends instead of holding its leases forever."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):  # Linux names; elsewhere the system's defaults apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 OwnerFactory = Callable[[Stream], StreamOwner]
