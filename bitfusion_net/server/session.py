@@ -29,6 +29,7 @@ from executors.errors import (
 )
 
 from ..protocol import (
+    HEADER_SIZE,
     BitfusionError,
     ErrorCode,
     InvalidValueError,
@@ -57,6 +58,11 @@ _DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
 }
 _session_ids = itertools.count(1)
 QUEUE_CHECK_EVERY = 64  # the backlog bound may be overshot by this many operations
+FRAMES_PER_TURN = 64  # requests one connection has handled per loop iteration
+# What one read takes in (payloads beyond it are read straight into their staging buffers): a
+# header and the largest metadata, and this much more. A read's frames are decoded in one go, so
+# this bounds how long one flooding client's read holds the loop (about 1,000 small frames).
+RECEIVE_SLACK = 32 * 1024
 
 
 def _nothing() -> None:
@@ -86,11 +92,16 @@ class ServerSession:
         self._client_name = ""
         self._flow = SessionFlow(limits.max_payload)
         self._reading = True  # False while flow control holds the connection
+        self._yielding = False  # paused until the next loop iteration: its turn is over
         self._backlog_check: asyncio.TimerHandle | None = None
         # Operations submitted since the queue depths were last read: they are read (a lock per
         # lease) every QUEUE_CHECK_EVERY submissions, not on every frame.
         self._unchecked = 0
-        self.connection = ServerConnection(limits, payload_sink=self._payload_buffer)
+        self.connection = ServerConnection(
+            limits,
+            payload_sink=self._payload_buffer,
+            buffer_size=HEADER_SIZE + limits.max_metadata + RECEIVE_SLACK,
+        )
         self.get_buffer = self.connection.get_buffer
 
     @property
@@ -113,12 +124,23 @@ class ServerSession:
         self._process()
 
     def _process(self) -> None:
-        """Handle decoded requests until none is left or flow control says stop."""
+        """Handle decoded requests until none is left, flow control says stop, or this
+        connection has had its turn: after ``FRAMES_PER_TURN`` requests it stops reading and
+        goes on in the next loop iteration, so a client flooding frames cannot hold the event
+        loop while its neighbours' requests wait."""
         connection = self.connection
+        handled = 0
         while self._reading and not self._closed:
+            if handled == FRAMES_PER_TURN:
+                if not self._yielding:
+                    self._yielding = True
+                    self.stream.pause_reading()
+                    self._loop.call_soon(self._next_turn)
+                return
             event = connection.next_event()
             if event is None:
                 return
+            handled += 1
             if type(event) is RequestReceived:
                 self._handle(event)  # type: ignore[arg-type]
             else:
@@ -126,6 +148,14 @@ class ServerSession:
                 log.warning("session %d (%s): protocol error: %s", self.id, self.peer, event.error)
                 self._close_with(event.data)
                 return
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        if self._closed:
+            return
+        if self._reading:  # flow control may have paused it meanwhile; then it resumes it
+            self.stream.resume_reading()
+        self._process()
 
     def _handle(self, event: RequestReceived) -> None:
         message = event.message
@@ -337,7 +367,8 @@ class ServerSession:
         if self._flow.should_read(self.stream.writable, most_queued):
             if not self._reading:
                 self._reading = True
-                self.stream.resume_reading()
+                if not self._yielding:  # else its next turn resumes it
+                    self.stream.resume_reading()
                 self._loop.call_soon(self._process)  # frames decoded before the pause wait
             return
         self._reading = False
