@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -112,11 +113,25 @@ class QueuedStream(Stream):
 
     def _init_queue(self, loop: asyncio.AbstractEventLoop, queue_limit: int) -> None:
         self._loop = loop
+        # What is still to be written: pieces, each with what to call once it is handed over.
+        self._queue: deque[tuple[memoryview | bytes, Callable[[], None] | None]] = deque()
         self._queued = 0
         self._queue_limit = queue_limit
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._closed_waiter: asyncio.Future[None] = loop.create_future()
+
+    def _enqueue(
+        self, head: bytes, payload: memoryview | None, on_sent: Callable[[], None] | None
+    ) -> None:
+        """Queue a write (see ``write``); the subclass then schedules sending it."""
+        if payload is not None and len(payload):
+            self._queue.append((head, None))
+            self._queue.append((memoryview(payload).cast("B"), on_sent))
+            self._queued += len(head) + len(payload)
+        else:
+            self._queue.append((head, on_sent))
+            self._queued += len(head)
 
     @property
     def writable(self) -> bool:

@@ -9,7 +9,6 @@ of TCP in between. Tests and the conformance suite use it; so could an in-proces
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 from .base import QueuedStream, StreamOwner
@@ -27,7 +26,6 @@ class MemoryStream(QueuedStream):
         self.other: MemoryStream | None = None
         self._init_queue(asyncio.get_running_loop(), queue_limit)
         self._chunk = chunk
-        self._queue: deque[tuple[memoryview, Callable[[], None] | None]] = deque()
         self._delivering = False
         self._reading_paused = False
         self._closing = False  # close() called: lose the connection once the queue is empty
@@ -44,13 +42,7 @@ class MemoryStream(QueuedStream):
     ) -> None:
         if self._closed or self._closing:
             return
-        if payload is not None and len(payload):
-            self._queue.append((memoryview(head), None))
-            self._queue.append((memoryview(payload).cast("B"), on_sent))
-            self._queued += len(head) + len(payload)
-        else:
-            self._queue.append((memoryview(head), on_sent))
-            self._queued += len(head)
+        self._enqueue(head, payload, on_sent)
         self._schedule()
 
     def flush(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -92,7 +91,6 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self.owner: StreamOwner | None = None
         self.transport: asyncio.Transport | None = None
         self._init_queue(asyncio.get_running_loop(), queue_limit)
-        self._queue: deque[tuple[memoryview | bytes, Callable[[], None] | None]] = deque()
         self._flush_scheduled = False
         self._transport_paused = False
         self._awaiting_drain: list[Callable[[], None]] = []  # on_sent waiting for the kernel
@@ -147,13 +145,7 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
     ) -> None:
         if self._closed or self._closing:
             return
-        if payload is not None and len(payload):
-            self._queue.append((head, None))
-            self._queue.append((payload, on_sent))
-            self._queued += len(head) + len(payload)
-        else:
-            self._queue.append((head, on_sent))
-            self._queued += len(head)
+        self._enqueue(head, payload, on_sent)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
