@@ -15,7 +15,7 @@ from ..protocol import DeviceGrant
 from ..protocol import messages as m
 from ..transport import BlockingStream
 from .blocking_driver import BlockingDriver
-from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats
+from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats, kernel_name
 from .session import DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, LeaseRequest
 
 __all__ = [
@@ -138,7 +138,7 @@ class SyncRemoteDevice(DeviceCalls):
         return self._run(self._stats())
 
     def builtin(self, name: str) -> SyncFunction:
-        function = self._builtins.get(name)
+        function = self._builtins.get(kernel_name(name))
         if function is None:
             function = self._builtins[name] = self._function(0, name, "")
         return function

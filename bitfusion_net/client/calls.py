@@ -138,6 +138,12 @@ _TYPE_NAMES = {
 }  # fmt: skip
 
 
+def kernel_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidValueError(f"a kernel's name is a string, got {type(name).__name__}")
+    return name
+
+
 def stream_handle(stream: Any) -> int:
     return stream.handle if stream is not None else 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..protocol import DeviceGrant
 from .async_driver import AsyncDriver
-from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats
+from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats, kernel_name
 
 __all__ = ["DevicePtr", "Event", "Function", "Module", "RemoteDevice", "Stream", "TenantStats"]
 
@@ -143,7 +143,7 @@ class RemoteDevice(DeviceCalls):
     # -- code -----------------------------------------------------------------------------------
     async def builtin(self, name: str) -> Function:
         """A kernel of the built-in library (saxpy, fill, gemm, relu, softmax, reduce_sum, busy)."""
-        function = self._builtins.get(name)
+        function = self._builtins.get(kernel_name(name))
         if function is None:
             function = self._builtins[name] = await self._function(0, name, "")
         return function
