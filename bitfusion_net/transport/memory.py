@@ -78,7 +78,8 @@ class MemoryStream(QueuedStream):
             on_sent()
         if self._queued <= self._queue_limit:
             self._wake_drain_waiters()
-        other.owner.buffer_updated(count)
+        if count:  # an empty write delivers nothing, as a socket would
+            other.owner.buffer_updated(count)
         self._schedule()
 
     # -- flow control and closing ---------------------------------------------------------------

@@ -225,12 +225,17 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
             return
         self._closing = True
         if self._queue or self._transport_paused:
-            self._awaiting_drain.append(self.close)
+            # Closed from a callback of the next loop step, not from inside resume_writing():
+            # asyncio's own selector transport loses the connection twice if closed there.
+            self._awaiting_drain.append(self._close_soon)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._scheduled_flush)
             return
         self.transport.close()
+
+    def _close_soon(self) -> None:
+        self._loop.call_soon(self.close)
 
     def abort(self) -> None:
         if self.transport is not None and not self._closed:
