@@ -12,7 +12,7 @@ from executors import EXECUTOR_KINDS, GpuUnavailable
 
 from ..transport import loop_factory
 from ..units import parse_size
-from .server import Server
+from .server import DEFAULT_MAX_CONNECTIONS, DEFAULT_STALL_TIMEOUT, Server
 
 log = logging.getLogger("bitfusion_net.server")
 
@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         "has work); 'fifo' is arrival order, for comparison (default: %(default)s)",
     )
     parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection stalled that long in the middle of a frame, or connected "
+        "without its HELLO (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="refuse connections beyond this many with a CAPACITY error (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -104,6 +119,8 @@ async def serve(args: argparse.Namespace) -> None:
         min_fraction=args.min_fraction,
         max_payload=args.max_payload,
         scheduling=args.scheduling,
+        stall_timeout=args.stall_timeout,
+        max_connections=args.max_connections,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus is not None and args.gpus < 1:
         parser.error("--gpus must be at least 1")
+    if not args.stall_timeout > 0:
+        parser.error("--stall-timeout must be positive")
+    if args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from types import TracebackType
 from typing import Any
 
 from executors import Executor, create_executors
 
-from ..protocol import Limits
+from ..protocol import ErrorCode, Limits
 from ..transport import Stream, TcpAddress, listen, parse_address
 from ..units import format_size, parse_size
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
 from .session import ServerSession
+
+DEFAULT_STALL_TIMEOUT = 30.0  # seconds a connection may stall mid-frame, or wait with no HELLO
+DEFAULT_MAX_CONNECTIONS = 4096
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ class Server:
     ``min_fraction``: the smallest slice of a GPU a client may lease. ``max_payload``: the largest
     bulk payload of one frame; clients split larger copies. ``scheduling``: ``"fair"`` (weighted
     fair time-slicing of each GPU between its tenants) or ``"fifo"`` (arrival order, a baseline).
+    ``stall_timeout``: seconds a connection may sit in the middle of a frame without a byte
+    arriving, or connected without its HELLO, before it is closed with an error.
+    ``max_connections``: connections beyond this many are refused with ``CapacityError``.
     """
 
     def __init__(
@@ -42,6 +49,8 @@ class Server:
         min_fraction: float = 0.05,
         max_payload: str | int = "64MiB",
         scheduling: str = "fair",
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self._listen = parse_address(listen)
         if gpus is not None and gpus < 1:
@@ -50,6 +59,13 @@ class Server:
             raise ValueError("min_fraction must be in (0, 1]")
         if scheduling not in ("fair", "fifo"):
             raise ValueError(f"scheduling must be 'fair' or 'fifo', got {scheduling!r}")
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        self._stall_timeout = stall_timeout
+        self._max_connections = max_connections
+        self._sweeper: asyncio.TimerHandle | None = None
         self._executor_kind = executor
         self._scheduling = scheduling
         self._gpu_count = gpus
@@ -84,6 +100,9 @@ class Server:
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = TcpAddress(host, port)
+        self._sweeper = asyncio.get_running_loop().call_later(
+            min(1.0, self._stall_timeout / 3), self._sweep
+        )
         for index, executor in enumerate(self._executors):
             props = executor.properties
             log.info(
@@ -106,8 +125,22 @@ class Server:
         session = ServerSession(
             stream, self._pool, self._executors, self._limits, self._sessions.discard
         )
+        if len(self._sessions) >= self._max_connections:
+            session.refuse(
+                ErrorCode.CAPACITY,
+                f"the server has {len(self._sessions)} connections, its limit; try again later",
+            )
         self._sessions.add(session)
         return session
+
+    def _sweep(self) -> None:
+        """Close connections stalled mid-frame, or connected without a HELLO, for too long."""
+        now = time.monotonic()
+        for session in list(self._sessions):
+            session.close_if_stalled(now, self._stall_timeout)
+        self._sweeper = asyncio.get_running_loop().call_later(
+            min(1.0, self._stall_timeout / 3), self._sweep
+        )
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -115,6 +148,9 @@ class Server:
 
     async def close(self) -> None:
         """Stop listening, drop every client (their leases are released), stop the executors."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
             for session in list(self._sessions):

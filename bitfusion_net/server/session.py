@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -97,6 +98,7 @@ class ServerSession:
         # Operations submitted since the queue depths were last read: they are read (a lock per
         # lease) every QUEUE_CHECK_EVERY submissions, not on every frame.
         self._unchecked = 0
+        self._opened = self._last_data = time.monotonic()  # for the stall timeout
         self.connection = ServerConnection(
             limits,
             payload_sink=self._payload_buffer,
@@ -120,8 +122,31 @@ class ServerSession:
 
     # -- StreamOwner ----------------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_data = time.monotonic()
         self.connection.buffer_updated(nbytes)
         self._process()
+
+    def refuse(self, code: ErrorCode, text: str) -> None:
+        """Turn the connection away before anything was read from it (a fatal ERROR, id 0)."""
+        log.warning("connection from %s refused: %s", self.peer, text)
+        self._close_with(self.connection.refuse(0, code, text))
+
+    def close_if_stalled(self, now: float, timeout: float) -> None:
+        """Close a connection that has sat mid-frame with no byte arriving for ``timeout`` s, or
+        has not sent its HELLO in that time: it holds server memory and proves nothing. One the
+        server stopped reading (back-pressure) is not stalled: the wait is ours."""
+        if self._closed or not self._reading or self._yielding:
+            return
+        if self.connection.state is ServerState.AWAITING_HELLO:
+            idle, what = now - self._opened, "no HELLO"
+        elif self.connection.in_frame:
+            idle, what = now - self._last_data, "a frame stalled halfway"
+        else:
+            return
+        if idle > timeout:
+            text = f"{what} for {idle:.1f} s (the limit is {timeout:g} s); closing"
+            log.info("session %d (%s): %s", self.id, self.peer, text)
+            self._close_with(self.connection.refuse(0, ErrorCode.PROTOCOL, text))
 
     def _process(self) -> None:
         """Handle decoded requests until none is left, flow control says stop, or this
