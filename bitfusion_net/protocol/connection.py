@@ -150,7 +150,49 @@ class _Pending:
     into: memoryview | None  # where the reply's payload lands (MEMCPY_DTOH)
 
 
-class ClientConnection:
+class _Receiving:
+    """The receive side both ends share: a decoder the transport reads into, and the error it
+    raised, kept to be delivered after the frames decoded before it."""
+
+    _decoder: FrameDecoder
+    _broken: ProtocolError | None
+
+    def _start_receiving(self, decoder: FrameDecoder) -> None:
+        self._decoder = decoder
+        self._broken = None
+        self.get_buffer = decoder.get_buffer
+
+    @property
+    def _receiving(self) -> bool:
+        """False once nothing more is to be decoded (the conversation is over or closing)."""
+        raise NotImplementedError
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has been received (a close now cuts it)."""
+        return self._decoder.in_frame
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        if not self._receiving:
+            return
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._broken = exc  # delivered after the frames decoded before it
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes by copying them in (tests, in-memory pairs)."""
+        view = memoryview(data).cast("B")
+        while view and self._broken is None and self._receiving:
+            target = self.get_buffer()
+            count = min(len(target), len(view))
+            target[:count] = view[:count]
+            view = view[count:]
+            self.buffer_updated(count)
+
+
+class ClientConnection(_Receiving):
     """The client end: numbers requests, matches replies and errors, knows when it is over.
 
     ``send_request`` returns the bytes to write; ``next_event`` returns what came back. A request
@@ -163,17 +205,17 @@ class ClientConnection:
         self.state = ClientState.IDLE
         self.failure: BitfusionError | None = None
         self.hello: HelloReply | None = None
-        self._decoder = FrameDecoder(
-            receives_replies=True,
-            limits=limits,
-            payload_sink=self._payload_destination,
-            buffer_size=buffer_size,
+        self._start_receiving(
+            FrameDecoder(
+                receives_replies=True,
+                limits=limits,
+                payload_sink=self._payload_destination,
+                buffer_size=buffer_size,
+            )
         )
-        self.get_buffer = self._decoder.get_buffer
         self._next_id = 1
         self._pending: dict[int, _Pending] = {}
         self._events: list[ClientEvent] = []  # produced by a state change, delivered first
-        self._broken: ProtocolError | None = None  # the decoder's error, after its good frames
 
     def _move(self, what: str) -> None:
         self.state = CLIENT_TRANSITIONS[(self.state, what)]
@@ -233,25 +275,9 @@ class ClientConnection:
         return self._fail(error)
 
     # -- receiving ------------------------------------------------------------------------------
-    def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were written at the start of the last ``get_buffer()``."""
-        if self.state is ClientState.CLOSED:
-            return
-        try:
-            self._decoder.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            # Frames decoded before the bad bytes are delivered first; then the failure.
-            self._broken = ProtocolError(f"the server broke the protocol: {exc}")
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes by copying them in (tests, in-memory pairs)."""
-        view = memoryview(data).cast("B")
-        while view and self.state is not ClientState.CLOSED:
-            target = self.get_buffer()
-            count = min(len(target), len(view))
-            target[:count] = view[:count]
-            view = view[count:]
-            self.buffer_updated(count)
+    @property
+    def _receiving(self) -> bool:
+        return self.state is not ClientState.CLOSED
 
     def connection_lost(self, error: BaseException | None = None) -> ConnectionFailed | None:
         """The transport closed. Returns the event that fails what was waiting (None when the
@@ -259,7 +285,7 @@ class ClientConnection:
         if self.state is ClientState.CLOSED:
             return None
         reason = f": {error}" if error else ""
-        if error is None and self._decoder.in_frame:
+        if error is None and self.in_frame:
             reason = ": in the middle of a frame"
         return self._fail(ConnectionLostError(f"connection to the server closed{reason}"))
 
@@ -272,7 +298,7 @@ class ClientConnection:
         frame = self._decoder.next_frame()
         if frame is None:
             if self._broken is not None:
-                return self._fail(self._broken)
+                return self._fail(ProtocolError(f"the server broke the protocol: {self._broken}"))
             return None
         return self._frame_event(frame)
 
@@ -325,7 +351,7 @@ class ClientConnection:
         return pending.into
 
 
-class ServerConnection:
+class ServerConnection(_Receiving):
     """The server end: checks the client keeps the rules, and encodes replies and errors.
 
     ``payload_sink`` chooses where a request's bulk payload lands (None: read and drop it).
@@ -339,14 +365,14 @@ class ServerConnection:
     ) -> None:
         self.state = ServerState.AWAITING_HELLO
         self._limits = limits
-        self._decoder = FrameDecoder(
-            receives_replies=False,
-            limits=limits,
-            payload_sink=payload_sink or _drop_payload,
-            buffer_size=buffer_size,
+        self._start_receiving(
+            FrameDecoder(
+                receives_replies=False,
+                limits=limits,
+                payload_sink=payload_sink or _drop_payload,
+                buffer_size=buffer_size,
+            )
         )
-        self.get_buffer = self._decoder.get_buffer
-        self._broken: ProtocolError | None = None
         # Room for an error's text within the client's metadata limit (the text may echo what
         # the client sent, a kernel name, say).
         self._error_room = limits.max_metadata - ErrorReply._struct.size - 4
@@ -354,28 +380,10 @@ class ServerConnection:
     def _move(self, what: str) -> None:
         self.state = SERVER_TRANSITIONS[(self.state, what)]
 
-    @property
-    def in_frame(self) -> bool:
-        """Whether part of a frame has been received (a close now cuts it)."""
-        return self._decoder.in_frame
-
     # -- receiving ------------------------------------------------------------------------------
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.state is ServerState.CLOSING:
-            return
-        try:
-            self._decoder.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._broken = exc  # delivered after the frames decoded before it
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view and self._broken is None and self.state is not ServerState.CLOSING:
-            target = self.get_buffer()
-            count = min(len(target), len(view))
-            target[:count] = view[:count]
-            view = view[count:]
-            self.buffer_updated(count)
+    @property
+    def _receiving(self) -> bool:
+        return self.state is not ServerState.CLOSING
 
     def next_event(self) -> ServerEvent | None:
         """The next request to handle, a violation to answer, or None: wait for more bytes (or,

@@ -294,3 +294,15 @@ def test_every_request_with_a_reply_is_answered_exactly_once(
     for event in events:
         assert isinstance(event, RequestFailed) == (event.token in fail)
     assert pair.client.waiting == 0
+
+
+def test_garbage_in_the_middle_of_a_long_feed_ends_the_session_not_the_caller() -> None:
+    """More bytes than one receive buffer, broken halfway: the client does not raise from
+    receive_data; it delivers the good reply, then the failure, and reads nothing more."""
+    pair = ConnectionPair()
+    pair.handshake()
+    sync = pair.client_sends(m.Synchronize(0), token="sync")
+    data = pair.server.reply(m.Opcode.SYNCHRONIZE, sync, m.Done()) + b"junk" + b"\0" * 400_000
+    answered, ended = pair.client_receives(data)
+    assert answered.token == "sync"
+    assert isinstance(ended, ConnectionFailed) and "broke the protocol" in str(ended.error)
