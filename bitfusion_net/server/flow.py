@@ -13,6 +13,9 @@ from __future__ import annotations
 MAX_QUEUED_OPERATIONS = 10_000
 RESUME_QUEUED_OPERATIONS = MAX_QUEUED_OPERATIONS // 2
 BACKLOG_POLL_S = 0.002  # queued operations finish on the device, which tells nobody: look again
+# Reading the leases' queue depths takes a lock per lease: it is done every this many
+# submissions, not on every frame, so the bound may be overshot by this many operations.
+QUEUE_CHECK_EVERY = 64
 
 
 class SessionFlow:
@@ -22,6 +25,15 @@ class SessionFlow:
         self.staged = 0  # payload bytes in host memory: copies in not yet run, copies out unsent
         self.staging_budget = staging_budget
         self.backlogged = False  # paused for queued operations, until they are down to half
+        self.unchecked = 0  # operations submitted since the queue depths were last read
+
+    def depths_due(self) -> bool:
+        """Whether to read the queue depths now (else they count as short: only a backlog, or
+        QUEUE_CHECK_EVERY submissions, can have changed the answer)."""
+        if self.backlogged or self.unchecked >= QUEUE_CHECK_EVERY:
+            self.unchecked = 0
+            return True
+        return False
 
     def should_read(self, writable: bool, most_queued: int) -> bool:
         """Whether to read more, given the send queue's state and the longest lease queue."""

@@ -58,7 +58,6 @@ _DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     Unsupported: ErrorCode.UNSUPPORTED,
 }
 _session_ids = itertools.count(1)
-QUEUE_CHECK_EVERY = 64  # the backlog bound may be overshot by this many operations
 FRAMES_PER_TURN = 64  # requests one connection has handled per loop iteration
 # What one read takes in (payloads beyond it are read straight into their staging buffers): a
 # header and the largest metadata, and this much more. A read's frames are decoded in one go, so
@@ -95,9 +94,6 @@ class ServerSession:
         self._reading = True  # False while flow control holds the connection
         self._yielding = False  # paused until the next loop iteration: its turn is over
         self._backlog_check: asyncio.TimerHandle | None = None
-        # Operations submitted since the queue depths were last read: they are read (a lock per
-        # lease) every QUEUE_CHECK_EVERY submissions, not on every frame.
-        self._unchecked = 0
         self._opened = self._last_data = time.monotonic()  # for the stall timeout
         self.connection = ServerConnection(
             limits,
@@ -269,7 +265,7 @@ class ServerSession:
                 f"{self._limits.max_payload}; split it"
             )
         op, to_reply = DISPATCH[type(message)](executor, tenant, message, payload)
-        self._unchecked += 1
+        self._flow.unchecked += 1
         give_back: Callable[[], None] = _nothing
         if payload is not None:
             op, give_back = self._unstaging(op, tenant, payload)
@@ -383,9 +379,8 @@ class ServerSession:
     def _update_flow(self) -> None:
         if self._closed or self.connection.state is ServerState.CLOSING:
             return
-        most_queued = 0  # unknown counts as short: only a backlog needs a fresh count
-        if self._flow.backlogged or self._unchecked >= QUEUE_CHECK_EVERY:
-            self._unchecked = 0
+        most_queued = 0
+        if self._flow.depths_due():
             most_queued = max(
                 (lease.executor.queued(lease.tenant) for lease in self.leases), default=0
             )

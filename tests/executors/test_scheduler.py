@@ -637,7 +637,7 @@ def test_without_anticipation_a_closed_loop_share_collapses() -> None:
     assert trace.busy("heavy") / trace.busy("light") < 2.0
 
 
-def test_a_tenant_back_within_its_window_keeps_its_turn() -> None:
+def test_an_equal_loop_beside_a_busy_tenant_alternates_with_it() -> None:
     loads = {
         "loop": Load(0.5, job=1 * MS, closed=(1, 150 * US)),
         "busy": Load(0.5, job=1 * MS),
@@ -694,7 +694,6 @@ def test_the_device_is_never_held_longer_than_the_caps(
     }
     loads["busy"] = Load(0.1, job=jobs[0] * MS)
     trace = simulate(loads, horizon=0.2)
-    shortest = min(jobs) * MS
     for _, wait in trace.idle:
         if isinstance(wait, float):
             assert wait <= ANTICIPATE_MAX + EPS
@@ -702,7 +701,6 @@ def test_the_device_is_never_held_longer_than_the_caps(
     # Idle time is only what anticipation held: every other moment the saturating tenant has
     # work, so nothing else may leave the device idle.
     assert all(isinstance(wait, float) for _, wait in trace.idle), trace.idle[:3]
-    assert shortest > 0
 
 
 def test_twenty_closed_loop_tenants_at_five_percent_share_equally() -> None:

@@ -612,8 +612,7 @@ def test_a_client_that_pipelines_without_limit_is_held_back_not_buffered() -> No
     """50,000 launches sent without waiting: the server stops reading once a lease has
     MAX_QUEUED_OPERATIONS queued, so its queue stays bounded whatever the client sends; when the
     client vanishes, its queued work is dropped and the lease comes back at once."""
-    from bitfusion_net.server.flow import MAX_QUEUED_OPERATIONS
-    from bitfusion_net.server.session import QUEUE_CHECK_EVERY
+    from bitfusion_net.server.flow import MAX_QUEUED_OPERATIONS, QUEUE_CHECK_EVERY
 
     # The server reads queue depths every QUEUE_CHECK_EVERY requests, and between two samples
     # here (10 ms, more on a loaded machine) the device drains about 50 kernels per 10 ms.
