@@ -41,7 +41,7 @@ from .errors import (
     KernelFault,
     Unsupported,
 )
-from .staging import STAGING_POOL_BYTES, StagingPool
+from .staging import STAGING_POOL_BYTES, StagingPool, return_free_heap
 from .worker import WorkerExecutor
 
 __all__ = ["NumpyExecutor", "NumpyTenant"]
@@ -359,6 +359,10 @@ class NumpyExecutor(WorkerExecutor):
         self._staging = StagingPool(STAGING_POOL_BYTES)
 
     completes_synchronously = True  # kernels and copies run to the end on the worker thread
+
+    def _host_memory_idle(self) -> None:
+        self._staging.clear()
+        return_free_heap()
 
     def open_tenant(
         self, memory_limit: int, weight: float, cap: float | None = None

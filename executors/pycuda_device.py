@@ -77,7 +77,7 @@ from .errors import (
     KernelFault,
 )
 from .ptx import check_arg_types, kernel_params
-from .staging import STAGING_POOL_BYTES, StagingArena, StagingPool
+from .staging import STAGING_POOL_BYTES, StagingArena, StagingPool, return_free_heap
 from .worker import WorkerExecutor
 
 __all__ = [
@@ -618,6 +618,10 @@ class PycudaExecutor(WorkerExecutor):
         finally:
             cuda.Context.pop()
         return StagingArena(arena, pageable)
+
+    def _host_memory_idle(self) -> None:
+        self.staging.clear()
+        return_free_heap()
 
     def _worker_exiting(self) -> None:
         self.contexts.clear()  # PyCUDA aborts the process if a thread ends with a context current

@@ -309,12 +309,15 @@ class WorkerExecutor(Executor):
                 if tenant not in self._tenants:
                     return
                 self._tenants.discard(tenant)
+                last = not self._tenants
             try:
                 tenant.release()
             except Exception:  # noqa: BLE001 - release must not raise; if it does, say so
                 log.exception("releasing a tenant failed")
             finally:
                 self._tenant_released(tenant)
+            if last:
+                self._host_memory_idle()
 
         def finished(_result: Any, _error: BaseException | None) -> None:
             # Runs on the worker after the release (or at once if the worker has stopped, in
@@ -328,6 +331,10 @@ class WorkerExecutor(Executor):
 
     def _worker_exiting(self) -> None:
         """Hook for subclasses: clean up thread-bound device state on the worker as it stops."""
+
+    def _host_memory_idle(self) -> None:
+        """Hook for subclasses, on the worker when the last tenant has gone: hand back host
+        memory kept for tenants (idle staging buffers)."""
 
     def _tenant_released(self, tenant: Tenant) -> None:
         with self._committed_lock:

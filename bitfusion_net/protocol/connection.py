@@ -33,6 +33,7 @@ from .messages import (
     ErrorReply,
     Hello,
     HelloReply,
+    Keepalive,
     Message,
     Opcode,
     Reply,
@@ -172,6 +173,10 @@ class _Receiving:
         """Whether part of a frame has been received (a close now cuts it)."""
         return self._decoder.in_frame
 
+    def discard_received(self) -> None:
+        """Forget what was received and not yet delivered (the connection is gone)."""
+        self._decoder.discard()
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
         if not self._receiving:
@@ -293,16 +298,20 @@ class ClientConnection(_Receiving):
         """The next event, or None until more bytes arrive."""
         if self._events:
             return self._events.pop(0)
-        if self.state is ClientState.CLOSED:
-            return None
-        frame = self._decoder.next_frame()
-        if frame is None:
-            if self._broken is not None:
-                return self._fail(ProtocolError(f"the server broke the protocol: {self._broken}"))
-            return None
-        return self._frame_event(frame)
+        while self.state is not ClientState.CLOSED:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                if self._broken is not None:
+                    error = ProtocolError(f"the server broke the protocol: {self._broken}")
+                    return self._fail(error)
+                return None
+            if type(frame.message) is not Keepalive:
+                return self._frame_event(frame)
+            if frame.request_id != 0:  # it answers nothing: the server is broken
+                return self._fail(ProtocolError("the server sent a KEEPALIVE with a request id"))
+        return None
 
-    def _frame_event(self, frame: Frame) -> ClientEvent | None:
+    def _frame_event(self, frame: Frame) -> ClientEvent:
         message = frame.message
         pending = self._pending.pop(frame.request_id, None)
         if type(message) is ErrorReply:
@@ -427,6 +436,11 @@ class ServerConnection(_Receiving):
             self._move("refuse")
         return self._error(request_id, code, text, ERROR_FATAL, 0, 0)
 
+    def keepalive(self) -> bytes:
+        """A frame the client ignores; written while the server is not reading the client, so
+        that a client that has gone is found out (its host answers it with a reset)."""
+        return _KEEPALIVE
+
     def reply(
         self, opcode: int, request_id: int, message: Reply, payload_length: int = 0
     ) -> bytes:
@@ -455,6 +469,9 @@ class ServerConnection(_Receiving):
         return encode_reply(
             Opcode.ERROR, request_id, ErrorReply(int(code), flags, deferred, later, text)
         )
+
+
+_KEEPALIVE = encode_reply(Opcode.KEEPALIVE, 0, Keepalive())
 
 
 def _drop_payload(opcode: int, request_id: int, message: Message, length: int) -> None:

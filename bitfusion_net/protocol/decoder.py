@@ -1,6 +1,8 @@
 """Incremental, I/O-free frame decoder that lets the receiver choose where a payload lands.
 
-Small frames are parsed out of one internal receive buffer, many per read. When a frame carries a
+Small frames are parsed out of one internal receive buffer, many per read. The buffer rests at
+``buffer_size`` and grows only for a frame whose metadata does not fit, back to its resting size
+once that frame is parsed: an idle connection costs little. When a frame carries a
 bulk payload, the decoder asks the *payload sink* for a destination buffer (a staging buffer, or
 the very array a ``memcpy_dtoh`` fills) and from then on hands that buffer out in ``get_buffer()``,
 so the transport reads straight into it: the payload is never copied or concatenated in Python.
@@ -67,11 +69,13 @@ class FrameDecoder:
         payload_sink: PayloadSink | None = None,
         buffer_size: int = 256 * 1024,
     ) -> None:
-        if buffer_size < HEADER_SIZE + limits.max_metadata:
-            raise ValueError("buffer_size must hold a header and the largest metadata")
+        if buffer_size < HEADER_SIZE:
+            raise ValueError(f"buffer_size must hold a header ({HEADER_SIZE} bytes)")
         self._receives_replies = receives_replies
         self._limits = limits
         self._sink = payload_sink or _default_sink
+        self._resting_size = buffer_size
+        self._needed = 0  # the bytes the frame being parsed needs in the buffer, when more
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._start = 0  # first unparsed byte in the buffer
@@ -93,12 +97,24 @@ class FrameDecoder:
             return self._destination[self._filled :]
         if self._start == self._end:
             self._start = self._end = 0
+            if len(self._buffer) > self._resting_size:
+                self._resize(self._resting_size)
+        elif self._needed > len(self._buffer) - self._start:
+            self._resize(max(self._needed, self._resting_size))
         elif self._end == len(self._buffer):
             # Move the unparsed tail to the front; it is shorter than one header plus metadata.
             tail = self._end - self._start
             self._buffer[:tail] = self._view[self._start : self._end]
             self._start, self._end = 0, tail
         return self._view[self._end :]
+
+    def _resize(self, size: int) -> None:
+        """A buffer of ``size`` bytes holding the unparsed bytes at its start."""
+        tail = self._end - self._start
+        buffer = bytearray(size)
+        buffer[:tail] = self._view[self._start : self._end]
+        self._buffer, self._view = buffer, memoryview(buffer)
+        self._start, self._end = 0, tail
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
@@ -126,6 +142,17 @@ class FrameDecoder:
             target[:count] = data[:count]
             data = data[count:]
             self.buffer_updated(count)
+
+    def discard(self) -> None:
+        """Drop every frame not yet taken and the payload being received: the stream is gone.
+        (Their buffers, staging memory among them, go now, not when a cycle collection finds
+        the owner.)"""
+        self._frames.clear()
+        self._pending = self._destination = None
+        self._filled = self._remaining = self._needed = 0
+        self._start = self._end = 0
+        if len(self._buffer) > self._resting_size:
+            self._resize(self._resting_size)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive."""
@@ -167,7 +194,9 @@ class FrameDecoder:
             )
             self._check_header(magic, version, opcode, flags, meta_len, payload_len)
             if available < HEADER_SIZE + meta_len:
+                self._needed = HEADER_SIZE + meta_len
                 return
+            self._needed = 0
             meta_start = self._start + HEADER_SIZE
             message = self._decode_message(
                 opcode, bool(flags & FLAG_REPLY), view[meta_start : meta_start + meta_len]

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class Opcode(IntEnum):
     HELLO = 0x01
     ERROR = 0x02
+    KEEPALIVE = 0x03
     MEM_ALLOC = 0x10
     MEM_FREE = 0x11
     MEM_GET_INFO = 0x12
@@ -546,6 +547,13 @@ class EventElapsed(Request):
 class EventElapsedReply(Reply):
     FIXED = (("milliseconds", "d"),)
     milliseconds: float
+
+
+@dataclass(frozen=True)
+class Keepalive(Reply):
+    """Sent by the server, unasked, while it is not reading the client: a client that has gone
+    answers at the TCP level (a reset), so its session ends without waiting for the server to read
+    again. The client ignores it (docs/PROTOCOL.md, section 10)."""
 
 
 @dataclass(frozen=True)

@@ -71,5 +71,6 @@ del _rule_entry
 REQUESTS: dict[int, type[m.Request]] = {opcode: rule.request for opcode, rule in RULES.items()}
 REPLIES: dict[int, type[m.Reply]] = {
     Opcode.ERROR: m.ErrorReply,
+    Opcode.KEEPALIVE: m.Keepalive,
     **{opcode: rule.reply for opcode, rule in RULES.items() if rule.reply is not None},
 }

@@ -13,6 +13,10 @@ from __future__ import annotations
 MAX_QUEUED_OPERATIONS = 10_000
 RESUME_QUEUED_OPERATIONS = MAX_QUEUED_OPERATIONS // 2
 BACKLOG_POLL_S = 0.002  # queued operations finish on the device, which tells nobody: look again
+# How often the server checks that the clients of sessions it is not reading, or that have work
+# queued, are still there (and writes them a KEEPALIVE): a dead client's GPUs come back within
+# about two periods.
+PROBE_PERIOD_S = 0.25
 # Reading the leases' queue depths takes a lock per lease: it is done every this many
 # submissions, not on every frame, so the bound may be overshot by this many operations.
 QUEUE_CHECK_EVERY = 64

@@ -13,6 +13,7 @@ from executors import Executor, create_executors
 from ..protocol import ErrorCode, Limits
 from ..transport import Stream, TcpAddress, listen, parse_address
 from ..units import format_size, parse_size
+from .flow import PROBE_PERIOD_S
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
 from .session import ServerSession
 
@@ -100,9 +101,7 @@ class Server:
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = TcpAddress(host, port)
-        self._sweeper = asyncio.get_running_loop().call_later(
-            min(1.0, self._stall_timeout / 3), self._sweep
-        )
+        self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
         for index, executor in enumerate(self._executors):
             props = executor.properties
             log.info(
@@ -134,13 +133,13 @@ class Server:
         return session
 
     def _sweep(self) -> None:
-        """Close connections stalled mid-frame, or connected without a HELLO, for too long."""
+        """End sessions whose client has gone unheard, and close connections stalled mid-frame
+        or connected without a HELLO for too long."""
         now = time.monotonic()
         for session in list(self._sessions):
+            session.probe()
             session.close_if_stalled(now, self._stall_timeout)
-        self._sweeper = asyncio.get_running_loop().call_later(
-            min(1.0, self._stall_timeout / 3), self._sweep
-        )
+        self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
 
     async def serve_forever(self) -> None:
         assert self._server is not None

@@ -30,7 +30,6 @@ from executors.errors import (
 )
 
 from ..protocol import (
-    HEADER_SIZE,
     BitfusionError,
     ErrorCode,
     InvalidValueError,
@@ -59,10 +58,11 @@ _DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
 }
 _session_ids = itertools.count(1)
 FRAMES_PER_TURN = 64  # requests one connection has handled per loop iteration
-# What one read takes in (payloads beyond it are read straight into their staging buffers): a
-# header and the largest metadata, and this much more. A read's frames are decoded in one go, so
-# this bounds how long one flooding client's read holds the loop (about 1,000 small frames).
-RECEIVE_SLACK = 32 * 1024
+# What one read takes in (payloads are read straight into their staging buffers; the buffer grows
+# only while a frame with larger metadata arrives). It is what an idle connection costs, and a
+# read's frames are decoded in one go, so it bounds how long one flooding client's read holds the
+# loop (about 180 launch frames).
+RECEIVE_BUFFER = 16 * 1024
 
 
 def _nothing() -> None:
@@ -98,7 +98,7 @@ class ServerSession:
         self.connection = ServerConnection(
             limits,
             payload_sink=self._payload_buffer,
-            buffer_size=HEADER_SIZE + limits.max_metadata + RECEIVE_SLACK,
+            buffer_size=RECEIVE_BUFFER,
         )
         self.get_buffer = self.connection.get_buffer
 
@@ -214,6 +214,7 @@ class ServerSession:
             self._backlog_check.cancel()
         if error is None and self.connection.in_frame:
             error = ConnectionResetError("the peer closed the connection in the middle of a frame")
+        self.connection.discard_received()  # requests not yet handled will never be
         how = f"lost ({error})" if error else "closed"
         log.info(
             "session %d (%s) %s; releasing %d lease(s)", self.id, self.peer, how, len(self.leases)
@@ -398,12 +399,29 @@ class ServerSession:
 
     def _recheck_backlog(self) -> None:
         self._backlog_check = None
-        if self._closed:
+        if not self._closed:
+            self._update_flow()
+
+    def probe(self) -> None:
+        """Called every ``PROBE_PERIOD_S``: end the session now if its client has gone.
+
+        A client that dies while the server is not reading it, or while it has work queued and
+        bytes still in flight, goes unheard until the server reads everything it sent: its FIN
+        waits behind those bytes, so its GPUs would stay held while its dead work runs. So a
+        session that is paused or has work queued asks the transport whether the peer is still
+        there, and writes it a KEEPALIVE: a dead peer's host answers that with a reset, which
+        the transport reports at once if reading, else the next probe sees."""
+        if self._closed or self.connection.state is ServerState.CLOSING:
             return
-        if not self.stream.peer_alive():  # gone while we were not reading: free its GPUs now
+        if self._reading and not any(
+            lease.executor.queued(lease.tenant) for lease in self.leases
+        ):
+            return  # a dead client's FIN or reset reaches us at the next read
+        if not self.stream.peer_alive():
+            log.info("session %d (%s): the client has gone; ending it", self.id, self.peer)
             self.stream.abort()
-            return
-        self._update_flow()
+        elif self.stream.writable:  # else writes are pending: they meet a dead peer's reset
+            self._write(self.connection.keepalive())
 
     def status(self) -> dict[str, Any]:
         return {

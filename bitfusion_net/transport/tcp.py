@@ -125,8 +125,9 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self._queue.clear()
         self._awaiting_drain.clear()
         self._mark_closed()
-        if self.owner is not None:
-            self.owner.connection_lost(exc)
+        owner, self.owner = self.owner, None  # no cycle left for the garbage collector to find
+        if owner is not None:
+            owner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._transport_paused = True

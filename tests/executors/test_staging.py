@@ -1,4 +1,4 @@
-"""StagingArena: buffers carved from one host buffer (pinned on GPUs), merged back when returned."""
+"""Staging memory: the arena (pinned on GPUs) merges what comes back; the pool reuses, then lets go."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 
+from executors.numpy_device import NumpyExecutor
 from executors.staging import StagingArena, StagingPool
 
 MiB = 2**20
@@ -61,3 +62,37 @@ def test_concurrent_take_and_give_back_lose_nothing() -> None:
     for thread in threads:
         thread.join(30)
     assert staging.idle_bytes() == 8 * MiB
+
+
+def test_pooled_buffers_are_reused_then_cleared_back_to_the_system() -> None:
+    pool = StagingPool(capacity=8 * MiB)
+    first = pool.take(MiB)
+    first[:4] = b"abcd"
+    array = first.obj
+    pool.give_back(first)
+    again = pool.take(MiB)
+    assert again.obj is array  # reused: no fresh pages to fault in
+    pool.give_back(again)
+    pool.clear()
+    assert pool.take(MiB).obj is not array  # the idle one was dropped, and unmapped with it
+
+
+def test_a_device_whose_last_tenant_leaves_clears_its_idle_staging() -> None:
+    executor = NumpyExecutor(memory=64 * MiB)
+    try:
+        tenants = [executor.open_tenant(16 * MiB, 0.5) for _ in range(2)]
+        buffer = tenants[0].staging_buffer(MiB)
+        array = buffer.obj
+        tenants[0].return_staging(buffer)
+        done = threading.Event()
+        executor.close_tenant(tenants[0], on_done=done.set)
+        assert done.wait(5)
+        assert tenants[1].staging_buffer(MiB).obj is array  # a tenant remains: kept for it
+        tenants[1].return_staging(memoryview(array.data))
+        done.clear()
+        executor.close_tenant(tenants[1], on_done=done.set)
+        assert done.wait(5)
+        tenant = executor.open_tenant(16 * MiB, 0.5)
+        assert tenant.staging_buffer(MiB).obj is not array  # the last one left: handed back
+    finally:
+        executor.close()

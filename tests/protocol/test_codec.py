@@ -60,8 +60,8 @@ def test_every_message_class_is_registered() -> None:
     registered = set(REQUESTS.values()) | set(REPLIES.values())
     assert all_message_classes() == registered
     assert {cls.OPCODE for cls in REQUESTS.values()} == set(REQUESTS)
-    # ERROR is the one reply without a request; every other reply answers a request opcode.
-    assert set(REPLIES) - set(REQUESTS) == {Opcode.ERROR}
+    # ERROR and KEEPALIVE are the replies without a request; every other answers a request opcode.
+    assert set(REPLIES) - set(REQUESTS) == {Opcode.ERROR, Opcode.KEEPALIVE}
     # A no-reply request has no reply layout, every other request has one; its rule says which.
     for opcode, cls in REQUESTS.items():
         assert cls.RULE is RULES[opcode] and cls.RULE.request is cls
@@ -209,7 +209,7 @@ def test_header_layout(data: st.DataObject) -> None:
         meta = encoded[HEADER_SIZE:]
         assert HEADER_SIZE == 24
         assert encoded[0:4] == MAGIC == b"BFNT"
-        assert encoded[4] == PROTOCOL_VERSION == 1
+        assert encoded[4] == PROTOCOL_VERSION == 2
         assert encoded[5] == opcode
         assert int.from_bytes(encoded[6:8], "little") == flags
         assert int.from_bytes(encoded[8:12], "little") == request_id

@@ -130,6 +130,33 @@ def test_replies_find_their_requests_by_id_whatever_the_order() -> None:
     assert pair.client.waiting == 0
 
 
+def test_keepalives_are_ignored_wherever_they_fall_between_frames() -> None:
+    pair = ConnectionPair()
+    keepalive = pair.server.keepalive()
+    assert pair.client_receives(keepalive) == []  # even before the HELLO's answer
+    pair.handshake()
+    alloc = pair.client_sends(m.MemAlloc(0, 64), token="alloc")
+    info = pair.client_sends(m.MemGetInfo(0), token="info")
+    events = pair.client_receives(
+        keepalive * 2
+        + pair.server.reply(m.Opcode.MEM_ALLOC, alloc, m.MemAllocReply(0x1000))
+        + keepalive
+        + pair.server.reply(m.Opcode.MEM_GET_INFO, info, m.MemGetInfoReply(1, 2))
+        + keepalive
+    )
+    assert [e.token for e in events] == ["alloc", "info"]
+    assert pair.client.state is ClientState.READY and pair.client.waiting == 0
+
+
+def test_a_keepalive_that_claims_to_answer_a_request_ends_the_session() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    sync = pair.client_sends(m.Synchronize(0), token="sync")
+    (ended,) = pair.client_receives(encode_reply(m.Opcode.KEEPALIVE, sync, m.Keepalive()))
+    assert isinstance(ended, ConnectionFailed) and ended.orphans == ("sync",)
+    assert "KEEPALIVE" in str(ended.error)
+
+
 def test_no_reply_requests_are_not_waited_for_but_use_an_id() -> None:
     pair = ConnectionPair()
     pair.handshake()

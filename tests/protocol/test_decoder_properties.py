@@ -72,7 +72,9 @@ streams = st.lists  # readability below: a stream is a list of frames
 
 @directions
 @pytest.mark.parametrize("sink_kind", SINKS)
-@pytest.mark.parametrize("buffer_size", [MIN_BUFFER, 256 * 1024], ids=["min-buffer", "big-buffer"])
+@pytest.mark.parametrize(
+    "buffer_size", [HEADER_SIZE, MIN_BUFFER, 256 * 1024], ids=["header-buffer", "min-buffer", "big-buffer"]
+)
 @FAST
 @given(data=st.data())
 def test_any_chunking_gives_the_same_frames(
@@ -357,9 +359,19 @@ def test_lengths_exactly_at_the_limits_are_accepted() -> None:
     assert sink.sizes == [1000]
 
 
-def test_decoder_refuses_a_buffer_too_small_for_the_largest_metadata() -> None:
-    with pytest.raises(ValueError):
-        FrameDecoder(receives_replies=False, limits=SMALL_LIMITS, buffer_size=MIN_BUFFER - 1)
+def test_decoder_refuses_a_buffer_smaller_than_a_header() -> None:
+    with pytest.raises(ValueError, match="header"):
+        FrameDecoder(receives_replies=False, limits=SMALL_LIMITS, buffer_size=HEADER_SIZE - 1)
+
+
+def test_the_buffer_grows_for_large_metadata_and_rests_small_again() -> None:
+    launch = m.Launch(0, 1, (1, 1, 1), (1, 1, 1), 0, 0, bytes(range(256)) * 3)
+    spec = make_spec(False, Opcode.LAUNCH, 1, launch, b"")
+    decoder = FrameDecoder(receives_replies=False, limits=SMALL_LIMITS, buffer_size=64)
+    assert len(decoder.get_buffer()) == 64
+    decoder.receive_data(spec.encoded * 3)
+    _check_frames(drain(decoder), [spec] * 3, "buffers")
+    assert len(decoder.get_buffer()) == 64  # back to resting once the big frames are parsed
 
 
 # -- header fields ---------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ def test_the_opcode_table_matches_the_codec(spec: str) -> None:
     for opcode in Opcode:
         value, name, reply, request_payload, reply_meta, reply_payload = table[opcode]
         assert name == opcode.name
-        if opcode == Opcode.ERROR:
-            assert reply_meta == "ErrorReply"
+        if opcode in (Opcode.ERROR, Opcode.KEEPALIVE):  # sent by the server, answering nothing
+            assert reply_meta == REPLIES[opcode].__name__
+            assert (reply, request_payload, reply_payload) == ("-", "-", "none"), name
             continue
         rule = RULES[opcode]
         assert reply == ("no-reply" if rule.no_reply else "yes"), name
