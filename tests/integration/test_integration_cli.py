@@ -99,6 +99,10 @@ def test_zero_gpu_memory_exits_non_zero_with_a_message() -> None:
         (["--listen", "tcp://127.0.0.1"], "port"),
         (["--min-fraction", "0"], "min_fraction"),
         (["--min-fraction", "nan"], "min_fraction"),
+        (["--stall-timeout", "0"], "--stall-timeout"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--gil-switch-interval", "0"], "--gil-switch-interval"),
+        (["--gil-switch-interval", "nan"], "--gil-switch-interval"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_a_message(args: list[str], message: str) -> None:
