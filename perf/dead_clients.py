@@ -133,7 +133,9 @@ def measure_clients(
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--client", state, address, str(1 / clients)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )  # fmt: skip
         for _ in range(clients)
     ]

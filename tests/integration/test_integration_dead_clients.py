@@ -154,7 +154,9 @@ def test_a_burst_of_200_simultaneous_connects_is_queued_not_dropped() -> None:
         finally:
             os.kill(server.pid, signal.SIGCONT)
         try:
-            assert not pending and overflows == 0, f"{len(pending)} unconnected, {overflows} dropped"
+            assert not pending and overflows == 0, (
+                f"{len(pending)} unconnected, {overflows} dropped"
+            )
             for sock in socks:
                 sock.setblocking(True)
                 sock.settimeout(30)
