@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -96,3 +97,12 @@ def test_a_device_whose_last_tenant_leaves_clears_its_idle_staging() -> None:
         assert tenant.staging_buffer(MiB).obj is not array  # the last one left: handed back
     finally:
         executor.close()
+
+
+def test_a_buffer_nobody_takes_for_a_while_is_let_go() -> None:
+    pool = StagingPool(capacity=8 * MiB, keep_s=0.05)
+    buffer = pool.take(MiB)
+    array = buffer.obj
+    pool.give_back(buffer)
+    time.sleep(0.1)
+    assert pool.take(MiB).obj is not array  # stale: dropped rather than kept at the bound
