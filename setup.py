@@ -25,6 +25,8 @@ setup(
             "hypothesis>=6.100",
             "ruff==0.17.6",
             "mypy==2.4.1",
+            # coverage-guided fuzzing of the protocol and the server (fuzz/); Linux wheels only
+            "atheris>=2.3; platform_system == 'Linux'",
         ],
         "bench": ["pyzmq>=25", "grpcio>=1.60", "matplotlib>=3.7", "tqdm>=4.66"],
         "gpu": ["pycuda>=2024.1"],

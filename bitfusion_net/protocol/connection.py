@@ -161,7 +161,14 @@ class _Receiving:
     def _start_receiving(self, decoder: FrameDecoder) -> None:
         self._decoder = decoder
         self._broken = None
-        self.get_buffer = decoder.get_buffer
+
+    def get_buffer(self) -> memoryview:
+        """Where the transport writes what it reads next. Once the stream is broken or over,
+        a scratch buffer whose bytes are ignored: a transport's read must never raise (asyncio
+        would drop the connection before the fatal ERROR frame saying why had gone out)."""
+        if self._broken is not None or not self._receiving:
+            return _SCRATCH
+        return self._decoder.get_buffer()
 
     @property
     def _receiving(self) -> bool:
@@ -179,7 +186,7 @@ class _Receiving:
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
-        if not self._receiving:
+        if self._broken is not None or not self._receiving:
             return
         try:
             self._decoder.buffer_updated(nbytes)
@@ -245,8 +252,13 @@ class ClientConnection(_Receiving):
         ``ProtocolError`` (nothing registered) for a request the phase does not allow or a
         message that cannot be encoded."""
         state = self.state
-        if state is not ClientState.READY:
+        if state is not ClientState.READY or type(message) is Hello:
             self._check_phase(message)
+        if into is not None and len(into) != getattr(message, "nbytes", len(into)):
+            raise ProtocolError(
+                f"the buffer for the reply's payload holds {len(into)} bytes; "
+                f"the request asks for {message.nbytes}"  # type: ignore[attr-defined]
+            )
         rule = message.RULE
         request_id = self._next_id
         try:
@@ -330,6 +342,11 @@ class ClientConnection(_Receiving):
             self._pending[frame.request_id] = pending  # so that its sender hears the failure
             return self._fail(
                 ProtocolError(f"the reply to request #{frame.request_id} has the wrong opcode")
+            )
+        if pending.into is not None and len(pending.into) and frame.payload is None:
+            self._pending[frame.request_id] = pending
+            return self._fail(
+                ProtocolError(f"the reply to request #{frame.request_id} carries no payload")
             )
         if self.state is ClientState.GREETING:
             assert isinstance(message, HelloReply)
@@ -441,9 +458,7 @@ class ServerConnection(_Receiving):
         that a client that has gone is found out (its host answers it with a reset)."""
         return _KEEPALIVE
 
-    def reply(
-        self, opcode: int, request_id: int, message: Reply, payload_length: int = 0
-    ) -> bytes:
+    def reply(self, opcode: int, request_id: int, message: Reply, payload_length: int = 0) -> bytes:
         """The reply to request ``request_id`` (``payload_length`` bytes of payload follow)."""
         return encode_reply(opcode, request_id, message, payload_length)
 
@@ -472,8 +487,8 @@ class ServerConnection(_Receiving):
 
 
 _KEEPALIVE = encode_reply(Opcode.KEEPALIVE, 0, Keepalive())
+_SCRATCH = memoryview(bytearray(64 * 1024))  # where bytes read after the end are dropped
 
 
 def _drop_payload(opcode: int, request_id: int, message: Message, length: int) -> None:
     return None
-

@@ -42,6 +42,10 @@ DEFAULT_LIMITS = Limits()
 def pack_header(
     opcode: int, flags: int, request_id: int, metadata_length: int, payload_length: int
 ) -> bytes:
-    return HEADER.pack(
-        MAGIC, PROTOCOL_VERSION, opcode, flags, request_id, metadata_length, payload_length
-    )
+    """The header; ValueError for a field out of its wire range (a negative length, say)."""
+    try:
+        return HEADER.pack(
+            MAGIC, PROTOCOL_VERSION, opcode, flags, request_id, metadata_length, payload_length
+        )
+    except struct.error as exc:  # not a ValueError: callers catch one kind of encoding error
+        raise ValueError(f"frame header: {exc}") from None

@@ -83,6 +83,9 @@ class ServerSession:
         self.stream = stream
         self.id = next(_session_ids)
         self.leases: list[Lease] = []
+        # Per device, replies handed to the worker and not yet written: while any is, a query
+        # must not be answered on the loop, or it would overtake them (PROTOCOL.md section 8).
+        self._replies_due: list[int] = []
         self._pool = pool
         self._executors = executors
         self._limits = limits
@@ -233,6 +236,7 @@ class ServerSession:
             self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
             return
         self.leases = leases
+        self._replies_due = [0] * len(leases)
         self._client_name = hello.client_name
         log.info(
             "session %d (%s%s): leased %s",
@@ -280,7 +284,7 @@ class ServerSession:
             )
             return
         opcode = message.OPCODE
-        if rule.query:
+        if rule.query and not self._replies_due[device]:
             error: BaseException | None
             try:
                 ran, result = executor.run_if_idle(tenant, op)
@@ -297,10 +301,23 @@ class ServerSession:
         def on_done(result: Any, error: BaseException | None) -> None:  # on the worker thread
             give_back()  # if the operation never ran (an earlier error, a closed tenant)
             self._loop.call_soon_threadsafe(
-                self._complete, opcode, request_id, to_reply, result, error, staged, tenant
+                self._complete_due,
+                device,
+                opcode,
+                request_id,
+                to_reply,
+                result,
+                error,
+                staged,
+                tenant,
             )
 
+        self._replies_due[device] += 1
         executor.submit(tenant, op, wants_reply=True, tag=request_id, on_done=on_done)
+
+    def _complete_due(self, device: int, *completion: Any) -> None:
+        self._replies_due[device] -= 1
+        self._complete(*completion)
 
     def _unstaging(
         self, op: Callable[[], Any], tenant: Tenant, payload: memoryview
@@ -360,7 +377,9 @@ class ServerSession:
                 tenant.return_staging(payload)
                 self._unstage(staged)
 
-            self._write(self.connection.reply(opcode, request_id, reply, len(payload)), payload, sent)
+            self._write(
+                self.connection.reply(opcode, request_id, reply, len(payload)), payload, sent
+            )
             self._update_flow()
 
     def _device_error(self, request_id: int, error: BaseException) -> bytes:
@@ -413,9 +432,7 @@ class ServerSession:
         the transport reports at once if reading, else the next probe sees."""
         if self._closed or self.connection.state is ServerState.CLOSING:
             return
-        if self._reading and not any(
-            lease.executor.queued(lease.tenant) for lease in self.leases
-        ):
+        if self._reading and not any(lease.executor.queued(lease.tenant) for lease in self.leases):
             return  # a dead client's FIN or reset reaches us at the next read
         if not self.stream.peer_alive():
             log.info("session %d (%s): the client has gone; ending it", self.id, self.peer)

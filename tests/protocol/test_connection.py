@@ -157,6 +157,36 @@ def test_a_keepalive_that_claims_to_answer_a_request_ends_the_session() -> None:
     assert "KEEPALIVE" in str(ended.error)
 
 
+def test_a_second_hello_is_refused_once_ready_and_registers_nothing() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    with pytest.raises(ProtocolError, match="once"):
+        pair.client.send_request(m.Hello(1, 0.5, 0))
+    assert pair.client.waiting == 0
+
+
+def test_a_payload_length_out_of_the_wire_range_is_typed_and_registers_nothing() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    for length in (-1, 2**64):
+        with pytest.raises(ProtocolError, match="cannot encode"):
+            pair.client.send_request(m.MemcpyHtoD(0, 0x1000), length)
+    assert pair.client.waiting == 0
+
+
+def test_a_copy_back_reply_without_its_payload_ends_the_session() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    with pytest.raises(ProtocolError, match="holds 3 bytes"):  # checked before anything is sent
+        pair.client.send_request(m.MemcpyDtoH(0, 0x1000, 8), into=memoryview(bytearray(3)))
+    copy = pair.client_sends(m.MemcpyDtoH(0, 0x1000, 8), into=memoryview(bytearray(8)), token="c")
+    (ended,) = pair.client_receives(
+        pair.server.reply(m.Opcode.MEMCPY_DTOH, copy, m.MemcpyDtoHReply())
+    )
+    assert isinstance(ended, ConnectionFailed) and ended.orphans == ("c",)
+    assert "no payload" in str(ended.error)
+
+
 def test_no_reply_requests_are_not_waited_for_but_use_an_id() -> None:
     pair = ConnectionPair()
     pair.handshake()
