@@ -15,10 +15,11 @@ from ..units import parse_size
 from .server import DEFAULT_MAX_CONNECTIONS, DEFAULT_STALL_TIMEOUT, Server
 
 # While a device worker thread runs Python, the event loop waits up to the switch interval for
-# the GIL at each hand-off. Measured beside a client flooding launches (perf/flood.py, 2-core
-# VM): Python's default 5 ms gave a neighbour's small call p50 0.5-1.2 ms and p99 13 ms; 1 ms gave
-# p50 0.07 ms and p99 4.4 ms for about 17 % fewer flood launches taken in.
-GIL_SWITCH_INTERVAL_S = 0.001
+# the GIL at each hand-off. Measured on a 2-core VM beside a client flooding launches
+# (perf/flood.py), a neighbour's small call had p99 13 ms at Python's default 5 ms, 5.6 ms at
+# 2 ms and 4.4-5.4 ms at 1 ms; but more hand-offs cost pipelined launches (perf/latency.py,
+# blocking API): 59-62 k/s at 5 ms, 46-57 k/s at 2 ms, 41-45 k/s at 1 ms. 2 ms is the middle.
+GIL_SWITCH_INTERVAL_S = 0.002
 
 log = logging.getLogger("bitfusion_net.server")
 
