@@ -81,6 +81,15 @@ def summarize(samples_ns: Sequence[int]) -> dict[str, float]:
 SERVER_PIDS: dict[str, int] = {}
 
 
+def process_rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used (Linux ``/proc``)."""
     with open(f"/proc/{pid}/stat") as stat:

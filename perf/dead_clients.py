@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import baselines as bl  # perf/ is on sys.path when this file runs as a script
 import numpy as np
 
 import bitfusion_net as bf
@@ -42,14 +43,6 @@ STALLED_S = 0.3  # a client whose writes made no progress this long is held by t
 KERNEL_US = 100_000  # the kernels the device is kept busy with: what is running when killed
 COPY = 4 * 2**20
 READY_TIMEOUT_S = 60.0
-
-
-def rss(pid: int) -> int:
-    """Resident set size in bytes, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 # -- the client processes ------------------------------------------------------------------------
@@ -112,24 +105,16 @@ def whole_gpu_back(address: str, deadline: float) -> float | None:
 
 
 def measure_state(state: str, clients: int, give_up: float) -> dict[str, Any]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy",
-         "--gpu-memory", "4GiB", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert server.stdout is not None
-        address = server.stdout.readline().decode().split()[-1]
-        return measure_clients(state, address, server.pid, clients, give_up)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
+    argv = [sys.executable, "-m", "bitfusion_net.server", "--listen", "tcp://127.0.0.1:0",
+            "--executor", "numpy", "--gpu-memory", "4GiB", "--log-level", "WARNING"]  # fmt: skip
+    with bl.server_process(argv, "bitfusion-net server") as address:
+        return measure_clients(state, address, bl.SERVER_PIDS[address], clients, give_up)
 
 
 def measure_clients(
     state: str, address: str, server_pid: int, clients: int, give_up: float
 ) -> dict[str, Any]:
-    rss_idle = rss(server_pid)
+    rss_idle = bl.process_rss_bytes(server_pid)
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--client", state, address, str(1 / clients)],
@@ -148,7 +133,7 @@ def measure_clients(
                 why = proc.stderr.read().decode(errors="replace").strip().splitlines()
                 raise RuntimeError(f"a {state} client failed: {why[-1:] or line!r}")
         time.sleep(0.5)  # the server has stopped reading them, or is busy on their work
-        rss_loaded = rss(server_pid)
+        rss_loaded = bl.process_rss_bytes(server_pid)
         killed = time.monotonic()
         for proc in procs:
             proc.send_signal(signal.SIGKILL)
@@ -164,7 +149,7 @@ def measure_clients(
         "give_up_s": give_up,
         "rss_idle_mib": rss_idle / 2**20,
         "rss_loaded_mib": rss_loaded / 2**20,
-        "rss_after_mib": rss(server_pid) / 2**20,
+        "rss_after_mib": bl.process_rss_bytes(server_pid) / 2**20,
     }
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import baselines as bl  # perf/ is on sys.path when this file runs as a script
 
 import bitfusion_net as bf
 from bitfusion_net.protocol import FrameDecoder, encode_request
@@ -71,16 +71,10 @@ class Flooder:
 
 
 def measure(duration: float) -> dict[str, Any]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy",
-         "--gpu-memory", "1GiB", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert server.stdout is not None
-        address = server.stdout.readline().decode().split()[-1]
-        host, port = address.removeprefix("tcp://").rsplit(":", 1)
-        flooder = Flooder(host, int(port))
+    argv = [sys.executable, "-m", "bitfusion_net.server", "--listen", "tcp://127.0.0.1:0",
+            "--executor", "numpy", "--gpu-memory", "1GiB", "--log-level", "WARNING"]  # fmt: skip
+    with bl.server_process(argv, "bitfusion-net server") as address:
+        flooder = Flooder(*bl.split_address(address))
         thread = threading.Thread(target=flooder.run, daemon=True)
         thread.start()
         time.sleep(0.5)  # the flood is under way
@@ -93,9 +87,6 @@ def measure(duration: float) -> dict[str, Any]:
                 gpu.mem_get_info()
                 latencies.append(time.perf_counter() - started)
         flooder.stop.set()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
     thread.join(10)
     latencies.sort()
     return {

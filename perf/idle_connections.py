@@ -15,13 +15,13 @@ import argparse
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import baselines as bl  # perf/ is on sys.path when this file runs as a script
 
 from bitfusion_net.protocol import FrameDecoder, encode_request
 from bitfusion_net.protocol import messages as m
@@ -30,31 +30,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # for the server to accept and handle everything before RSS is read
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def measure(connections: int) -> dict[str, Any]:
     gpus = math.ceil(connections / 20)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy", "--gpus", str(gpus),
-         "--gpu-memory", "1GiB", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "bitfusion_net.server", "--listen", "tcp://127.0.0.1:0",
+            "--executor", "numpy", "--gpus", str(gpus), "--gpu-memory", "1GiB",
+            "--log-level", "WARNING"]  # fmt: skip
+    with bl.server_process(argv, "bitfusion-net server") as address:
+        figures = measure_server(address, bl.SERVER_PIDS[address], connections)
+    return {
+        "connections": connections,
+        "gpus": gpus,
+        **figures,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def measure_server(address: str, pid: int, connections: int) -> dict[str, float]:
+    rss = bl.process_rss_bytes
+    host, port = bl.split_address(address)
     socks: list[socket.socket] = []
     try:
-        assert server.stdout is not None
-        host, port = (
-            server.stdout.readline().decode().split()[-1].removeprefix("tcp://").rsplit(":", 1)
-        )
         time.sleep(SETTLE_S)
-        base = rss(server.pid)
-        socks = [socket.create_connection((host, int(port))) for _ in range(connections)]
+        base = rss(pid)
+        socks = [socket.create_connection((host, port)) for _ in range(connections)]
         time.sleep(SETTLE_S)
-        connected = rss(server.pid)
+        connected = rss(pid)
         for sock in socks:
             sock.sendall(encode_request(m.Hello(1, 0.05, 0, "idle"), 1))
         for sock in socks:
@@ -64,27 +64,22 @@ def measure(connections: int) -> dict[str, Any]:
             if not isinstance(frame.message, m.HelloReply):
                 raise RuntimeError(f"HELLO refused: {frame.message}")
         time.sleep(SETTLE_S)
-        leased = rss(server.pid)
+        leased = rss(pid)
         for sock in socks:
             sock.close()
         socks = []
         time.sleep(2 * SETTLE_S)
-        after = rss(server.pid)
+        after = rss(pid)
     finally:
         for sock in socks:
             sock.close()
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
     return {
-        "connections": connections,
-        "gpus": gpus,
         "rss_base_mib": base / 2**20,
         "rss_connected_mib": connected / 2**20,
         "rss_leased_mib": leased / 2**20,
         "rss_after_close_mib": after / 2**20,
         "per_connection_kib": (connected - base) / connections / 1024,
         "per_leased_connection_kib": (leased - base) / connections / 1024,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
 
 
