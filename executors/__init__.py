@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from .base import DeferredError, DeviceProperties, Executor, FunctionInfo, Tenant, TenantUsage
+from .base import (
+    DeferredError,
+    DeviceProperties,
+    Executor,
+    FunctionInfo,
+    MemoryBudget,
+    Tenant,
+    TenantUsage,
+)
 from .builtins import BUILTINS
 from .cuda_driver import GpuUnavailable, gpu_count, gpu_unavailable_reason
 from .errors import (
@@ -36,6 +44,7 @@ __all__ = [
     "InvalidHandle",
     "InvalidValue",
     "KernelFault",
+    "MemoryBudget",
     "NumpyExecutor",
     "PycudaExecutor",
     "Tenant",

@@ -112,6 +112,18 @@ class DeferredError(Exception):
 Completion = Callable[[Any, BaseException | None], None]
 
 
+class MemoryBudget:
+    """Device memory promised to one lease. The tenants opened on it share it: several programs
+    attached to one reservation at once each have their own context and allocations, and what
+    any of them holds counts against the lease's one limit. Changed on the device's worker
+    thread only (every tenant of a budget is on the same device); read from anywhere."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.tenants = 0  # open tenants on it; the executor promises ``limit`` while any is
+
+
 @dataclass(frozen=True)
 class TenantUsage:
     """A tenant's account on one device: measured device time, waiting, work done, memory."""
@@ -133,8 +145,15 @@ class Tenant(ABC):
     Methods raise the ``executors.errors`` classes for anything the caller got wrong.
     """
 
-    def __init__(self, memory_limit: int, weight: float, cap: float | None = None) -> None:
-        self.memory_limit = memory_limit
+    def __init__(
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
+        self.budget = budget if budget is not None else MemoryBudget(memory_limit)
+        self.memory_limit = self.budget.limit
         self.weight = weight  # compute weight in fair sharing
         self.cap = cap  # hard limit on the share of device time, or None (work-conserving)
         # Kept up to date by the implementation, read by anyone (plain int reads need no lock).
@@ -143,6 +162,30 @@ class Tenant(ABC):
         self.kernels_launched = 0
         self._async_failure: AsyncFailure | None = None
         self._failure_lock = threading.Lock()
+
+    # -- memory accounting (on the worker thread) ---------------------------------------------
+    def _fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in the lease's limit (shared with its other tenants)."""
+        return self.budget.used + nbytes <= self.budget.limit
+
+    def _in_use(self) -> str:
+        """What holds the lease's memory, for out-of-memory messages."""
+        budget = self.budget
+        shared = f" ({self.memory_used} by this tenant)" if self.memory_used != budget.used else ""
+        return f"{budget.used} of the lease's {budget.limit} bytes in use{shared}"
+
+    def _charge(self, nbytes: int) -> None:
+        self.memory_used += nbytes
+        self.budget.used += nbytes
+        self.memory_high_water = max(self.memory_high_water, self.memory_used)
+
+    def _uncharge(self, nbytes: int) -> None:
+        self.memory_used -= nbytes
+        self.budget.used -= nbytes
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) of the lease's memory limit."""
+        return self.budget.limit - self.budget.used, self.budget.limit
 
     # -- sticky asynchronous errors (used by the worker) ---------------------------------------
     def record_async_failure(self, error: BaseException, tag: int) -> None:
@@ -175,10 +218,6 @@ class Tenant(ABC):
 
     @abstractmethod
     def mem_free(self, ptr: int) -> None: ...
-
-    @abstractmethod
-    def mem_get_info(self) -> tuple[int, int]:
-        """(free, total) of this tenant's own memory limit."""
 
     @abstractmethod
     def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None: ...
@@ -260,8 +299,14 @@ class SerialTenant(Tenant):
     Handles come from one counter for streams, events and functions; 0 is never issued.
     """
 
-    def __init__(self, memory_limit: int, weight: float, cap: float | None = None) -> None:
-        super().__init__(memory_limit, weight, cap)
+    def __init__(
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
+        super().__init__(memory_limit, weight, cap, budget)
         self._next_handle = 1
         self._streams: set[int] = set()
         self._events: dict[int, Any] = {}  # handle -> whatever the device keeps for it
@@ -327,9 +372,16 @@ class Executor(ABC):
     properties: DeviceProperties
 
     @abstractmethod
-    def open_tenant(self, memory_limit: int, weight: float, cap: float | None = None) -> Tenant:
+    def open_tenant(
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> Tenant:
         """Open a context with a hard memory limit, a compute weight and optionally a hard cap
-        on its share of device time (even when the device is otherwise idle)."""
+        on its share of device time (even when the device is otherwise idle). With ``budget``,
+        the limit is the budget's, shared with the other tenants opened on it."""
 
     @abstractmethod
     def queued(self, tenant: Tenant) -> int:
@@ -338,6 +390,14 @@ class Executor(ABC):
     @abstractmethod
     def usage(self, tenant: Tenant) -> TenantUsage:
         """What the tenant has used so far (safe to call from any thread)."""
+
+    @abstractmethod
+    def reweigh(self, tenant: Tenant, weight: float, cap: float | None = None) -> None:
+        """Change an open tenant's compute weight and cap from now on (any thread)."""
+
+    @abstractmethod
+    def busy_time(self) -> float:
+        """Seconds of device time spent on any tenant's work since start (any thread)."""
 
     @abstractmethod
     def submit(

@@ -29,6 +29,7 @@ from .base import (
     BUILTIN_MODULE,
     DeviceProperties,
     FunctionInfo,
+    MemoryBudget,
     SerialTenant,
     aligned_size,
     check_launch,
@@ -138,8 +139,9 @@ class NumpyTenant(SerialTenant):
         address_space: AddressSpace,
         properties: DeviceProperties,
         staging: StagingPool,
+        budget: MemoryBudget | None = None,
     ) -> None:
-        super().__init__(memory_limit, weight, cap)
+        super().__init__(memory_limit, weight, cap, budget)
         self._staging = staging
         self._address_space = address_space
         self._properties = properties
@@ -180,10 +182,10 @@ class NumpyTenant(SerialTenant):
         if self._released:  # the executor no longer counts this tenant's limit against the device
             raise InvalidHandle("the tenant is closed")
         charged = aligned_size(nbytes)
-        if self.memory_used + charged > self.memory_limit:
+        if not self._fits(charged):
             raise DeviceOutOfMemory(
                 f"out of memory: requested {nbytes} bytes ({charged} with alignment), "
-                f"{self.memory_used} of the tenant's {self.memory_limit} bytes in use"
+                f"{self._in_use()}"
             )
         try:
             data = np.empty(nbytes, np.uint8)  # not zeroed: pages stay untouched until written
@@ -193,18 +195,14 @@ class NumpyTenant(SerialTenant):
             ) from None
         start = self._address_space.reserve(nbytes)
         self._allocations.add(start, nbytes, data)
-        self.memory_used += charged
-        self.memory_high_water = max(self.memory_high_water, self.memory_used)
+        self._charge(charged)
         return start
 
     def mem_free(self, ptr: int) -> None:
         allocation = self._allocations.at(ptr)
         self._allocations.remove(allocation)
         self._address_space.unreserve(ptr)
-        self.memory_used -= allocation.charged
-
-    def mem_get_info(self) -> tuple[int, int]:
-        return self.memory_limit - self.memory_used, self.memory_limit
+        self._uncharge(allocation.charged)
 
     def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None:
         self._check_stream(stream)
@@ -325,7 +323,7 @@ class NumpyTenant(SerialTenant):
         for allocation in self._allocations:
             self._address_space.unreserve(allocation.start)
         self._allocations.clear()
-        self.memory_used = 0
+        self._uncharge(self.memory_used)
         self._streams.clear()
         self._events.clear()
         self._functions.clear()
@@ -365,11 +363,15 @@ class NumpyExecutor(WorkerExecutor):
         return_free_heap()
 
     def open_tenant(
-        self, memory_limit: int, weight: float, cap: float | None = None
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None = None,
+        budget: MemoryBudget | None = None,
     ) -> NumpyTenant:
-        self._admit(memory_limit, weight, cap)
+        budget = self._admit(memory_limit, weight, cap, budget)
         tenant = NumpyTenant(
-            memory_limit, weight, cap, self._address_space, self.properties, self._staging
+            memory_limit, weight, cap, self._address_space, self.properties, self._staging, budget
         )
         self._register(tenant)
         return tenant

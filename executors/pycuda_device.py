@@ -49,6 +49,7 @@ from .base import (
     BUILTIN_MODULE,
     DeviceProperties,
     FunctionInfo,
+    MemoryBudget,
     SerialTenant,
     aligned_size,
     check_launch,
@@ -99,6 +100,7 @@ MIN_HEADROOM = 256 * 2**20
 PINNED_STAGING_BYTES = 256 * 2**20
 BOUNCE_BYTES = 64 * 2**20  # host memory an overlapping device-to-device copy goes through
 
+
 @dataclass(eq=False)
 class _Module:
     module: Any  # pycuda Module
@@ -115,9 +117,14 @@ class PycudaTenant(SerialTenant):
     """
 
     def __init__(
-        self, memory_limit: int, weight: float, cap: float | None, device: PycudaExecutor
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None,
+        device: PycudaExecutor,
+        budget: MemoryBudget | None = None,
     ) -> None:
-        super().__init__(memory_limit, weight, cap)
+        super().__init__(memory_limit, weight, cap, budget)
         self._device = device
         self._context: Any = None
         self._stream: Any = None
@@ -161,10 +168,10 @@ class PycudaTenant(SerialTenant):
                 self._stream = cuda.Stream()
                 self._timing = (cuda.Event(), cuda.Event())
                 cost = max(0, free_before - cuda.mem_get_info()[0])
-            if cost > self.memory_limit:
+            if not self._fits(cost):
                 raise DeviceOutOfMemory(
                     f"out of memory: a CUDA context on this GPU takes {cost} bytes, more than "
-                    f"the lease's {self.memory_limit}; lease a larger fraction"
+                    f"the lease has free ({self._in_use()}); lease a larger fraction"
                 )
         except BaseException:
             self._stream = self._timing = None
@@ -173,10 +180,6 @@ class PycudaTenant(SerialTenant):
         self._context = context
         self._overhead = cost
         self._charge(cost)
-
-    def _charge(self, nbytes: int) -> None:
-        self.memory_used += nbytes
-        self.memory_high_water = max(self.memory_high_water, self.memory_used)
 
     @contextmanager
     def _cuda_errors(self, what: str) -> Iterator[None]:
@@ -221,11 +224,11 @@ class PycudaTenant(SerialTenant):
             raise InvalidValue(f"allocation size must be positive, got {nbytes}")
         cuda = self._activate()
         charged = aligned_size(nbytes)
-        if self.memory_used + charged > self.memory_limit:
+        if not self._fits(charged):
             raise DeviceOutOfMemory(
                 f"out of memory: requested {nbytes} bytes ({charged} with alignment), "
-                f"{self.memory_used} of the tenant's {self.memory_limit} bytes in use "
-                f"({self._overhead} by its CUDA context, {self._module_bytes()} by modules)"
+                f"{self._in_use()} ({self._overhead} by this tenant's CUDA context, "
+                f"{self._module_bytes()} by its modules)"
             )
         with self._cuda_errors("mem_alloc"):
             memory = cuda.mem_alloc(nbytes)
@@ -243,10 +246,7 @@ class PycudaTenant(SerialTenant):
         with self._cuda_errors("mem_free"):
             allocation.backing.free()
         self._allocations.remove(allocation)
-        self.memory_used -= allocation.charged
-
-    def mem_get_info(self) -> tuple[int, int]:
-        return self.memory_limit - self.memory_used, self.memory_limit
+        self._uncharge(allocation.charged)
 
     def memcpy_htod(self, dst: int, src: memoryview, stream: int) -> None:
         self._check_stream(stream)
@@ -335,11 +335,11 @@ class PycudaTenant(SerialTenant):
             detail = f": {jit_log[0]}" if jit_log else ""
             raise InvalidValue(f"the GPU refused the {kind} module ({exc}){detail}") from None
         cost = max(0, free_before - cuda.mem_get_info()[0])
-        if self.memory_used + cost > self.memory_limit:
+        if not self._fits(cost):
             del module  # unloaded here, on the worker, with its context current
             raise DeviceOutOfMemory(
                 f"out of memory: loading the {kind} module takes {cost} bytes of device memory, "
-                f"{self.memory_used} of the tenant's {self.memory_limit} bytes are in use"
+                f"{self._in_use()}"
             )
         handle = self._new_handle()
         self._modules[handle] = _Module(module, cost, kernels)
@@ -363,7 +363,7 @@ class PycudaTenant(SerialTenant):
         # PyCUDA unloads a module when its last reference goes; the functions above were the
         # others, so this is the unload.
         del entry.module
-        self.memory_used -= entry.charged
+        self._uncharge(entry.charged)
 
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
         builtin: Builtin | None = None
@@ -522,7 +522,7 @@ class PycudaTenant(SerialTenant):
             self._modules.clear()
             self._events.clear()
             self._stream = self._timing = None
-            self.memory_used = 0
+            self._uncharge(self.memory_used)
 
 
 class PycudaExecutor(WorkerExecutor):
@@ -655,10 +655,14 @@ class PycudaExecutor(WorkerExecutor):
 
     # -- tenants --------------------------------------------------------------------------------
     def open_tenant(
-        self, memory_limit: int, weight: float, cap: float | None = None
+        self,
+        memory_limit: int,
+        weight: float,
+        cap: float | None = None,
+        budget: MemoryBudget | None = None,
     ) -> PycudaTenant:
-        self._admit(memory_limit, weight, cap)
-        tenant = PycudaTenant(memory_limit, weight, cap, self)
+        budget = self._admit(memory_limit, weight, cap, budget)
+        tenant = PycudaTenant(memory_limit, weight, cap, self, budget)
         self._register(tenant)
         return tenant
 

@@ -140,6 +140,20 @@ class FairScheduler(Generic[T]):
             raise ValueError("cap must be in (0, 1]")
         self._tenants[key] = _TenantState(weight, cap, credit=0.0, credit_time=now)
 
+    def reweigh(self, key: Hashable, weight: float, cap: float | None, now: float) -> None:
+        """Change a tenant's weight and cap from now on (several programs came to share one
+        lease, or one left); tags already given keep the old terms."""
+        if not weight > 0:
+            raise ValueError("weight must be positive")
+        state = self._tenants[key]
+        if state.cap is not None:
+            self._refill(state, now)  # credit earned so far, at the old rate
+        if state.counted:
+            self._active_weight += weight - state.weight
+        state.weight, state.cap = weight, cap
+        if cap is not None:
+            state.credit_time = now
+
     def remove(self, key: Hashable) -> list[T]:
         """Forget a tenant; returns the jobs it still had queued (the caller answers them)."""
         state = self._tenants.pop(key, None)
@@ -196,9 +210,7 @@ class FairScheduler(Generic[T]):
         if state.replied_at is not None:  # back from a reply: learn how long that takes it
             gap = now - state.replied_at
             state.think = (
-                gap
-                if state.think is None
-                else state.think + THINK_SMOOTHING * (gap - state.think)
+                gap if state.think is None else state.think + THINK_SMOOTHING * (gap - state.think)
             )
             state.replied_at = None
             if self._anticipated is not None and self._anticipated[0] == key:
@@ -385,6 +397,9 @@ class FifoScheduler(Generic[T]):
             raise ValueError(f"tenant {key!r} is already scheduled")
         self._usage[key] = Usage()
 
+    def reweigh(self, key: Hashable, weight: float, cap: float | None, now: float) -> None:
+        """Arrival order has no weights."""
+
     def remove(self, key: Hashable) -> list[T]:
         if self._usage.pop(key, None) is None:
             return []
@@ -446,6 +461,10 @@ class Scheduler(Protocol[T]):
 
     def add(self, key: Hashable, weight: float, cap: float | None = None, now: float = 0.0) -> None:
         """Schedule a new tenant; ``ValueError`` if it is scheduled or its terms are invalid."""
+        ...
+
+    def reweigh(self, key: Hashable, weight: float, cap: float | None, now: float) -> None:
+        """Change a scheduled tenant's weight and cap from ``now`` on."""
         ...
 
     def remove(self, key: Hashable) -> list[T]:

@@ -16,7 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import Completion, DeferredError, DeviceProperties, Executor, Tenant, TenantUsage
+from .base import (
+    Completion,
+    DeferredError,
+    DeviceProperties,
+    Executor,
+    MemoryBudget,
+    Tenant,
+    TenantUsage,
+)
 from .errors import DeviceError, DeviceOutOfMemory, InvalidHandle, InvalidValue
 from .scheduler import Dispatch, Scheduler, make_scheduler
 
@@ -74,6 +82,7 @@ class DeviceWorker:
         self._stopping = False
         self._stopped = False
         self._running: tuple[Tenant, float] | None = None  # whose job is on the device, since when
+        self._busy = 0.0  # seconds of device time all tenants' finished jobs took
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -81,6 +90,12 @@ class DeviceWorker:
     def add_tenant(self, tenant: Tenant) -> None:
         with self._ready:
             self._scheduler.add(tenant, tenant.weight, tenant.cap, self._clock())
+
+    def reweigh(self, tenant: Tenant, weight: float, cap: float | None) -> None:
+        with self._ready:
+            if self._scheduler.has(tenant):
+                self._scheduler.reweigh(tenant, weight, cap, self._clock())
+                tenant.weight, tenant.cap = weight, cap
 
     def remove_tenant(self, tenant: Tenant) -> None:
         """Forget a tenant; anything it still had queued is answered with an error."""
@@ -136,6 +151,13 @@ class DeviceWorker:
                 tenant.memory_used,
                 tenant.memory_high_water,
             )
+
+    def busy_time(self) -> float:
+        """Seconds the device has spent on work since it started (any tenant's, running now
+        included): utilisation over an interval is the difference of two samples over its length."""
+        with self._ready:
+            running = self._clock() - self._running[1] if self._running is not None else 0.0
+            return self._busy + running
 
     # -- work -----------------------------------------------------------------------------------
     def submit(
@@ -200,6 +222,7 @@ class DeviceWorker:
             finished = clock()
             with ready:
                 self._running = None
+                self._busy += finished - started
                 scheduler.charge(tenant, finished - started, finished, replied=wants_reply)
 
     @staticmethod
@@ -244,13 +267,19 @@ class WorkerExecutor(Executor):
         self._committed = 0  # sum of the open tenants' memory limits
         self._committed_lock = threading.Lock()
 
-    def _admit(self, memory_limit: int, weight: float, cap: float | None) -> None:
-        """Check a new tenant's terms and promise it ``memory_limit`` of the device's memory.
+    def _admit(
+        self, memory_limit: int, weight: float, cap: float | None, budget: MemoryBudget | None
+    ) -> MemoryBudget:
+        """Check a new tenant's terms and promise its budget (a new one of ``memory_limit``, or
+        the one it shares) to it; returns the budget.
 
-        The sum of the open tenants' limits never exceeds the device's memory, so a tenant's
+        The sum of the open budgets' limits never exceeds the device's memory, so a tenant's
         limit is a guarantee: an allocation within it never fails because a neighbour used the
-        device up. The promise is taken back when the tenant is released.
+        device up. The promise is taken back when the budget's last tenant is released.
         """
+        if budget is None:
+            budget = MemoryBudget(memory_limit)
+        memory_limit = budget.limit
         if memory_limit < 0:
             raise InvalidValue(f"memory limit must not be negative, got {memory_limit}")
         if not weight > 0:
@@ -259,12 +288,15 @@ class WorkerExecutor(Executor):
             raise InvalidValue(f"a cap on device time must be in (0, 1], got {cap}")
         total = self.properties.total_memory
         with self._committed_lock:
-            if self._committed + memory_limit > total:
-                raise DeviceOutOfMemory(
-                    f"device out of memory: a tenant limit of {memory_limit} bytes does not fit, "
-                    f"{self._committed} of {total} bytes are promised to open tenants"
-                )
-            self._committed += memory_limit
+            if budget.tenants == 0:
+                if self._committed + memory_limit > total:
+                    raise DeviceOutOfMemory(
+                        f"device out of memory: a tenant limit of {memory_limit} bytes does not "
+                        f"fit, {self._committed} of {total} bytes are promised to open tenants"
+                    )
+                self._committed += memory_limit
+            budget.tenants += 1
+        return budget
 
     def _register(self, tenant: Tenant) -> Tenant:
         self._worker.add_tenant(tenant)
@@ -285,6 +317,16 @@ class WorkerExecutor(Executor):
 
     def usage(self, tenant: Tenant) -> TenantUsage:
         return self._worker.usage(tenant)
+
+    def busy_time(self) -> float:
+        return self._worker.busy_time()
+
+    def reweigh(self, tenant: Tenant, weight: float, cap: float | None = None) -> None:
+        if not weight > 0:
+            raise InvalidValue(f"compute weight must be positive, got {weight}")
+        if cap is not None and not 0 < cap <= 1:
+            raise InvalidValue(f"a cap on device time must be in (0, 1], got {cap}")
+        self._worker.reweigh(tenant, weight, cap)
 
     def queued(self, tenant: Tenant) -> int:
         return self._worker.queued(tenant)
@@ -338,7 +380,10 @@ class WorkerExecutor(Executor):
 
     def _tenant_released(self, tenant: Tenant) -> None:
         with self._committed_lock:
-            self._committed -= tenant.memory_limit
+            budget = tenant.budget
+            budget.tenants -= 1
+            if budget.tenants == 0:
+                self._committed -= budget.limit
 
     def close(self) -> None:
         with self._tenants_lock:

@@ -767,3 +767,25 @@ def test_both_disciplines_are_made_by_name_and_unknown_names_are_refused() -> No
     assert isinstance(make_scheduler("fifo"), FifoScheduler)
     with pytest.raises(ValueError, match="unknown scheduling"):
         make_scheduler("lottery")
+
+
+def test_reweighing_a_tenant_changes_its_share_from_then_on() -> None:
+    sched: FairScheduler[str] = FairScheduler()
+    sched.add("a", 0.5)
+    sched.add("b", 0.5)
+    served = {"a": 0.0, "b": 0.0}
+    now = 0.0
+    for key in ("a", "b"):
+        for _ in range(2000):
+            sched.push(key, key, now)
+    for step in range(1600):
+        if step == 400:  # equal so far; now "a" shares its lease with a second program
+            assert served["a"] == pytest.approx(served["b"], abs=0.002)
+            served = {"a": 0.0, "b": 0.0}
+            sched.reweigh("a", 0.25, None, now)
+        choice = sched.pop(now)
+        assert isinstance(choice, Dispatch)
+        now += 0.001
+        served[choice.key] += 0.001  # type: ignore[index]
+        sched.charge(choice.key, 0.001, now)
+    assert served["b"] / served["a"] == pytest.approx(2.0, rel=0.02)
