@@ -17,7 +17,8 @@ setup(
     ),
     # The CUDA C twins of the built-in kernels, compiled by nvcc on the GPU host at first use.
     package_data={"executors": ["cuda/*.cu"]},
-    install_requires=["numpy>=1.24", "uvloop>=0.17; sys_platform != 'win32'"],
+    # PyYAML reads Bitfusion's servers.conf (YAML) unchanged.
+    install_requires=["numpy>=1.24", "pyyaml>=6", "uvloop>=0.17; sys_platform != 'win32'"],
     extras_require={
         "dev": [
             "pytest>=8",
@@ -32,7 +33,12 @@ setup(
         "gpu": ["pycuda>=2024.1"],
         "rdma": ["pyverbs>=50"],
     },
-    entry_points={"console_scripts": ["bitfusion-server = bitfusion_net.server.__main__:main"]},
+    entry_points={
+        "console_scripts": [
+            "bitfusion-net = bitfusion_net.cli:main",
+            "bitfusion-server = bitfusion_net.server.__main__:main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Framework :: AsyncIO",

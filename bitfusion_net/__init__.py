@@ -34,6 +34,7 @@ from .protocol.errors import (
     InvalidHandleError,
     InvalidValueError,
     KernelError,
+    LeaseEndedError,
     OutOfMemoryError,
     ProtocolError,
     UnsupportedError,
@@ -45,7 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitfusionError", "CallTimeoutError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
-    "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "Module",
+    "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "LeaseEndedError", "Module",
     "OutOfMemoryError", "ProtocolError", "RemoteDevice", "Server", "Session", "Stream",
     "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats",
     "UnsupportedError", "__version__", "connect", "connect_sync", "parse_size",

@@ -13,9 +13,11 @@ Replay one input without fuzzing: ``python fuzz/fuzz_connections.py FILE``.
 
 The two ends are joined by two byte queues ("wires"). The input is a 3-byte configuration (byte 0:
 bits 0-1 the server's limits, bit 2 the server keeps payloads, bit 3 deliver everything at the
-end, bit 4 the client's own limits, bit 5 exchange a HELLO first so the script starts READY;
-bytes 1 and 2: the client's and the server's receive buffer sizes), then a script of operations, each one byte and then its own choices: the client sends a request (valid,
-broken, or one the phase does not allow), bytes move along a wire (a fuzzer-chosen count, through
+end, bit 4 the client's own limits, bit 5 the harness opens the connection first so the script
+starts past it: with a HELLO (READY), with bit 6 an ATTACH (READY), with bit 7 instead a
+RESERVE, a control connection (CONTROL); bytes 1 and 2: the client's and the server's receive
+buffer sizes), then a script of operations, each one byte and then its own choices: the client
+sends a request (valid, broken, or one the phase does not allow, PROTOCOL.md 5.1), bytes move along a wire (a fuzzer-chosen count, through
 ``receive_data`` or ``get_buffer``/``buffer_updated``), garbage is fed to either end, either end's
 events are taken, the client closes, abandons or loses the connection, and the server answers
 what it received as a server should (accept, refuse, reply, error, deferred error, KEEPALIVE) or
@@ -35,8 +37,8 @@ What must hold (docs/PROTOCOL.md sections 3, 5, 9 and the connections' docstring
   for an ERROR frame the server sent or for the harness's own close/abandon/loss;
 - everything the server writes decodes as replies; a violation's bytes are one fatal ERROR.
 
-``FUZZ_AVOID`` names (see fuzz_support): ``hello-in-ready`` (do not send a second HELLO after the
-first was answered), ``bad-payload-length`` (no negative or 2**64 payload length),
+``FUZZ_AVOID`` names (see fuzz_support): ``hello-in-ready`` (do not send a second greeting, HELLO
+or ATTACH, after the first was answered), ``bad-payload-length`` (no negative or 2**64 payload length),
 ``dtoh-empty-reply`` (no copy's reply with an empty payload to a non-empty buffer: neither the
 lying server's, nor the honest answer to a copy of 0 bytes into a 1-byte buffer), and
 ``get-buffer-after-error`` (stop feeding an end whose ``get_buffer`` raised).
@@ -75,6 +77,7 @@ from bitfusion_net.protocol import (  # noqa: E402
     FrameDecoder,
     Limits,
     Opcode,
+    Phase,
     ProtocolError,
     ProtocolViolation,
     ReplyReceived,
@@ -103,6 +106,19 @@ OPERATIONS = (
     "client_events", "client_end", "garbage", "server_keepalive", "server_lie", "server_refuse",
 )  # fmt: skip
 ERROR_CODES = (*(int(code) for code in ErrorCode), 0, 99, 65535)
+# The phases of request each state allows (PROTOCOL.md 5.1), written out here rather than taken
+# from the connections the harness checks. A client that is CLOSED sends nothing.
+CLIENT_ALLOWS: dict[ClientState, frozenset[Phase]] = {
+    ClientState.IDLE: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ClientState.GREETING: frozenset(),  # nothing before the greeting's answer
+    ClientState.READY: frozenset({Phase.DEVICE, Phase.ANY}),
+    ClientState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
+}
+SERVER_DELIVERS: dict[ServerState, frozenset[Phase]] = {
+    ServerState.AWAITING_HELLO: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.ACTIVE: frozenset({Phase.DEVICE, Phase.ANY}),
+    ServerState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
+}
 
 
 @dataclass
@@ -132,7 +148,9 @@ class Harness:
         self.server_limits = SERVER_LIMITS[config & 3]
         self.keep_payloads = bool(config & 4)  # the server's sink keeps payloads, or drops them
         self.drain_at_end = bool(config & 8)
-        self.handshake = bool(config & 32)  # start READY, past a HELLO the harness exchanged
+        self.handshake = bool(config & 32)  # start past a first request the harness exchanged:
+        self.attach = bool(config & 64)  # an ATTACH rather than a HELLO (READY)
+        self.control = bool(config & 128)  # a RESERVE: a control connection (CONTROL)
         self.client = ClientConnection(
             # The metadata limit is version 2's, which servers size their error texts to.
             limits=CLIENT_LIMITS if config & 16 else Limits(max_payload=LARGEST_WRITTEN_PAYLOAD),
@@ -178,16 +196,31 @@ class Harness:
         self.finish()
 
     def greet(self) -> None:
-        """A HELLO sent, delivered, accepted and its reply taken, so scripts start READY."""
-        request_id, head = self.client.send_request(m.Hello(1, 1.0, 0))
+        """A HELLO or ATTACH (or a RESERVE) sent, delivered, accepted and its reply taken, so
+        scripts start READY (or CONTROL)."""
+        first: m.Request
+        if self.control:
+            first = m.Reserve(1, 0.5, 0, hold=m.HOLD_BY_IDLE_TIMEOUT)
+        elif self.attach:
+            first = m.Attach(3, bytes(32), "server", "fuzz")
+        else:
+            first = m.Hello(1, 1.0, 0)
+        request_id, head = self.client.send_request(first)
         self.last_id = request_id
         self.server.receive_data(head)
         event = self.server.next_event()
-        check(isinstance(event, RequestReceived), f"the HELLO arrived as {event!r}")
-        reply = m.HelloReply.with_devices(7, 4096, 65536, [self._grant(0)])
-        self.client.receive_data(self.server.accept(request_id, reply))
-        check(isinstance(self.client.next_event(), ReplyReceived), "the HELLO was not answered")
-        check(self.client.state is ClientState.READY, "the handshake did not make the client READY")
+        check(isinstance(event, RequestReceived), f"the {first!r} arrived as {event!r}")
+        grants = [self._grant(0)]
+        if self.control:
+            reserved = m.ReserveReply(3, 0.0, bytes(32), "server", m.encode_grants(grants))
+            answer = self.server.reply(first.OPCODE, request_id, reserved)
+        else:
+            reply = m.HelloReply.with_devices(7, 4096, 65536, grants)
+            answer = self.server.accept(request_id, reply)
+        self.client.receive_data(answer)
+        check(isinstance(self.client.next_event(), ReplyReceived), f"{first!r} was not answered")
+        expected = ClientState.CONTROL if self.control else ClientState.READY
+        check(self.client.state is expected, f"the handshake left the client {self.client.state}")
 
     def check_states(self) -> None:
         if self.client.state is ClientState.CLOSED:
@@ -204,8 +237,9 @@ class Harness:
             broken = False
             msg = message(choices, cls)
         assert isinstance(msg, m.Request)
+        phase = msg.RULE.phase
         if (
-            isinstance(msg, m.Hello)
+            phase is Phase.GREETING
             and client.state is ClientState.READY
             and avoiding("hello-in-ready")
         ):
@@ -215,11 +249,7 @@ class Harness:
         into = self._into(msg)
         token = next(self.tokens)
         state, waiting = client.state, client.waiting
-        allowed = (
-            state is ClientState.READY
-            if not isinstance(msg, m.Hello)
-            else state is ClientState.IDLE
-        )
+        allowed = phase in CLIENT_ALLOWS.get(state, frozenset())
         # A copy-out with a buffer of the wrong size: the client may refuse it at once, or fail
         # when the reply's payload does not fit; it must not report success with the buffer unfilled.
         misfit = isinstance(msg, m.MemcpyDtoH) and into is not None and len(into) != msg.nbytes
@@ -311,9 +341,14 @@ class Harness:
                 )
             else:
                 check(event.payload is None, "a payload in a reply without a buffer")
-            if isinstance(sent.message, m.Hello):
-                check(self.client.state is ClientState.READY, "a HELLO reply did not make it READY")
-                check(self.client.hello is event.message, "client.hello is not the HELLO reply")
+            if sent.message.RULE.phase is Phase.GREETING:
+                check(
+                    self.client.state is ClientState.READY,
+                    "a greeting's reply did not make it READY",
+                )
+                check(
+                    self.client.hello is event.message, "client.hello is not the greeting's reply"
+                )
         elif type(event) is RequestFailed:
             self._resolve(event.token, event.request_id)
             self._check_cause(event.error, own)
@@ -415,11 +450,18 @@ class Harness:
         msg = event.message
         check(event.request_id != 0, "a request with id 0 was delivered")
         check(type(msg) is RULES[msg.OPCODE].request, f"{msg!r} delivered as a request")
+        phase = msg.RULE.phase
+        check(
+            phase in SERVER_DELIVERS.get(before, frozenset()),
+            f"{type(msg).__name__} was delivered in {before.name}, which forbids it",
+        )
         if before is ServerState.AWAITING_HELLO:
-            check(isinstance(msg, m.Hello), "a first request other than HELLO was delivered")
-            check(self.server.state is ServerState.NEGOTIATING, "HELLO did not start negotiating")
+            after = ServerState.NEGOTIATING if phase is Phase.GREETING else ServerState.CONTROL
+            check(
+                self.server.state is after, f"{type(msg).__name__} first did not make {after.name}"
+            )
         else:
-            check(not isinstance(msg, m.Hello), "a second HELLO was delivered")
+            check(self.server.state is before, f"{type(msg).__name__} moved the server")
         if self.to_server.clean:
             check(bool(self.expected), "the server delivered a request the client never sent")
             request_id, meta, payload = self.expected.popleft()
@@ -458,9 +500,10 @@ class Harness:
         event = self.inbox.pop(choices.below(len(self.inbox)))
         msg, request_id = event.message, event.request_id
         how = choices.below(8)
-        if isinstance(msg, m.Hello):
+        if msg.RULE.phase is Phase.GREETING:
             check(
-                server.state is ServerState.NEGOTIATING, "an unanswered HELLO outside NEGOTIATING"
+                server.state is ServerState.NEGOTIATING,
+                "an unanswered greeting outside NEGOTIATING",
             )
             if how < 6:
                 grants = [self._grant(i) for i in range(choices.below(3))]
@@ -523,7 +566,9 @@ class Harness:
             return
         if request_id is None:
             request_id = self.choices.pick((0, self.last_id, 12345))
-        code = self.choices.pick((ErrorCode.PROTOCOL, ErrorCode.CAPACITY, ErrorCode.INVALID_VALUE))
+        code = self.choices.pick(
+            (ErrorCode.PROTOCOL, ErrorCode.CAPACITY, ErrorCode.INVALID_VALUE, ErrorCode.LEASE_ENDED)
+        )
         self.server_wrote(server.refuse(request_id, code, "refused"))
         check(server.state is ServerState.CLOSING, "refuse() did not close the server")
 

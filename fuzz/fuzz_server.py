@@ -11,28 +11,35 @@ and in CI for seconds (``tests/fuzz/test_fuzz_smoke.py`` does this on a copy of 
 
 Replay one input without fuzzing: ``python fuzz/fuzz_server.py FILE``.
 
-Each input gets its own event loop, its own two NumPy devices (``create_executors``) and its own
-``GpuPool``, built as ``Server.start`` builds them, so that device pointers and handles are the
-same on every run of an input (the first allocation is always at 0x7000_0000_0000). The session
-is one end of ``memory_stream_pair``; the harness is the other end. The input:
+Each input gets its own event loop, its own two NumPy devices (``create_executors``), its own
+``GpuPool`` and ``ReservationTable``, built as ``Server.start`` builds them, so that device
+pointers and handles are the same on every run of an input (the first allocation is always at
+0x7000_0000_0000). The session is one end of ``memory_stream_pair``; the harness is the other
+end. The input:
 
-- byte 0: bit 0 write the harness's HELLO first (so the fuzzer starts past it); bit 1 linger:
+- byte 0: bit 0 write the harness's greeting first (so the fuzzer starts past it); bit 1 linger:
   wait until every request that wants a reply has one (or the server closed) before closing;
   bit 2 abort the connection rather than close it; bit 3 call ``probe()`` while lingering
   (KEEPALIVE); bit 4 call ``close_if_stalled`` as if long after, before closing; bit 5 make the
-  devices infinitely fast (``_make_instant``: races with the worker thread become deterministic).
-- byte 1: which HELLO (``HELLOS``); byte 2: the stream's piece size (``CHUNKS``); byte 3: the
-  server's ``max_payload`` (``PAYLOAD_LIMITS``); the rest: the bytes the client writes.
+  devices infinitely fast (``_make_instant``: races with the worker thread become deterministic);
+  bit 6 reserve half of GPU 0 before the session starts, as reservation 1 with the secret
+  ``WAITING_SECRET`` (so that an ATTACH can find it, and a RELEASE end it); bit 7 sweep the
+  reservations as if long after, before closing (idle timeouts end them: LEASE_ENDED).
+- byte 1: which greeting (``HELLOS``, an ATTACH among them); byte 2: the stream's piece size
+  (``CHUNKS``); byte 3: the server's ``max_payload`` (``PAYLOAD_LIMITS``); the rest: the bytes
+  the client writes.
 
 What must hold: nothing raises out of the session (the loop's exception handler sees nothing);
 nothing of ``bitfusion_net``, ``executors`` or ``asyncio`` logs at ERROR or above (an internal
 error); every byte the server writes decodes as reply frames, none an INTERNAL error; each reply
 answers a request that was sent (by id and opcode; a deferred error names a no-reply request; a
-KEEPALIVE has id 0), a HELLO reply comes first and grants what was asked, a fatal ERROR is the
-last frame, one device's answers come in request order (section 8), a deferred error is an
+KEEPALIVE has id 0), a HELLO (or ATTACH) reply comes first and grants what was asked, a fatal
+ERROR is the last frame, one device's answers come in request order (section 8), a deferred error is an
 earlier no-reply request's on the same device, and a copy's payload is as long as asked; when the harness lingers, every request that wants a reply gets one within
 ``BOUND_S`` (or the server closes the connection); and once the stream is closed the session is
-closed exactly once, holds no lease, and every lease is back in the pool within ``BOUND_S``.
+closed exactly once and holds no lease; the only reservations left are ones held by no
+connection (``HOLD_BY_IDLE_TIMEOUT``); and once those are ended too, every lease is back in the
+pool within ``BOUND_S``.
 
 ``FUZZ_AVOID`` names (see fuzz_support), each letting a known bug go unreported (no input can
 steer clear of them): ``get-buffer-after-error``, a ``ProtocolError`` raised by the session's
@@ -56,6 +63,7 @@ if __name__ == "__main__":
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -71,6 +79,7 @@ import executors.numpy_device  # noqa: E402
 from bitfusion_net.protocol import (  # noqa: E402
     ERROR_DEFERRED,
     ERROR_FATAL,
+    PROTOCOL_VERSION,
     RULES,
     ErrorCode,
     ErrorReply,
@@ -83,6 +92,7 @@ from bitfusion_net.protocol import (  # noqa: E402
 )
 from bitfusion_net.protocol import messages as m  # noqa: E402
 from bitfusion_net.server.leases import SHARE_UNITS, GpuPool, GpuSlot  # noqa: E402
+from bitfusion_net.server.reservations import ReservationTable  # noqa: E402
 from bitfusion_net.server.session import ServerSession  # noqa: E402
 from bitfusion_net.transport import memory_stream_pair  # noqa: E402
 from executors import Executor, Tenant, create_executors  # noqa: E402
@@ -93,7 +103,10 @@ DEVICES = 2  # so that a HELLO can lease two GPUs
 DEVICE_MEMORY = 16 * 2**20  # small: a memset of all of it is quick, and it is quickly exhausted
 MIN_SHARE = round(0.05 * SHARE_UNITS)  # the server's default smallest slice
 BOUND_S = 3.0  # the most answering, closing or releasing may take before it counts as a hang
-HELLOS = (
+SERVER_ID = "00000000-0000-4000-8000-000000000000"  # the fuzzed server's instance id
+WAITING_SECRET = bytes(32)  # the secret of the reservation bit 6 makes
+MAX_IDLE_TIMEOUT = 60.0
+HELLOS = (  # the greetings byte 1 chooses from
     m.Hello(1, 1.0, 0, "fuzz"),
     m.Hello(2, 0.5, 0),
     m.Hello(1, 0.0, 2**20, weight=10.0),
@@ -102,6 +115,7 @@ HELLOS = (
     m.Hello(1, 0.01, 0),  # below the smallest slice: refused
     m.Hello(3, 1.0, 0),  # more GPUs than there are: refused
     m.Hello(1, 0.0, 2**40),  # more memory than a device has: refused
+    m.Attach(1, WAITING_SECRET, SERVER_ID, "fuzz"),  # the reservation of bit 6 (refused without)
 )
 CHUNKS = (1 << 20, 1, 3, 24, 64, 4096)
 PAYLOAD_LIMITS = (4096, 256, 1024, 65536)
@@ -151,7 +165,9 @@ class Config:
     probe: bool
     stall: bool
     instant: bool
-    hello: m.Hello
+    waiting: bool
+    sweep: bool
+    hello: m.Request
     chunk: int
     limits: Limits
 
@@ -165,6 +181,8 @@ class Config:
             probe=bool(bits & 8),
             stall=bool(bits & 16),
             instant=bool(bits & 32),
+            waiting=bool(bits & 64),
+            sweep=bool(bits & 128),
             hello=HELLOS[choices.byte() % len(HELLOS)],
             chunk=CHUNKS[choices.byte() % len(CHUNKS)],
             limits=Limits(max_payload=PAYLOAD_LIMITS[choices.byte() % len(PAYLOAD_LIMITS)]),
@@ -236,6 +254,7 @@ class Run:
     closed: list[ServerSession]
     session: ServerSession
     pool: GpuPool
+    reservations: ReservationTable
     problems: list[str] = field(default_factory=list)  # raised out of callbacks
 
     def pool_empty(self) -> bool:
@@ -269,13 +288,17 @@ async def _serve(config: Config, data: bytes, devices: list[Executor]) -> Run:
     pool = GpuPool(
         [GpuSlot(i, e.properties.total_memory) for i, e in enumerate(devices)], min_share=MIN_SHARE
     )
+    table = ReservationTable(pool, devices, SERVER_ID, MAX_IDLE_TIMEOUT)
+    if config.waiting:
+        waiting = table.reserve(1, 0.5, 0, 0.0, m.MODE_SHARE, "waiting", holder=None)
+        waiting.secret = WAITING_SECRET
     client_end, server_end = memory_stream_pair(chunk=config.chunk)
     closed: list[ServerSession] = []
-    session = ServerSession(server_end, pool, devices, config.limits, closed.append)
+    session = ServerSession(server_end, table, config.limits, _describe_server, closed.append)
     server_end.start(session)
     peer = Peer(config.limits)
     client_end.start(peer)
-    run = Run(Requests.of(data, config.limits), peer, closed, session, pool, problems)
+    run = Run(Requests.of(data, config.limits), peer, closed, session, pool, table, problems)
     trace("requests", [(f.request_id, Opcode(f.opcode).name) for f in run.requests.frames])
     client_end.write(data)
     if config.linger:
@@ -288,13 +311,27 @@ async def _serve(config: Config, data: bytes, devices: list[Executor]) -> Run:
         )
     if config.stall and not closed:
         session.close_if_stalled(time.monotonic() + 1e6, 30.0)
+    if config.sweep:
+        table.sweep(time.monotonic() + 1e6)
     if config.abort:
         client_end.abort()
     else:
         client_end.close()
     await _until(lambda: bool(closed), "the session closing", run)
+    # What outlives the connection: only reservations no connection holds (PROTOCOL.md 5.5.5).
+    held = [r.id for r in table if r.holder is not None]
+    check(not held, f"reservation(s) {held} outlived the connection holding them")
+    table.close()
     await _until(run.pool_empty, "every lease back in the pool", run)
     return run
+
+
+def _describe_server(detail: int) -> str:
+    """SERVER_INFO's answer; the fuzzed part is the session's handling of it, not the text."""
+    info: dict[str, Any] = {"server": {"id": SERVER_ID, "protocol": PROTOCOL_VERSION}}
+    if detail != m.INFO_BRIEF:
+        info["gpus"], info["reservations"] = [], []
+    return json.dumps(info)
 
 
 def _problem(problems: list[str], context: dict[str, Any]) -> None:
@@ -363,9 +400,11 @@ def _check_output(run: Run, config: Config) -> None:
                 "a HELLO reply after other answers",
             )
             hello = requests[0].message
-            assert isinstance(hello, m.Hello)
+            check(frame.opcode == requests[0].opcode, "a HELLO reply to another opcode")
+            assert isinstance(hello, m.Hello | m.Attach)
             grants = message.devices
-            check(len(grants) == hello.gpus, f"{len(grants)} grant(s) for {hello!r}")
+            gpus = hello.gpus if isinstance(hello, m.Hello) else 1  # the waiting reservation's
+            check(len(grants) == gpus, f"{len(grants)} grant(s) for {hello!r}")
             check(len({g.server_gpu for g in grants}) == len(grants), "two grants on one GPU")
             check(message.max_payload == config.limits.max_payload, "the HELLO reply's max_payload")
 

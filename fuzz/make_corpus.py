@@ -41,6 +41,7 @@ fuzz_support._AVOIDED = frozenset()  # seeds must pass, and regressions fail, wi
 CORPUS = HERE / "corpus"
 P0 = FIRST_POINTER  # the first allocation of a fresh NumPy device 0
 P1 = FIRST_POINTER + 4096  # the second, after one of 4096 bytes
+SERVER_ID = "0b7d2c6e-5f1a-4e8b-9c3d-2a6f1e0d9b47"
 
 
 def frames(*requests: Request | tuple[Request, bytes], first_id: int = 2) -> bytes:
@@ -103,7 +104,30 @@ def decoder_seeds() -> dict[str, bytes]:
         m.StreamCreate(0), m.StreamDestroy(0, 2), m.StreamSynchronize(0, 0), m.EventCreate(0),
         m.EventDestroy(0, 3), m.EventRecord(0, 3), m.EventSynchronize(0, 3), m.EventElapsed(0, 3, 4),
     )  # fmt: skip
+    # The control plane (PROTOCOL.md 5.5, 5.6): its requests, and the replies that answer them.
+    control_requests = frames(
+        m.Reserve(2, 0.5, 0, 0.0, m.MODE_CAP, m.HOLD_BY_IDLE_TIMEOUT, 600.0, "fuzz"),
+        m.ServerInfo(m.INFO_FULL),
+        m.Release(7, bytes(range(32))),
+        m.Attach(7, bytes(range(32)), SERVER_ID, "fuzz"),
+        first_id=1,
+    )
+    control_replies = (
+        encode_reply(
+            Opcode.RESERVE,
+            1,
+            m.ReserveReply(7, 600.0, bytes(range(32)), SERVER_ID, m.encode_grants([grant, grant])),
+        )
+        + encode_reply(Opcode.SERVER_INFO, 2, m.ServerInfoReply('{"server":{"protocol":3}}'))
+        + encode_reply(Opcode.RELEASE, 3, m.Done())
+        + encode_reply(Opcode.ATTACH, 4, hello_reply)
+        + encode_reply(Opcode.ERROR, 0, m.ErrorReply(9, m.ERROR_FATAL, 0, 0, "released"))
+    )
     return {
+        "requests-control-plane": seed(0b00000, control_requests),
+        "requests-control-plane-bytewise": seed(0b11010, control_requests, plan=b"\x00"),
+        "replies-control-plane": seed(0b00001, control_replies),
+        "replies-control-plane-cut": seed(0b01101, control_replies, plan=b"\x05\x11"),
         "requests-whole": seed(0b00000, requests),
         "requests-bytewise-buffers": seed(0b11010, requests, plan=b"\x00"),
         "requests-cut-drop": seed(0b01100, requests, plan=b"\x16\x17\x00\x40"),
@@ -120,7 +144,8 @@ def decoder_seeds() -> dict[str, bytes]:
         "replies-more": seed(0b10001, more_replies, plan=b"\x0b"),
         "replies-tiny-buffer": seed(0b01001, more_replies, plan=b"\x63", rest=0),
         "bad-magic": seed(0b00000, b"BFNX" + requests[4:]),
-        "bad-version": seed(0b00000, requests[:4] + b"\x03" + requests[5:]),
+        # A version-2 peer (PROTOCOL.md 12): refused at its first header.
+        "bad-version": seed(0b00000, requests[:4] + b"\x02" + requests[5:]),
         "wrong-direction": seed(0b00001, requests),
         "unknown-opcode": seed(0b00000, requests[:5] + b"\x7f" + requests[6:]),
         "stray-metadata": seed(
@@ -193,6 +218,8 @@ class Script:
 
 
 READY = 32  # configuration bit: the harness exchanges a HELLO first
+ATTACHED = READY | 64  # ... an ATTACH instead
+CONTROL = READY | 128  # ... a RESERVE instead: a control connection
 KEEP = 4  # the server's sink keeps payloads
 
 
@@ -251,6 +278,32 @@ def connection_seeds() -> dict[str, bytes]:
         "drain-at-end": Script(READY | 8).send(m.MemAlloc(0, 1)).send(m.StreamCreate(0)).bytes(),
         "small-server-limits": Script(READY | 1)
         .send(m.MemcpyHtoD(0, P0), payload=5).deliver("server").events("server").bytes(),
+        # The control plane (PROTOCOL.md 5.1, 5.5, 5.6).
+        "attach-by-ops": Script(0)
+        .send(m.Attach(3, b"secret", SERVER_ID[:20], "seed")).deliver("server").events("server")
+        .answer(0, 1).deliver("client").events("client").bytes(),
+        "attach-refused": Script(0)
+        .send(m.Attach(3, b"wrong", SERVER_ID[:20])).deliver("server").events("server").answer(7, 0)
+        .deliver("client").events("client").bytes(),
+        "info-first": Script(0)
+        .round_trip(m.ServerInfo(m.INFO_BRIEF), 0, reply=m.ServerInfoReply('{"server":{}}'))
+        .send(m.Hello(1, 1.0, 0)).send(m.Reserve(1, 0.5, 0)).deliver("server").events("server").bytes(),
+        "reserve-refused-then-again": Script(0)
+        .send(m.Reserve(2, 1.0, 0)).deliver("server").events("server").answer(5, 0, 2, 0)
+        .deliver("client").events("client")
+        .round_trip(m.Reserve(1, 0.5, 0), 0, reply=m.ReserveReply(3, 60.0, b"secret", "id", b""))
+        .bytes(),
+        "control-release-pipelined": Script(CONTROL)
+        .send(m.Release(3, b"secret")).send(m.ServerInfo(m.INFO_FULL)).send(m.MemAlloc(0, 1))
+        .deliver("server").events("server").answer(6, 0, 8, 0, index=0)
+        .answer(0, message=m.ServerInfoReply("{}")).deliver("client").events("client").bytes(),
+        "attached-info-and-device": Script(ATTACHED)
+        .send(m.ServerInfo(m.INFO_BRIEF)).send(m.MemAlloc(0, 64)).send(m.Release(3, b"s"))
+        .deliver("server").events("server").answer(0, message=m.MemAllocReply(P0), index=1)
+        .answer(0, message=m.ServerInfoReply("{}")).deliver("client").events("client").bytes(),
+        "lease-ended": Script(ATTACHED)
+        .send(m.Synchronize(0)).deliver("server").events("server").op("server_refuse").raw(0, 3)
+        .deliver("client").events("client").bytes(),
     }  # fmt: skip
 
 
@@ -295,6 +348,20 @@ def server_seeds() -> dict[str, bytes]:
         "instant-copies": seed(35, frames(m.MemAlloc(0, 4096), (m.MemcpyHtoD(0, P0), b"12345678"), m.MemcpyDtoH(0, P0, 8), m.MemFree(0, P0))),
         "instant-flow-control": seed(35, frames(m.MemAlloc(0, 8192), m.MemcpyDtoH(0, P0, 256), m.MemcpyDtoH(0, P0, 256), m.MemcpyDtoH(0, P0, 256)), limit=1),
         "many-frames": seed(3, frames(*[m.Synchronize(0)] * 70)),
+        # The control plane (PROTOCOL.md 5.5, 5.6). Bit 6: reservation 1 waits (its secret is
+        # fuzz_server.WAITING_SECRET); bit 7: sweep as if long after; greeting 8: an ATTACH to it.
+        "control-connection": seed(2, frames(m.Reserve(1, 0.5, 0, client_name="seed"), m.ServerInfo(m.INFO_FULL), m.Reserve(2, 1.0, 0), m.Release(1, b"wrong"), m.ServerInfo(m.INFO_BRIEF), first_id=1)),
+        "control-then-device": seed(2, frames(m.ServerInfo(m.INFO_BRIEF), m.MemAlloc(0, 64), first_id=1)),
+        "control-then-hello": seed(2, frames(m.Reserve(1, 0.25, 0), m.Hello(1, 0.25, 0), first_id=1)),
+        "hello-then-reserve": seed(3, frames(m.ServerInfo(m.INFO_FULL), m.Reserve(1, 0.5, 0))),
+        "attach-waiting": seed(67, frames(m.MemAlloc(0, 4096), m.ServerInfo(m.INFO_FULL), (m.MemcpyHtoD(0, P0), b"12345678"), m.MemcpyDtoH(0, P0, 8), m.Synchronize(0)), hello=8),
+        "attach-nothing": seed(3, frames(m.Synchronize(0)), hello=8),
+        "attach-other-server": seed(66, frames(m.Attach(1, fuzz_server.WAITING_SECRET, "another-server"), first_id=1)),
+        "attach-swept": seed(195, frames(m.MemAlloc(0, 64), m.Synchronize(0)), hello=8),
+        "release-waiting-twice": seed(66, frames(m.Release(1, fuzz_server.WAITING_SECRET), m.Release(1, fuzz_server.WAITING_SECRET), m.ServerInfo(m.INFO_FULL), first_id=1)),
+        "reserve-idle-swept": seed(130, frames(m.Reserve(1, 0.25, 0, 0.0, m.MODE_SHARE, m.HOLD_BY_IDLE_TIMEOUT, 5.0), m.ServerInfo(m.INFO_FULL), first_id=1)),
+        "reserve-only-gpus": seed(2, frames(m.Reserve(1, 0.5, 0, only_gpus=m.Reserve.gpu_list([1])), m.Reserve(2, 0.5, 0, only_gpus=m.Reserve.gpu_list([1, 9])), m.Reserve(1, 0.5, 0, only_gpus=b"\x01"), m.ServerInfo(m.INFO_FULL), first_id=1)),
+        "reserve-bad-values": seed(2, frames(m.Reserve(1, 0.5, 0, 0.0, 7), m.Reserve(1, 0.5, 0, idle_timeout=-1.0), m.Reserve(0, 0.5, 0), m.Reserve(1, 0.0, 0), first_id=1)),
     }  # fmt: skip
 
 

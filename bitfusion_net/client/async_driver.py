@@ -36,7 +36,7 @@ class AsyncDriver:
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.connection = ClientConnection()
+        self.connection = ClientConnection(server=f"server {stream.peer}")
         self.get_buffer = self.connection.get_buffer
         self._loop = asyncio.get_running_loop()
         self.call_timeout: float | None = None  # seconds a reply may take; None: no bound

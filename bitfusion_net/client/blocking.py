@@ -11,12 +11,18 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from ..protocol import DeviceGrant
+from ..protocol import BitfusionError, DeviceGrant
 from ..protocol import messages as m
 from ..transport import BlockingStream
 from .blocking_driver import BlockingDriver
 from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats, kernel_name
-from .session import DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, LeaseRequest
+from .session import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    PEER_CHUNK,
+    LeaseRequest,
+    lease_requests,
+)
 
 __all__ = [
     "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream",
@@ -62,7 +68,7 @@ class SyncFunction(KernelCalls):
     """Blocking twin of ``Function``."""
 
     def __init__(self, device: SyncRemoteDevice, name: str, handle: int, arg_types: str) -> None:
-        super().__init__(device.index, name, handle, arg_types)
+        super().__init__(device._wire_index, name, handle, arg_types)
         self.device = device
         self._post = device._driver.post
 
@@ -95,8 +101,15 @@ class SyncModule:
 class SyncRemoteDevice(DeviceCalls):
     """Blocking twin of ``RemoteDevice``; see it for what each call does."""
 
-    def __init__(self, driver: BlockingDriver, grant: DeviceGrant, max_payload: int) -> None:
-        super().__init__(grant, max_payload)
+    def __init__(
+        self,
+        driver: BlockingDriver,
+        grant: DeviceGrant,
+        max_payload: int,
+        index: int | None = None,
+        server: str = "",
+    ) -> None:
+        super().__init__(grant, max_payload, index, server)
         self._driver = driver
         self._run = driver.run
         self._builtins: dict[str, SyncFunction] = {}
@@ -160,21 +173,42 @@ class SyncRemoteDevice(DeviceCalls):
 class SyncSession:
     """Blocking twin of ``Session``: use it as a context manager, or call ``close()``."""
 
-    def __init__(self, driver: BlockingDriver, reply: m.HelloReply) -> None:
-        self._driver = driver
-        self.id = reply.session_id
-        self.max_payload = reply.max_payload
-        self.devices = [
-            SyncRemoteDevice(driver, grant, reply.max_payload) for grant in reply.devices
-        ]
+    def __init__(self, parts: list[tuple[LeaseRequest, BlockingDriver, m.HelloReply]]) -> None:
+        self._drivers = [driver for _, driver, _ in parts]
+        self._driver = self._drivers[0]
+        self.id = parts[0][2].session_id
+        self.max_payload = min(reply.max_payload for _, _, reply in parts)
+        self.devices: list[SyncRemoteDevice] = []
+        for request, driver, reply in parts:
+            for grant in reply.devices:
+                self.devices.append(
+                    SyncRemoteDevice(
+                        driver, grant, reply.max_payload, len(self.devices), str(request.address)
+                    )
+                )
 
     @property
     def closed(self) -> bool:
-        return self._driver.failure is not None
+        return all(driver.failure is not None for driver in self._drivers)
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Release the session's GPUs; waits up to ``timeout`` s for the server to close."""
-        self._driver.close(timeout)
+        """Release the session's GPUs; waits up to ``timeout`` s for each server to close."""
+        for driver in self._drivers:
+            driver.close(timeout)
+
+    def memcpy_peer(
+        self, dst_device: int, dst: int, src_device: int, src: int, nbytes: int
+    ) -> None:
+        """Blocking ``Session.memcpy_peer``: between devices the bytes pass through this client."""
+        source, target = self.devices[src_device], self.devices[dst_device]
+        if source is target:
+            source.memcpy_dtod(dst, src, nbytes)
+            return
+        chunk = bytearray(min(max(nbytes, 0), self.max_payload, PEER_CHUNK))
+        for offset in range(0, nbytes, len(chunk) or 1):
+            view = memoryview(chunk)[: min(len(chunk), nbytes - offset)]
+            source.memcpy_dtoh(view, src + offset)
+            target.memcpy_htod(dst + offset, view)
 
     def __enter__(self) -> SyncSession:
         return self
@@ -189,7 +223,7 @@ class SyncSession:
 
 
 def connect_sync(
-    address: str,
+    address: str | None = None,
     gpus: int = 1,
     fraction: float | None = None,
     memory: str | int | None = None,
@@ -200,10 +234,24 @@ def connect_sync(
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     call_timeout: float | None = None,
 ) -> SyncSession:
-    """Blocking ``connect`` (same arguments): ``with connect_sync(address, fraction=0.05) as s:``."""
-    request = LeaseRequest.make(
+    """Blocking ``connect`` (same arguments): ``with connect_sync(address, fraction=0.05) as s:``.
+    With no address, the reservation in ``BITFUSION_NET_LEASE`` (see ``connect``)."""
+    requests = lease_requests(
         address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
     )
+    parts: list[tuple[LeaseRequest, BlockingDriver, m.HelloReply]] = []
+    try:
+        for request in requests:
+            driver, reply = _greet(request)
+            parts.append((request, driver, reply))
+    except BaseException:
+        for _, driver, _ in parts:
+            driver.stream.close()
+        raise
+    return SyncSession(parts)
+
+
+def _greet(request: LeaseRequest) -> tuple[BlockingDriver, m.HelloReply]:
     try:
         stream = BlockingStream.connect(request.address, request.timeout)
     except OSError as exc:
@@ -215,7 +263,7 @@ def connect_sync(
         driver.set_call_timeout(request.call_timeout)
     except BaseException as exc:
         stream.close()
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, BitfusionError):
             raise request.unreachable(exc) from None
         raise
-    return SyncSession(driver, reply)
+    return driver, reply

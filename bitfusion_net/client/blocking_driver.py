@@ -40,7 +40,7 @@ class BlockingDriver:
 
     def __init__(self, stream: BlockingStream) -> None:
         self.stream = stream
-        self.connection = ClientConnection()
+        self.connection = ClientConnection(server=f"server {stream.peer}")
         self._lock = threading.Lock()
         self._answers: dict[int, Any] = {}  # request id -> reply message or error
         self._call_timeout: float | None = None
@@ -106,9 +106,7 @@ class BlockingDriver:
     # -- moving frames --------------------------------------------------------------------------
     def _send(self, message: Request, payload: memoryview | None, into: memoryview | None) -> int:
         size = len(payload) if payload is not None else 0
-        request_id, head = self.connection.send_request(
-            message, size, into=into, token=None
-        )
+        request_id, head = self.connection.send_request(message, size, into=into, token=None)
         try:
             if size:
                 self.stream.send(head, payload)  # type: ignore[arg-type]

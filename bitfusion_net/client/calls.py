@@ -92,9 +92,7 @@ def _integer(value: Any, what: str, low: int = 0, high: int = _U64) -> int:
     try:
         number = operator.index(value)
     except TypeError:
-        raise InvalidValueError(
-            f"{what} must be an integer, got {type(value).__name__}"
-        ) from None
+        raise InvalidValueError(f"{what} must be an integer, got {type(value).__name__}") from None
     if not low <= number <= high:
         raise InvalidValueError(f"{what} must be in {low}..{high}, got {number}")
     return number
@@ -157,9 +155,15 @@ def _one(message: Request) -> Plan[None]:
 class DeviceCalls:
     """The calls of one leased GPU; ``RemoteDevice`` and ``SyncRemoteDevice`` run them."""
 
-    def __init__(self, grant: DeviceGrant, max_payload: int) -> None:
+    def __init__(
+        self, grant: DeviceGrant, max_payload: int, index: int | None = None, server: str = ""
+    ) -> None:
         self._max_payload = max_payload
-        self.index = grant.index
+        # The device's number in the session (0..N-1 across every server of a pool), and its
+        # number on its own connection, which the frames carry.
+        self.index = grant.index if index is None else index
+        self._wire_index = grant.index
+        self.server = server  # the address of the server it is on
         self.name = grant.name
         self.executor = grant.executor
         self.total_memory = grant.total_memory
@@ -171,21 +175,22 @@ class DeviceCalls:
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} {self.index}: {self.name} (server GPU {self.server_gpu}), "
+            f"<{type(self).__name__} {self.index}: {self.name} (GPU {self.server_gpu} of "
+            f"{self.server or 'its server'}), "
             f"fraction {self.fraction:g} ({self.mode}, weight {self.weight:g}), "
             f"{self.memory_limit} bytes>"
         )
 
     # -- memory ---------------------------------------------------------------------------------
     def _mem_alloc(self, nbytes: int) -> Plan[DevicePtr]:
-        reply = yield Call(m.MemAlloc(self.index, size_arg(nbytes)))
+        reply = yield Call(m.MemAlloc(self._wire_index, size_arg(nbytes)))
         return DevicePtr(reply.ptr)
 
     def _mem_free(self, ptr: int) -> Plan[None]:
-        return _one(m.MemFree(self.index, pointer_arg(ptr)))
+        return _one(m.MemFree(self._wire_index, pointer_arg(ptr)))
 
     def _mem_get_info(self) -> Plan[tuple[int, int]]:
-        reply = yield Call(m.MemGetInfo(self.index))
+        reply = yield Call(m.MemGetInfo(self._wire_index))
         return reply.free, reply.total
 
     def _memcpy_htod(self, dst: int, buffer: Any, stream: Any) -> Plan[None]:
@@ -194,14 +199,14 @@ class DeviceCalls:
         pointer_arg(dst + len(view), "the copy's end")
         for offset in range(0, len(view), self._max_payload):
             chunk = view[offset : offset + self._max_payload]
-            yield Call(m.MemcpyHtoD(self.index, dst + offset, handle), chunk)
+            yield Call(m.MemcpyHtoD(self._wire_index, dst + offset, handle), chunk)
 
     def _memcpy_dtoh(self, buffer: Any, src: int, stream: Any) -> Plan[None]:
         view = bytes_view(buffer, writable=True)
         src, handle = pointer_arg(src, "src"), stream_handle(stream)
         pointer_arg(src + len(view), "the copy's end")
         calls = tuple(
-            Call(m.MemcpyDtoH(self.index, src + offset, len(chunk), handle), into=chunk)
+            Call(m.MemcpyDtoH(self._wire_index, src + offset, len(chunk), handle), into=chunk)
             for offset in range(0, len(view), self._max_payload)
             for chunk in (view[offset : offset + self._max_payload],)
         )
@@ -211,7 +216,7 @@ class DeviceCalls:
     def _memcpy_dtod(self, dst: int, src: int, nbytes: int, stream: Any) -> Plan[None]:
         return _one(
             m.MemcpyDtoD(
-                self.index,
+                self._wire_index,
                 pointer_arg(dst, "dst"),
                 pointer_arg(src, "src"),
                 size_arg(nbytes),
@@ -223,7 +228,7 @@ class DeviceCalls:
         value = _integer(value, f"memset value ({itemsize} byte(s))", 0, (1 << (8 * itemsize)) - 1)
         return _one(
             m.Memset(
-                self.index,
+                self._wire_index,
                 itemsize,
                 value,
                 pointer_arg(ptr),
@@ -233,10 +238,10 @@ class DeviceCalls:
         )
 
     def _synchronize(self) -> Plan[None]:
-        return _one(m.Synchronize(self.index))
+        return _one(m.Synchronize(self._wire_index))
 
     def _stats(self) -> Plan[TenantStats]:
-        reply = yield Call(m.TenantStats(self.index))
+        reply = yield Call(m.TenantStats(self._wire_index))
         return TenantStats(
             reply.device_time_ns / 1e9,
             reply.queue_wait_ns / 1e9,
@@ -253,45 +258,45 @@ class DeviceCalls:
             raise InvalidValueError(
                 f"module image of {len(view)} bytes exceeds {self._max_payload}"
             )
-        reply = yield Call(m.ModuleLoad(self.index), view)
+        reply = yield Call(m.ModuleLoad(self._wire_index), view)
         return int(reply.module)
 
     def _get_function(self, module: int, name: str, arg_types: str) -> Plan[tuple[int, str]]:
         if not isinstance(name, str) or not isinstance(arg_types, str):
             raise InvalidValueError("a kernel's name and argument types are strings")
-        reply = yield Call(m.GetFunction(self.index, module, name, arg_types))
+        reply = yield Call(m.GetFunction(self._wire_index, module, name, arg_types))
         return reply.function, reply.arg_types
 
     def _module_unload(self, module: int) -> Plan[None]:
-        return _one(m.ModuleUnload(self.index, module))
+        return _one(m.ModuleUnload(self._wire_index, module))
 
     # -- streams and events ---------------------------------------------------------------------
     def _create_stream(self) -> Plan[int]:
-        reply = yield Call(m.StreamCreate(self.index))
+        reply = yield Call(m.StreamCreate(self._wire_index))
         return int(reply.handle)
 
     def _create_event(self) -> Plan[int]:
-        reply = yield Call(m.EventCreate(self.index))
+        reply = yield Call(m.EventCreate(self._wire_index))
         return int(reply.handle)
 
     def _stream_synchronize(self, handle: int) -> Plan[None]:
-        return _one(m.StreamSynchronize(self.index, handle))
+        return _one(m.StreamSynchronize(self._wire_index, handle))
 
     def _stream_destroy(self, handle: int) -> Plan[None]:
-        return _one(m.StreamDestroy(self.index, handle))
+        return _one(m.StreamDestroy(self._wire_index, handle))
 
     def _event_record(self, handle: int, stream: Any) -> Plan[None]:
-        return _one(m.EventRecord(self.index, handle, stream_handle(stream)))
+        return _one(m.EventRecord(self._wire_index, handle, stream_handle(stream)))
 
     def _event_synchronize(self, handle: int) -> Plan[None]:
-        return _one(m.EventSynchronize(self.index, handle))
+        return _one(m.EventSynchronize(self._wire_index, handle))
 
     def _event_elapsed(self, start: int, end: int) -> Plan[float]:
-        reply = yield Call(m.EventElapsed(self.index, start, end))
+        reply = yield Call(m.EventElapsed(self._wire_index, start, end))
         return float(reply.milliseconds)
 
     def _event_destroy(self, handle: int) -> Plan[None]:
-        return _one(m.EventDestroy(self.index, handle))
+        return _one(m.EventDestroy(self._wire_index, handle))
 
 
 class KernelCalls:
@@ -340,4 +345,3 @@ class KernelCalls:
             stream_handle(stream),
             self.pack_args(args),
         )
-

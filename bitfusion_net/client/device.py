@@ -58,7 +58,7 @@ class Function(KernelCalls):
     """A kernel that can be launched; its argument types are declared (struct codes, P = pointer)."""
 
     def __init__(self, device: RemoteDevice, name: str, handle: int, arg_types: str) -> None:
-        super().__init__(device.index, name, handle, arg_types)
+        super().__init__(device._wire_index, name, handle, arg_types)
         self.device = device
 
     async def launch(
@@ -92,8 +92,15 @@ class Module:
 class RemoteDevice(DeviceCalls):
     """One leased GPU (or fraction of one), numbered ``index`` within the session."""
 
-    def __init__(self, driver: AsyncDriver, grant: DeviceGrant, max_payload: int) -> None:
-        super().__init__(grant, max_payload)
+    def __init__(
+        self,
+        driver: AsyncDriver,
+        grant: DeviceGrant,
+        max_payload: int,
+        index: int | None = None,
+        server: str = "",
+    ) -> None:
+        super().__init__(grant, max_payload, index, server)
         self._driver = driver
         self._run = driver.run
         self._builtins: dict[str, Function] = {}

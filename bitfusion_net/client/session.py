@@ -1,16 +1,19 @@
-"""``connect()``: open a session with a server and lease GPUs (or fractions of one) on it."""
+"""``connect()``: open a session with a server and lease GPUs (or fractions of one) on it, or
+attach to a reservation's GPUs, which may be on several servers (a pool)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
+import sys
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ..protocol import ConnectionLostError, InvalidValueError
+from ..protocol import BitfusionError, ConnectionLostError, InvalidValueError
 from ..protocol import messages as m
 from ..transport import Stream, TcpAddress, parse_address
 from ..transport import connect as tcp_connect
@@ -18,6 +21,7 @@ from ..units import parse_size
 from .async_driver import AsyncDriver
 from .calls import Call, Plan
 from .device import RemoteDevice
+from .lease import ServerReservation, lease_from_environment
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -28,7 +32,7 @@ class LeaseRequest:
     """What ``connect`` asks the server for, checked before anything is sent."""
 
     address: TcpAddress
-    hello: m.Hello
+    greeting: m.Hello | m.Attach
     timeout: float
     call_timeout: float | None = None
 
@@ -84,8 +88,25 @@ class LeaseRequest:
         )
         return cls(target, hello, timeout, call_timeout)
 
+    @classmethod
+    def attach(
+        cls,
+        server: ServerReservation,
+        client_name: str | None,
+        timeout: float,
+        call_timeout: float | None,
+    ) -> LeaseRequest:
+        """Use the part of a reservation on one server (ATTACH instead of HELLO)."""
+        try:
+            target = parse_address(server.address)
+        except ValueError as exc:
+            raise InvalidValueError(f"the reservation file names a bad address: {exc}") from None
+        name = client_name if client_name is not None else program_name()
+        greeting = m.Attach(server.reservation, server.secret, server.server_id, name)
+        return cls(target, greeting, timeout, call_timeout)
+
     def greet(self) -> Plan[m.HelloReply]:
-        reply = yield Call(self.hello)
+        reply = yield Call(self.greeting)
         return reply  # type: ignore[no-any-return]
 
     def unreachable(self, error: BaseException) -> ConnectionLostError:
@@ -95,31 +116,96 @@ class LeaseRequest:
         return ConnectionLostError(f"cannot connect to {self.address}: {reason}")
 
 
-class Session:
-    """A connection to one server and the GPUs leased on it (``devices``, numbered from 0).
+def program_name(command: str | None = None) -> str:
+    """How a program attached to a reservation is named in listings: host, pid, command."""
+    if command is None:
+        path = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+        command = os.path.basename(path)
+        if command == "__main__.py":  # python -m PACKAGE
+            command = os.path.basename(os.path.dirname(path))
+    return f"{socket.gethostname()} pid {os.getpid()} {command}"
 
-    Closing the session (or losing the connection) releases the leases and frees their memory.
+
+def lease_requests(
+    address: str | None,
+    gpus: int,
+    fraction: float | None,
+    memory: str | int | None,
+    mode: str,
+    weight: float | None,
+    client_name: str | None,
+    timeout: float,
+    call_timeout: float | None,
+) -> list[LeaseRequest]:
+    """What ``connect`` opens: one HELLO to ``address``, or without one an ATTACH to each server
+    of the reservation in ``BITFUSION_NET_LEASE``."""
+    if address is not None:
+        return [
+            LeaseRequest.make(
+                address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
+            )
+        ]
+    if gpus != 1 or fraction is not None or memory is not None or weight is not None:
+        raise InvalidValueError(
+            "gpus, fraction, memory and weight are the reservation's when connect() is given "
+            "no address; give an address to lease GPUs directly"
+        )
+    if not timeout > 0:
+        raise InvalidValueError(f"timeout must be positive, got {timeout}")
+    _, lease = lease_from_environment()
+    return [
+        LeaseRequest.attach(server, client_name, timeout, call_timeout) for server in lease.servers
+    ]
+
+
+class Session:
+    """Connections to one server or several (a pool) and the GPUs leased on them (``devices``,
+    numbered from 0 across all of them, whatever their numbers on their servers).
+
+    Closing the session (or losing a connection) releases the leases and frees their memory; a
+    reservation's GPUs stay reserved for the next program. When one server of a pool fails,
+    only its devices fail; the others go on.
     """
 
-    def __init__(self, driver: AsyncDriver, reply: m.HelloReply) -> None:
-        self._driver = driver
-        self.id = reply.session_id
-        self.max_payload = reply.max_payload
-        self.devices = [RemoteDevice(driver, grant, reply.max_payload) for grant in reply.devices]
+    def __init__(self, parts: list[tuple[LeaseRequest, AsyncDriver, m.HelloReply]]) -> None:
+        self._drivers = [driver for _, driver, _ in parts]
+        self._driver = self._drivers[0]
+        self.id = parts[0][2].session_id
+        self.max_payload = min(reply.max_payload for _, _, reply in parts)
+        self.devices: list[RemoteDevice] = []
+        for request, driver, reply in parts:
+            for grant in reply.devices:
+                self.devices.append(
+                    RemoteDevice(
+                        driver, grant, reply.max_payload, len(self.devices), str(request.address)
+                    )
+                )
 
     @property
     def closed(self) -> bool:
-        return self._driver.failure is not None
+        """Whether every connection of the session is over."""
+        return all(driver.failure is not None for driver in self._drivers)
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Release the session's GPUs. Queued no-reply work is sent first, for up to ``timeout`` s."""
-        self._driver.close()
-        stream = self._driver.stream
-        try:
-            await asyncio.wait_for(stream.wait_closed(), timeout)
-        except TimeoutError:  # the server stopped reading; it frees the leases when we vanish
-            stream.abort()
-            await stream.wait_closed()
+        await asyncio.gather(*(_close_driver(driver, timeout) for driver in self._drivers))
+
+    async def memcpy_peer(
+        self, dst_device: int, dst: int, src_device: int, src: int, nbytes: int
+    ) -> None:
+        """Copy ``nbytes`` from ``src`` on device ``src_device`` to ``dst`` on ``dst_device``.
+        Within one device this is ``memcpy_dtod``. Between devices (on one server or on two)
+        the bytes come to this client and go out again, in chunks of up to ``max_payload``:
+        it costs two network transfers of the data, not a device-to-device copy."""
+        source, target = self.devices[src_device], self.devices[dst_device]
+        if source is target:
+            await source.memcpy_dtod(dst, src, nbytes)
+            return
+        chunk = bytearray(min(max(nbytes, 0), self.max_payload, PEER_CHUNK))
+        for offset in range(0, nbytes, len(chunk) or 1):
+            view = memoryview(chunk)[: min(len(chunk), nbytes - offset)]
+            await source.memcpy_dtoh(view, src + offset)
+            await target.memcpy_htod(dst + offset, view)
 
     async def __aenter__(self) -> Session:
         return self
@@ -133,8 +219,33 @@ class Session:
         await self.close()
 
 
-async def open_session(request: LeaseRequest) -> Session:
-    """Connect and lease; see ``connect``."""
+PEER_CHUNK = 8 * 2**20  # host bytes a cross-device copy holds at a time
+
+
+async def _close_driver(driver: AsyncDriver, timeout: float) -> None:
+    driver.close()
+    stream = driver.stream
+    try:
+        await asyncio.wait_for(stream.wait_closed(), timeout)
+    except TimeoutError:  # the server stopped reading; it frees the leases when we vanish
+        stream.abort()
+        await stream.wait_closed()
+
+
+async def open_session(requests: list[LeaseRequest]) -> Session:
+    """Connect and lease on every server at once; see ``connect``. If one fails, those that
+    succeeded are closed again and its error is raised."""
+    results = await asyncio.gather(*(_greet(r) for r in requests), return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        for result in results:
+            if not isinstance(result, BaseException):
+                result[0].stream.abort()
+        raise failure
+    return Session([(request, *result) for request, result in zip(requests, results, strict=True)])  # type: ignore[misc]
+
+
+async def _greet(request: LeaseRequest) -> tuple[AsyncDriver, m.HelloReply]:
     stream: Stream | None = None
     try:
         async with asyncio.timeout(request.timeout):
@@ -146,24 +257,24 @@ async def open_session(request: LeaseRequest) -> Session:
     except BaseException as exc:
         if stream is not None:
             stream.abort()
-        if isinstance(exc, OSError | TimeoutError):
+        if isinstance(exc, OSError | TimeoutError) and not isinstance(exc, BitfusionError):
             raise request.unreachable(exc) from None
         raise
-    return Session(driver, reply)
+    return driver, reply
 
 
 class _SessionOpener:
     """What ``connect`` returns: await it for a Session, or use it with ``async with``."""
 
-    def __init__(self, request: LeaseRequest) -> None:
-        self._request = request
+    def __init__(self, requests: list[LeaseRequest]) -> None:
+        self._requests = requests
         self._session: Session | None = None
 
     def __await__(self) -> Generator[Any, None, Session]:
-        return open_session(self._request).__await__()
+        return open_session(self._requests).__await__()
 
     async def __aenter__(self) -> Session:
-        self._session = await open_session(self._request)
+        self._session = await open_session(self._requests)
         return self._session
 
     async def __aexit__(
@@ -177,7 +288,7 @@ class _SessionOpener:
 
 
 def connect(
-    address: str,
+    address: str | None = None,
     gpus: int = 1,
     fraction: float | None = None,
     memory: str | int | None = None,
@@ -188,7 +299,9 @@ def connect(
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     call_timeout: float | None = None,
 ) -> _SessionOpener:
-    """Lease ``gpus`` GPUs on the server at ``address`` (``tcp://HOST:PORT``).
+    """Lease ``gpus`` GPUs on the server at ``address`` (``tcp://HOST:PORT``); with no address,
+    use the reservation named by ``BITFUSION_NET_LEASE`` (set by ``bitfusion-net run``, or by
+    ``request_gpus --shell``), whose GPUs may be on several servers.
 
     Each GPU is leased at ``fraction`` of the device (memory limit and compute weight; the default
     is a whole GPU) or with an explicit ``memory`` size such as ``"2GiB"``. ``mode="share"`` (the
@@ -203,7 +316,7 @@ def connect(
     to a server that stopped answering waits until TCP keepalive finds the connection dead.
     """
     return _SessionOpener(
-        LeaseRequest.make(
+        lease_requests(
             address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
         )
     )

@@ -27,6 +27,7 @@ from .errors import (
     InvalidHandleError,
     InvalidValueError,
     KernelError,
+    LeaseEndedError,
     OutOfMemoryError,
     ProtocolError,
     UnsupportedError,
@@ -43,15 +44,15 @@ from .messages import (
     Reply,
     Request,
 )
-from .rules import REPLIES, REQUESTS, RULES, OpcodeRule
+from .rules import REPLIES, REQUESTS, RULES, OpcodeRule, Phase
 
 __all__ = [
     "CLIENT_LIMITS", "DEFAULT_LIMITS", "ERROR_DEFERRED", "ERROR_FATAL", "HEADER_SIZE", "MAGIC",
     "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "BitfusionError", "CallTimeoutError", "CapacityError",
     "ClientConnection", "ClientState", "ConnectionFailed", "ConnectionLostError", "DeviceGrant",
     "ErrorCode", "ErrorReply", "Frame", "FrameDecoder", "InternalError", "InvalidHandleError",
-    "InvalidValueError", "KernelError", "Limits", "Message", "OpcodeRule", "Opcode",
-    "OutOfMemoryError", "PayloadSink", "ProtocolError", "ProtocolViolation", "Reply",
+    "InvalidValueError", "KernelError", "LeaseEndedError", "Limits", "Message", "OpcodeRule", "Opcode",
+    "OutOfMemoryError", "PayloadSink", "Phase", "ProtocolError", "ProtocolViolation", "Reply",
     "ReplyReceived", "Request", "RequestFailed", "RequestReceived", "ServerConnection",
     "ServerState", "UnsupportedError", "encode_reply", "encode_request", "error_class",
 ]  # fmt: skip

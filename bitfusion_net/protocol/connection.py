@@ -31,7 +31,6 @@ from .messages import (
     ERROR_DEFERRED,
     ERROR_FATAL,
     ErrorReply,
-    Hello,
     HelloReply,
     Keepalive,
     Message,
@@ -39,6 +38,7 @@ from .messages import (
     Reply,
     Request,
 )
+from .rules import Phase
 
 # The client receives only payloads it asked for, into buffers it owns, so it accepts any length
 # it requested (the check is against the pending request, not a limit).
@@ -100,37 +100,56 @@ ServerEvent = RequestReceived | ProtocolViolation
 
 
 class ClientState(enum.Enum):
-    IDLE = "idle"  # nothing sent yet: the first request must be HELLO
-    GREETING = "greeting"  # HELLO sent, its answer not yet received
+    IDLE = "idle"  # nothing sent yet: HELLO, ATTACH or a control request comes first
+    GREETING = "greeting"  # HELLO or ATTACH sent, its answer not yet received
     READY = "ready"  # leased: device requests flow
+    CONTROL = "control"  # a control connection: reservations and queries, no GPUs
     CLOSED = "closed"  # refused, failed or closed; ``failure`` says why
 
 
 class ServerState(enum.Enum):
-    AWAITING_HELLO = "awaiting-hello"
-    NEGOTIATING = "negotiating"  # HELLO delivered; no event until it is accepted or refused
+    AWAITING_HELLO = "awaiting-hello"  # HELLO, ATTACH or a control request comes first
+    NEGOTIATING = "negotiating"  # HELLO or ATTACH delivered; no event until accepted or refused
     ACTIVE = "active"
+    CONTROL = "control"  # a control connection: RESERVE, RELEASE and SERVER_INFO only
     CLOSING = "closing"  # a fatal ERROR was produced: nothing more is read or delivered
 
 
 # What moves a client: (state, what happened) -> next state. Anything else in CLOSED is refused
 # with the failure; a send in the wrong state is a bug of the caller (ProtocolError, nothing sent).
 CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
-    (ClientState.IDLE, "send HELLO"): ClientState.GREETING,
-    (ClientState.GREETING, "HELLO reply"): ClientState.READY,
-    (ClientState.GREETING, "ERROR"): ClientState.CLOSED,  # every refusal of a HELLO is fatal
+    (ClientState.IDLE, "send greeting"): ClientState.GREETING,
+    (ClientState.IDLE, "send control"): ClientState.CONTROL,
+    (ClientState.GREETING, "greeting reply"): ClientState.READY,
+    (ClientState.GREETING, "ERROR"): ClientState.CLOSED,  # every refusal of a greeting is fatal
     (ClientState.IDLE, "failed"): ClientState.CLOSED,
     (ClientState.GREETING, "failed"): ClientState.CLOSED,
     (ClientState.READY, "failed"): ClientState.CLOSED,
+    (ClientState.CONTROL, "failed"): ClientState.CLOSED,
+}
+# Which phases of request each client state may send (a GREETING sends nothing more).
+CLIENT_MAY_SEND: dict[ClientState, frozenset[Phase]] = {
+    ClientState.IDLE: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ClientState.GREETING: frozenset(),
+    ClientState.READY: frozenset({Phase.DEVICE, Phase.ANY}),
+    ClientState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
 }
 
 # What moves a server. A protocol violation in any state but CLOSING leads to CLOSING.
 SERVER_TRANSITIONS: dict[tuple[ServerState, str], ServerState] = {
-    (ServerState.AWAITING_HELLO, "HELLO"): ServerState.NEGOTIATING,
+    (ServerState.AWAITING_HELLO, "greeting"): ServerState.NEGOTIATING,
+    (ServerState.AWAITING_HELLO, "control"): ServerState.CONTROL,
     (ServerState.NEGOTIATING, "accept"): ServerState.ACTIVE,
     (ServerState.AWAITING_HELLO, "refuse"): ServerState.CLOSING,
     (ServerState.NEGOTIATING, "refuse"): ServerState.CLOSING,
     (ServerState.ACTIVE, "refuse"): ServerState.CLOSING,
+    (ServerState.CONTROL, "refuse"): ServerState.CLOSING,
+}
+# Which phases of request the server accepts in each state; anything else is a PROTOCOL error.
+SERVER_MAY_RECEIVE: dict[ServerState, frozenset[Phase]] = {
+    ServerState.AWAITING_HELLO: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.ACTIVE: frozenset({Phase.DEVICE, Phase.ANY}),
+    ServerState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
 }
 
 
@@ -213,8 +232,14 @@ class ClientConnection(_Receiving):
     the conversation.
     """
 
-    def __init__(self, limits: Limits = CLIENT_LIMITS, buffer_size: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        limits: Limits = CLIENT_LIMITS,
+        buffer_size: int = 256 * 1024,
+        server: str = "the server",
+    ) -> None:
         self.state = ClientState.IDLE
+        self.server = server  # how errors name the other end (one of several, in a pool)
         self.failure: BitfusionError | None = None
         self.hello: HelloReply | None = None
         self._start_receiving(
@@ -252,14 +277,14 @@ class ClientConnection(_Receiving):
         ``ProtocolError`` (nothing registered) for a request the phase does not allow or a
         message that cannot be encoded."""
         state = self.state
-        if state is not ClientState.READY or type(message) is Hello:
+        rule = message.RULE
+        if state is not ClientState.READY or rule.phase is not Phase.DEVICE:
             self._check_phase(message)
         if into is not None and len(into) != getattr(message, "nbytes", len(into)):
             raise ProtocolError(
                 f"the buffer for the reply's payload holds {len(into)} bytes; "
                 f"the request asks for {message.nbytes}"  # type: ignore[attr-defined]
             )
-        rule = message.RULE
         request_id = self._next_id
         try:
             head = encode_request(message, request_id, payload_length)
@@ -269,18 +294,24 @@ class ClientConnection(_Receiving):
         if rule.reply is not None:
             self._pending[request_id] = _Pending(message.OPCODE, token, into)
         if state is ClientState.IDLE:
-            self._move("send HELLO")
+            self._move("send greeting" if rule.phase is Phase.GREETING else "send control")
         return request_id, head
 
     def _check_phase(self, message: Request) -> None:
-        if self.state is ClientState.CLOSED:
+        state = self.state
+        if state is ClientState.CLOSED:
             assert self.failure is not None
             raise self.failure
-        is_hello = isinstance(message, Hello)
-        if self.state is ClientState.IDLE and not is_hello:
-            raise ProtocolError(f"HELLO must come first, not {type(message).__name__}")
-        if self.state is ClientState.GREETING or (is_hello and self.state is not ClientState.IDLE):
-            raise ProtocolError("HELLO is sent once, and nothing before its answer")
+        phase, name = message.RULE.phase, type(message).__name__
+        if phase in CLIENT_MAY_SEND[state]:
+            return
+        if state is ClientState.IDLE:
+            raise ProtocolError(f"HELLO, ATTACH or a control request must come first, not {name}")
+        if state is ClientState.GREETING or phase is Phase.GREETING:
+            raise ProtocolError("HELLO or ATTACH is sent once, and nothing before its answer")
+        if state is ClientState.CONTROL:
+            raise ProtocolError(f"{name} needs a device session; this is a control connection")
+        raise ProtocolError(f"{name} goes on a control connection, not on a device session")
 
     def close(self, reason: str = "the session was closed") -> ConnectionFailed:
         """End the conversation from this side; the event lists the requests left unanswered."""
@@ -304,7 +335,7 @@ class ClientConnection(_Receiving):
         reason = f": {error}" if error else ""
         if error is None and self.in_frame:
             reason = ": in the middle of a frame"
-        return self._fail(ConnectionLostError(f"connection to the server closed{reason}"))
+        return self._fail(ConnectionLostError(f"connection to {self.server} closed{reason}"))
 
     def next_event(self) -> ClientEvent | None:
         """The next event, or None until more bytes arrive."""
@@ -351,7 +382,7 @@ class ClientConnection(_Receiving):
         if self.state is ClientState.GREETING:
             assert isinstance(message, HelloReply)
             self.hello = message
-            self._move("HELLO reply")
+            self._move("greeting reply")
         return ReplyReceived(frame.request_id, pending.token, message, frame.payload)  # type: ignore[arg-type]
 
     def _fail(self, error: BitfusionError) -> ConnectionFailed:
@@ -390,6 +421,7 @@ class ServerConnection(_Receiving):
         buffer_size: int = 256 * 1024,
     ) -> None:
         self.state = ServerState.AWAITING_HELLO
+        self._greeting: int = Opcode.HELLO  # the first request's opcode, which accept answers
         self._limits = limits
         self._start_receiving(
             FrameDecoder(
@@ -425,16 +457,24 @@ class ServerConnection(_Receiving):
         request_id, message = frame.request_id, frame.message
         if request_id == 0:
             return self._violation(0, ProtocolError("request id 0 is reserved"))
-        if state is ServerState.AWAITING_HELLO:
-            if not isinstance(message, Hello):
-                return self._violation(
-                    request_id,
-                    ProtocolError(f"expected HELLO first, got {Opcode(frame.opcode).name}"),
-                )
-            self._move("HELLO")
-        elif isinstance(message, Hello):
-            return self._violation(request_id, ProtocolError("HELLO sent twice"))
+        phase = message.RULE.phase  # type: ignore[attr-defined]
+        if state is not ServerState.ACTIVE or phase is not Phase.DEVICE:
+            if phase not in SERVER_MAY_RECEIVE[state]:
+                return self._violation(request_id, self._out_of_phase(frame.opcode, phase))
+            if state is ServerState.AWAITING_HELLO:
+                self._move("greeting" if phase is Phase.GREETING else "control")
+                self._greeting = frame.opcode
         return RequestReceived(request_id, message, frame.payload)  # type: ignore[arg-type]
+
+    def _out_of_phase(self, opcode: int, phase: Phase) -> ProtocolError:
+        name = Opcode(opcode).name
+        if self.state is ServerState.AWAITING_HELLO:
+            return ProtocolError(f"expected HELLO, ATTACH or a control request first, got {name}")
+        if phase is Phase.GREETING:
+            return ProtocolError(f"{name} sent after the connection's first request")
+        if self.state is ServerState.CONTROL:
+            return ProtocolError(f"{name} needs a device session; this is a control connection")
+        return ProtocolError(f"{name} goes on a control connection, not on a device session")
 
     def _violation(self, request_id: int, error: ProtocolError) -> ProtocolViolation:
         return ProtocolViolation(
@@ -443,9 +483,10 @@ class ServerConnection(_Receiving):
 
     # -- sending --------------------------------------------------------------------------------
     def accept(self, request_id: int, reply: HelloReply) -> bytes:
-        """Grant the HELLO: its reply; requests after it are delivered from now on."""
+        """Grant the HELLO or ATTACH: its reply (with the greeting's own opcode); requests after
+        it are delivered from now on."""
         self._move("accept")
-        return encode_reply(Opcode.HELLO, request_id, reply)
+        return encode_reply(self._greeting, request_id, reply)
 
     def refuse(self, request_id: int, code: ErrorCode, text: str) -> bytes:
         """A fatal ERROR: write it, then close. Nothing more is delivered."""

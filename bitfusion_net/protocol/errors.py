@@ -18,6 +18,7 @@ class ErrorCode(IntEnum):
     KERNEL = 6  # a kernel failed while running
     UNSUPPORTED = 7  # the executor cannot do this (e.g. PTX on the NumPy device)
     INTERNAL = 8  # a server bug; the server logs it with a traceback
+    LEASE_ENDED = 9  # the reservation the session used has ended (released, idle, restarted)
 
 
 class BitfusionError(Exception):
@@ -106,6 +107,14 @@ class CallTimeoutError(ConnectionLostError, TimeoutError):
     the connection go."""
 
 
+class LeaseEndedError(ConnectionLostError):
+    """The reservation this session's GPUs came from has ended, and the message says why: it
+    was released (``release_gpus``, or its ``run`` ended), it sat idle past its idle timeout, or
+    the server restarted. Its GPUs are gone; reserve again to go on."""
+
+    code = ErrorCode.LEASE_ENDED
+
+
 _BY_CODE: dict[int, type[BitfusionError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +126,7 @@ _BY_CODE: dict[int, type[BitfusionError]] = {
         KernelError,
         UnsupportedError,
         InternalError,
+        LeaseEndedError,
     )
 }
 

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"BFNT"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # magic, version, opcode, flags, request id, metadata length, payload length
 HEADER = struct.Struct("<4sBBHIIQ")

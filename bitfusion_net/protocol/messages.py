@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import ProtocolError
+from .errors import InvalidValueError, ProtocolError
 
 if TYPE_CHECKING:
     from .rules import OpcodeRule
@@ -23,6 +23,10 @@ class Opcode(IntEnum):
     HELLO = 0x01
     ERROR = 0x02
     KEEPALIVE = 0x03
+    RESERVE = 0x04
+    ATTACH = 0x05
+    RELEASE = 0x06
+    SERVER_INFO = 0x07
     MEM_ALLOC = 0x10
     MEM_FREE = 0x11
     MEM_GET_INFO = 0x12
@@ -102,9 +106,7 @@ class Message:
             raise ProtocolError(f"{cls.__name__} metadata is {len(data)} bytes, needs {size}")
         if cls._flat:
             if len(data) != size:
-                raise ProtocolError(
-                    f"{cls.__name__} metadata has {len(data) - size} stray bytes"
-                )
+                raise ProtocolError(f"{cls.__name__} metadata has {len(data) - size} stray bytes")
             return cls(*cls._struct.unpack_from(data))
         data = memoryview(data)
         raw = cls._struct.unpack_from(data)
@@ -173,6 +175,117 @@ class Hello(Request):
     mode: int = MODE_SHARE
 
 
+HOLD_BY_CONNECTION = 1  # a reservation ends when the connection that made it has gone (and its
+HOLD_BY_IDLE_TIMEOUT = 0  # programs have detached); or it lives until released or idle too long
+
+
+@dataclass(frozen=True)
+class Reserve(Request):
+    """Reserve GPUs apart from any one connection (a control request): programs ATTACH to the
+    reservation with its secret. ``idle_timeout``: seconds without a call on any of its
+    connections before the server ends it; 0 asks for the server's longest."""
+
+    OPCODE = Opcode.RESERVE
+    FIXED = (
+        ("gpus", "H"),
+        ("fraction", "d"),
+        ("memory", "Q"),
+        ("weight", "d"),
+        ("mode", "B"),
+        ("hold", "B"),
+        ("idle_timeout", "d"),
+    )
+    VARIABLE = (("client_name", "str"), ("only_gpus", "bytes"))
+    gpus: int
+    fraction: float
+    memory: int
+    weight: float = 0.0
+    mode: int = MODE_SHARE
+    hold: int = HOLD_BY_CONNECTION
+    idle_timeout: float = 0.0
+    client_name: str = ""
+    only_gpus: bytes = b""  # u16 server GPU numbers the reservation may use; empty: any
+
+    @staticmethod
+    def gpu_list(indices: list[int]) -> bytes:
+        """``only_gpus`` from GPU numbers."""
+        return struct.pack(f"<{len(indices)}H", *indices)
+
+    def allowed_gpus(self) -> set[int] | None:
+        """The GPU numbers of ``only_gpus`` (None: any); ``InvalidValueError`` if it is not a
+        list of u16 (a request the server refuses, not a broken frame)."""
+        if not self.only_gpus:
+            return None
+        if len(self.only_gpus) % 2:
+            raise InvalidValueError(
+                f"RESERVE only_gpus holds {len(self.only_gpus)} bytes, not a list of u16 GPU numbers"
+            )
+        return set(struct.unpack(f"<{len(self.only_gpus) // 2}H", self.only_gpus))
+
+
+@dataclass(frozen=True)
+class ReserveReply(Reply):
+    """The reservation: its id and secret (both needed to attach or release), the server's
+    instance id (a new one after every start), the idle timeout granted (0: none) and its GPUs."""
+
+    FIXED = (("reservation", "Q"), ("idle_timeout", "d"))
+    VARIABLE = (("secret", "bytes"), ("server_id", "str"), ("grants", "bytes"))
+    reservation: int
+    idle_timeout: float
+    secret: bytes
+    server_id: str
+    grants: bytes  # DeviceGrant records, as in HelloReply
+
+    @property
+    def devices(self) -> list[DeviceGrant]:
+        return decode_grants(self.grants)
+
+
+@dataclass(frozen=True)
+class Attach(Request):
+    """First frame of a program's session on a reservation (instead of HELLO); the reply is a
+    HelloReply with the reservation's GPUs."""
+
+    OPCODE = Opcode.ATTACH
+    FIXED = (("reservation", "Q"),)
+    VARIABLE = (("secret", "bytes"), ("server_id", "str"), ("client_name", "str"))
+    reservation: int
+    secret: bytes
+    server_id: str
+    client_name: str = ""
+
+
+@dataclass(frozen=True)
+class Release(Request):
+    """End a reservation (a control request): its programs' sessions are closed with
+    LEASE_ENDED and its GPUs go back to the pool."""
+
+    OPCODE = Opcode.RELEASE
+    FIXED = (("reservation", "Q"),)
+    VARIABLE = (("secret", "bytes"),)
+    reservation: int
+    secret: bytes
+
+
+INFO_BRIEF = 0  # the server's identity, version and clock only (a cheap round trip)
+INFO_FULL = 1  # and every GPU, reservation and session
+
+
+@dataclass(frozen=True)
+class ServerInfo(Request):
+    """What the server is and holds, as JSON (allowed on any connection, before or after HELLO)."""
+
+    OPCODE = Opcode.SERVER_INFO
+    FIXED = (("detail", "B"),)
+    detail: int = INFO_FULL
+
+
+@dataclass(frozen=True)
+class ServerInfoReply(Reply):
+    VARIABLE = (("info", "str"),)
+    info: str  # a JSON object (docs/PROTOCOL.md, section 5.6)
+
+
 @dataclass(frozen=True)
 class DeviceGrant:
     """One leased GPU as the client sees it."""
@@ -203,41 +316,50 @@ class HelloReply(Reply):
     def with_devices(
         cls, session_id: int, max_payload: int, max_metadata: int, devices: list[DeviceGrant]
     ) -> HelloReply:
-        out = bytearray()
-        for grant in devices:
-            out += DeviceGrant._FIXED.pack(
-                grant.index,
-                grant.server_gpu,
-                grant.total_memory,
-                grant.memory_limit,
-                grant.fraction,
-                grant.weight,
-                grant.mode,
-            )
-            for text in (grant.name, grant.executor):
-                raw = text.encode()
-                out += _LENGTH.pack(len(raw)) + raw
-        return cls(session_id, max_payload, max_metadata, bytes(out))
+        return cls(session_id, max_payload, max_metadata, encode_grants(devices))
 
     @property
     def devices(self) -> list[DeviceGrant]:
-        data, offset, out = self.grants, 0, []
-        try:
-            while offset < len(data):
-                fixed = DeviceGrant._FIXED.unpack_from(data, offset)
-                offset += DeviceGrant._FIXED.size
-                texts = []
-                for _ in range(2):
-                    (length,) = _LENGTH.unpack_from(data, offset)
-                    offset += _LENGTH.size
-                    if offset + length > len(data):
-                        raise ProtocolError("device record overruns HELLO reply")
-                    texts.append(data[offset : offset + length].decode())
-                    offset += length
-                out.append(DeviceGrant(*fixed, *texts))
-        except (struct.error, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"malformed device record in HELLO reply: {exc}") from None
-        return out
+        return decode_grants(self.grants)
+
+
+def encode_grants(devices: list[DeviceGrant]) -> bytes:
+    """DeviceGrant records, back to back (the ``grants`` of HELLO and RESERVE replies)."""
+    out = bytearray()
+    for grant in devices:
+        out += DeviceGrant._FIXED.pack(
+            grant.index,
+            grant.server_gpu,
+            grant.total_memory,
+            grant.memory_limit,
+            grant.fraction,
+            grant.weight,
+            grant.mode,
+        )
+        for text in (grant.name, grant.executor):
+            raw = text.encode()
+            out += _LENGTH.pack(len(raw)) + raw
+    return bytes(out)
+
+
+def decode_grants(data: bytes) -> list[DeviceGrant]:
+    offset, out = 0, []
+    try:
+        while offset < len(data):
+            fixed = DeviceGrant._FIXED.unpack_from(data, offset)
+            offset += DeviceGrant._FIXED.size
+            texts = []
+            for _ in range(2):
+                (length,) = _LENGTH.unpack_from(data, offset)
+                offset += _LENGTH.size
+                if offset + length > len(data):
+                    raise ProtocolError("device record overruns its reply")
+                texts.append(data[offset : offset + length].decode())
+                offset += length
+            out.append(DeviceGrant(*fixed, *texts))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed device record: {exc}") from None
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,20 @@ the decoder, the server's dispatch and the test that holds docs/PROTOCOL.md's op
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from . import messages as m
 from .messages import Opcode
+
+
+class Phase(enum.Enum):
+    """Where in a connection a request may be sent (docs/PROTOCOL.md, section 5)."""
+
+    GREETING = "greeting"  # the first frame of a device session: HELLO or ATTACH
+    CONTROL = "control"  # on a control connection, which holds no GPUs: RESERVE, RELEASE
+    ANY = "any"  # on any connection, first or later: SERVER_INFO
+    DEVICE = "device"  # on a device session, after its greeting was accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,20 +35,30 @@ class OpcodeRule:
     # The request only reads the lease's state or waits for its work: when nothing of the lease is
     # queued or running, the server may answer it on the event loop instead of the device worker.
     query: bool = False
+    phase: Phase = Phase.DEVICE
 
     @property
     def no_reply(self) -> bool:
         return self.reply is None
 
 
-def _rule(request: type[m.Request], reply: type[m.Reply] | None, query: bool = False) -> OpcodeRule:
-    return OpcodeRule(request.OPCODE, request, reply, query)
+def _rule(
+    request: type[m.Request],
+    reply: type[m.Reply] | None,
+    query: bool = False,
+    phase: Phase = Phase.DEVICE,
+) -> OpcodeRule:
+    return OpcodeRule(request.OPCODE, request, reply, query, phase)
 
 
 RULES: dict[int, OpcodeRule] = {
     rule.opcode: rule
     for rule in (
-        _rule(m.Hello, m.HelloReply),
+        _rule(m.Hello, m.HelloReply, phase=Phase.GREETING),
+        _rule(m.Reserve, m.ReserveReply, phase=Phase.CONTROL),
+        _rule(m.Attach, m.HelloReply, phase=Phase.GREETING),
+        _rule(m.Release, m.Done, phase=Phase.CONTROL),
+        _rule(m.ServerInfo, m.ServerInfoReply, phase=Phase.ANY),
         _rule(m.MemAlloc, m.MemAllocReply),
         _rule(m.MemFree, None),
         _rule(m.MemGetInfo, m.MemGetInfoReply, query=True),

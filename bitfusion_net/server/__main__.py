@@ -11,8 +11,13 @@ import sys
 from executors import EXECUTOR_KINDS, GpuUnavailable
 
 from ..transport import loop_factory
-from ..units import parse_size
-from .server import DEFAULT_MAX_CONNECTIONS, DEFAULT_STALL_TIMEOUT, Server
+from ..units import parse_duration, parse_size
+from .server import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IDLE_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+    Server,
+)
 
 # While a device worker thread runs Python, the event loop waits up to the switch interval for
 # the GIL at each hand-off. Measured on a 2-core VM beside a client flooding launches
@@ -102,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse connections beyond this many with a CAPACITY error (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-idle-timeout",
+        type=_duration,
+        default=DEFAULT_MAX_IDLE_TIMEOUT,
+        metavar="DURATION",
+        help="the longest a reservation may sit idle (no call on any of its connections) before "
+        "it is released; clients may ask for less, and asking for none gets this; 0: no bound "
+        "(default: 24h)",
+    )
+    parser.add_argument(
         "--gil-switch-interval",
         type=float,
         default=GIL_SWITCH_INTERVAL_S,
@@ -116,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging verbosity on stderr (default: %(default)s)",
     )
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -136,6 +157,7 @@ async def serve(args: argparse.Namespace) -> None:
         scheduling=args.scheduling,
         stall_timeout=args.stall_timeout,
         max_connections=args.max_connections,
+        max_idle_timeout=args.max_idle_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -51,8 +51,15 @@ class GpuPool:
     slots: list[GpuSlot]
     min_share: int = field(default=SHARE_UNITS // 20)
 
-    def request(self, gpus: int, fraction: float = 0.0, memory: int = 0) -> list[Placement]:
-        """Place ``gpus`` leases on distinct GPUs, each at ``fraction`` or with ``memory`` bytes.
+    def request(
+        self,
+        gpus: int,
+        fraction: float = 0.0,
+        memory: int = 0,
+        allowed: set[int] | None = None,
+    ) -> list[Placement]:
+        """Place ``gpus`` leases on distinct GPUs, each at ``fraction`` or with ``memory`` bytes,
+        only on the GPUs numbered in ``allowed`` if given.
 
         Raises InvalidValueError for a malformed request and CapacityError when it cannot fit.
         """
@@ -73,15 +80,18 @@ class GpuPool:
             )
         candidates = []
         for slot in self.slots:
+            if allowed is not None and slot.index not in allowed:
+                continue
             share, limit = self._size(slot, fraction, memory)
             if share <= slot.free_share and limit <= slot.total_memory - slot.leased_memory:
                 candidates.append((slot.free_share, slot.index, share, limit))
         if len(candidates) < gpus:
             wanted = f"{fraction:g} of a GPU" if fraction else f"{memory} bytes of GPU memory"
             free = ", ".join(f"gpu{s.index}: {s.free_share / SHARE_UNITS:.2f}" for s in self.slots)
+            among = "" if allowed is None else f" among GPUs {sorted(allowed)}"
             raise CapacityError(
-                f"cannot place {gpus} lease(s) of {wanted}: {len(candidates)} GPU(s) have room "
-                f"(free shares {free})"
+                f"cannot place {gpus} lease(s) of {wanted}: {len(candidates)} GPU(s){among} "
+                f"have room (free shares {free})"
             )
         candidates.sort()
         placements = [

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 import time
+import uuid
 from types import TracebackType
 from typing import Any
 
 from executors import Executor, create_executors
 
-from ..protocol import ErrorCode, Limits
+from ..protocol import CLIENT_LIMITS, PROTOCOL_VERSION, ErrorCode, Limits
+from ..protocol import messages as m
 from ..transport import Stream, TcpAddress, listen, parse_address
 from ..units import format_size, parse_size
 from .flow import PROBE_PERIOD_S
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
+from .reservations import ReservationTable
 from .session import ServerSession
 
 DEFAULT_STALL_TIMEOUT = 30.0  # seconds a connection may stall mid-frame, or wait with no HELLO
 DEFAULT_MAX_CONNECTIONS = 4096
+# The longest a reservation may sit idle before it is released (clients may ask for less): a
+# forgotten ``request_gpus`` must not hold GPUs for ever.
+DEFAULT_MAX_IDLE_TIMEOUT = 24 * 3600.0
+SHUTDOWN_NOTICE_S = 0.5  # how long a stopping server waits for its clients to hear why
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,8 @@ class Server:
     ``stall_timeout``: seconds a connection may sit in the middle of a frame without a byte
     arriving, or connected without its HELLO, before it is closed with an error.
     ``max_connections``: connections beyond this many are refused with ``CapacityError``.
+    ``max_idle_timeout``: the longest, in seconds, a reservation may stay idle (no call on any
+    of its connections) before it is released; clients may ask for less; 0: no bound.
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class Server:
         scheduling: str = "fair",
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_idle_timeout: float = DEFAULT_MAX_IDLE_TIMEOUT,
     ) -> None:
         self._listen = parse_address(listen)
         if gpus is not None and gpus < 1:
@@ -64,6 +76,11 @@ class Server:
             raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        if not max_idle_timeout >= 0:
+            raise ValueError(f"max_idle_timeout must be >= 0, got {max_idle_timeout}")
+        self._max_idle_timeout = max_idle_timeout
+        self.id = str(uuid.uuid4())  # a new one at every start: reservations do not survive it
+        self._started = time.time()
         self._stall_timeout = stall_timeout
         self._max_connections = max_connections
         self._sweeper: asyncio.TimerHandle | None = None
@@ -75,6 +92,7 @@ class Server:
         self._limits = Limits(max_payload=parse_size(max_payload))
         self._executors: list[Executor] = []
         self._pool: GpuPool | None = None
+        self._reservations: ReservationTable | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[ServerSession] = set()
         self._address: TcpAddress | None = None
@@ -93,6 +111,9 @@ class Server:
         self._pool = GpuPool(
             [GpuSlot(i, e.properties.total_memory) for i, e in enumerate(self._executors)],
             min_share=self._min_share,
+        )
+        self._reservations = ReservationTable(
+            self._pool, self._executors, self.id, self._max_idle_timeout
         )
         try:
             self._server = await listen(self._listen, self._new_session)
@@ -120,9 +141,9 @@ class Server:
         )
 
     def _new_session(self, stream: Stream) -> ServerSession:
-        assert self._pool is not None
+        assert self._reservations is not None
         session = ServerSession(
-            stream, self._pool, self._executors, self._limits, self._sessions.discard
+            stream, self._reservations, self._limits, self.describe, self._sessions.discard
         )
         if len(self._sessions) >= self._max_connections:
             session.refuse(
@@ -139,6 +160,8 @@ class Server:
         for session in list(self._sessions):
             session.probe()
             session.close_if_stalled(now, self._stall_timeout)
+        if self._reservations is not None:
+            self._reservations.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
 
     async def serve_forever(self) -> None:
@@ -152,6 +175,15 @@ class Server:
             self._sweeper = None
         if self._server is not None:
             self._server.close()
+            reason = "the server shut down; its reservations are released (reserve again)"
+            for session in list(self._sessions):
+                session.shut_down(reason)
+            try:  # a moment for the reason to reach the clients; then they are cut off
+                async with asyncio.timeout(SHUTDOWN_NOTICE_S):
+                    while self._sessions:
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                pass
             for session in list(self._sessions):
                 session.stream.abort()
             await self._server.wait_closed()
@@ -167,16 +199,93 @@ class Server:
         """What is leased on each GPU, for operators and tests."""
         if self._pool is None:
             return []
+        used = [0] * len(self._pool.slots)
+        for reservation in self._reservations or ():
+            for placement, budget in zip(reservation.placements, reservation.budgets, strict=True):
+                used[placement.gpu] += budget.used
         return [
             {
                 "gpu": slot.index,
+                "name": executor.properties.name,
+                "executor": executor.properties.executor,
                 "total_memory": slot.total_memory,
                 "leased_fraction": slot.leased_share / SHARE_UNITS,
                 "leased_memory": slot.leased_memory,
+                "memory_used": used[slot.index],
                 "tenants": slot.tenants,
+                "busy_time": executor.busy_time(),
             }
-            for slot in self._pool.slots
+            for slot, executor in zip(self._pool.slots, self._executors, strict=True)
         ]
+
+    def reservations(self) -> list[dict[str, Any]]:
+        """Every reservation: its GPUs, its programs, how long it has been idle."""
+        now = time.monotonic()
+        out = []
+        for r in self._reservations or ():
+            out.append(
+                {
+                    "id": r.id,
+                    "client": r.client_name,
+                    "held_by": "idle timeout" if r.holder is None else "connection",
+                    "idle_timeout": r.idle_timeout,
+                    "idle_for": round(r.idle_for(now), 3),
+                    "age": round(now - r.created, 3),
+                    "devices": [
+                        {
+                            "gpu": p.gpu,
+                            "fraction": p.fraction,
+                            "memory_limit": p.memory_limit,
+                            "memory_used": b.used,
+                            "weight": r.weight or p.fraction,
+                            "mode": "cap" if r.mode == m.MODE_CAP else "share",
+                        }
+                        for p, b in zip(r.placements, r.budgets, strict=True)
+                    ],
+                    "sessions": [
+                        {"session": s.id, "client": s.client_name, "peer": s.peer}
+                        for s in r.attached
+                        if isinstance(s, ServerSession)
+                    ],
+                }
+            )
+        return out
+
+    def describe(self, detail: int = m.INFO_FULL) -> str:
+        """What SERVER_INFO answers: this server, and with ``INFO_FULL`` its GPUs and
+        reservations, as JSON (docs/PROTOCOL.md, section 5)."""
+        from .. import __version__
+
+        info: dict[str, Any] = {
+            "server": {
+                "id": self.id,
+                "hostname": socket.gethostname(),
+                "address": str(self._address),
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "started": self._started,
+                "time": time.time(),
+                "executor": self._executors[0].properties.executor if self._executors else "",
+                "scheduling": self._scheduling,
+                "max_idle_timeout": self._max_idle_timeout,
+                "min_fraction": self._min_share / SHARE_UNITS,
+            }
+        }
+        if detail == m.INFO_BRIEF:
+            return json.dumps(info, separators=(",", ":"))
+        info["gpus"] = self.gpus()
+        reservations = self.reservations()
+        # The reply must fit the client's metadata limit: list as many reservations as fit.
+        room = CLIENT_LIMITS.max_metadata - 64
+        kept = len(reservations)
+        while True:
+            info["reservations"] = reservations[:kept]
+            if kept < len(reservations):
+                info["reservations_omitted"] = len(reservations) - kept
+            text = json.dumps(info, separators=(",", ":"))
+            if len(text.encode()) <= room or not kept:
+                return text
+            kept = kept * 3 // 4
 
     def sessions(self) -> list[dict[str, Any]]:
         """Every connected session with its leases: fraction, weight, mode and usage so far."""

@@ -1,8 +1,10 @@
 """One client connection on the server: the driver of its ``ServerConnection``.
 
-Frames are handled in arrival order on the event loop. The HELLO is negotiated
-(``negotiation``); every later request becomes device work by the dispatch table (``dispatch``)
-and is submitted to its GPU's executor, which runs it in order on its worker thread; a reply is
+Frames are handled in arrival order on the event loop. The first request says what the
+connection is: a HELLO (GPUs leased for this connection) or an ATTACH (a reservation's GPUs)
+makes it a device session; RESERVE, RELEASE or SERVER_INFO make it a control connection
+(``reservations``). On a device session every later request becomes device work by the dispatch
+table (``dispatch``) and is submitted to its GPU's executor, which runs it in order on its worker thread; a reply is
 written when the work completes. No-reply requests (launch, memset, copy from host, free, ...)
 send nothing on success; their errors stay on the tenant and answer the next request that wants
 a reply (docs/PROTOCOL.md, "Errors"). When to stop reading is ``flow``'s business.
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from executors import Executor, Tenant
+from executors import Tenant
 from executors.base import DeferredError
 from executors.errors import (
     DeviceError,
@@ -35,6 +37,7 @@ from ..protocol import (
     InvalidValueError,
     Limits,
     Message,
+    Phase,
     ProtocolViolation,
     RequestReceived,
     ServerConnection,
@@ -44,8 +47,7 @@ from ..protocol import messages as m
 from ..transport import Stream
 from .dispatch import DISPATCH, ToReply
 from .flow import BACKLOG_POLL_S, SessionFlow
-from .leases import GpuPool
-from .negotiation import Lease, describe, negotiate, release
+from .reservations import Lease, Reservation, ReservationTable
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +77,26 @@ class ServerSession:
     def __init__(
         self,
         stream: Stream,
-        pool: GpuPool,
-        executors: list[Executor],
+        reservations: ReservationTable,
         limits: Limits,
+        describe_server: Callable[[int], str],
         on_closed: Callable[[ServerSession], None],
     ) -> None:
         self.stream = stream
         self.id = next(_session_ids)
+        self.reservation: Reservation | None = None  # the one this session's GPUs are from
         self.leases: list[Lease] = []
+        self._held: list[Reservation] = []  # reservations this connection holds
         # Per device, replies handed to the worker and not yet written: while any is, a query
         # must not be answered on the loop, or it would overtake them (PROTOCOL.md section 8).
         self._replies_due: list[int] = []
-        self._pool = pool
-        self._executors = executors
+        self._reservations = reservations
+        self._describe_server = describe_server
         self._limits = limits
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self._client_name = ""
+        self.client_name = ""
         self._flow = SessionFlow(limits.max_payload)
         self._reading = True  # False while flow control holds the connection
         self._yielding = False  # paused until the next loop iteration: its turn is over
@@ -184,10 +188,10 @@ class ServerSession:
     def _handle(self, event: RequestReceived) -> None:
         message = event.message
         try:
-            if type(message) is m.Hello:
-                self._hello(event.request_id, message)
-            else:
+            if message.RULE.phase is Phase.DEVICE:
                 self._submit(event)
+            else:
+                _NOT_DEVICE[type(message)](self, event.request_id, message)
         except BitfusionError as exc:
             self._write(self.connection.error(event.request_id, exc.code, exc.message))
         except Exception:  # noqa: BLE001 - a server bug must cost one request, not the server
@@ -222,33 +226,147 @@ class ServerSession:
         log.info(
             "session %d (%s) %s; releasing %d lease(s)", self.id, self.peer, how, len(self.leases)
         )
-        for lease in self.leases:
-            release(lease, self._pool, self._loop)
-        self.leases = []
+        table = self._reservations
+        if self.reservation is not None:
+            table.detach(self.reservation, self)
+        self.reservation, self.leases = None, []
+        for reservation in self._held:
+            table.holder_gone(reservation)
+        self._held = []
         self._on_closed(self)
 
-    # -- HELLO ----------------------------------------------------------------------------------
+    # -- greetings and control requests ---------------------------------------------------------
+    @property
+    def _who(self) -> str:
+        return f"{self.peer}, {self.client_name}" if self.client_name else self.peer
+
     def _hello(self, request_id: int, hello: m.Hello) -> None:
+        """Lease GPUs for this connection: a reservation it holds, with itself attached."""
+        self.client_name = hello.client_name
+        table = self._reservations
         try:
-            leases, grants = negotiate(hello, self._pool, self._executors)
+            reservation = table.reserve(
+                hello.gpus,
+                hello.fraction,
+                hello.memory,
+                hello.weight,
+                hello.mode,
+                hello.client_name,
+                holder=self,
+                implicit=True,
+            )
+            self._held.append(reservation)
+            leases = table.attach(reservation, self)
         except BitfusionError as exc:
-            log.info("session %d (%s): refused: %s", self.id, self.peer, exc)
+            log.info("session %d (%s): refused: %s", self.id, self._who, exc)
             self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
             return
-        self.leases = leases
-        self._replies_due = [0] * len(leases)
-        self._client_name = hello.client_name
-        log.info(
-            "session %d (%s%s): leased %s",
-            self.id,
-            self.peer,
-            f", {hello.client_name}" if hello.client_name else "",
-            describe(grants),
+        self._attached(request_id, reservation, leases, "leased")
+
+    def _attach(self, request_id: int, attach: m.Attach) -> None:
+        self.client_name = attach.client_name
+        table = self._reservations
+        try:
+            reservation = table.find(attach.reservation, attach.secret, attach.server_id)
+            leases = table.attach(reservation, self)
+        except BitfusionError as exc:
+            log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
+            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            return
+        self._attached(
+            request_id,
+            reservation,
+            leases,
+            f"attached to reservation {reservation.id}:",
         )
+
+    def _attached(
+        self,
+        request_id: int,
+        reservation: Reservation,
+        leases: list[Lease],
+        how: str,
+    ) -> None:
+        self.reservation, self.leases = reservation, leases
+        self._replies_due = [0] * len(leases)
+        log.info("session %d (%s): %s %s", self.id, self._who, how, reservation.describe())
         reply = m.HelloReply.with_devices(
-            self.id, self._limits.max_payload, self._limits.max_metadata, grants
+            self.id,
+            self._limits.max_payload,
+            self._limits.max_metadata,
+            reservation.grants(self._reservations.executors),
         )
         self._write(self.connection.accept(request_id, reply))
+
+    def _reserve(self, request_id: int, request: m.Reserve) -> None:
+        table = self._reservations
+        self.client_name = self.client_name or request.client_name
+        if request.hold not in (m.HOLD_BY_CONNECTION, m.HOLD_BY_IDLE_TIMEOUT):
+            raise InvalidValueError(
+                f"unknown hold {request.hold} (1: by this connection, 0: by idle timeout)"
+            )
+        reservation = table.reserve(
+            request.gpus,
+            request.fraction,
+            request.memory,
+            request.weight,
+            request.mode,
+            request.client_name,
+            holder=self if request.hold == m.HOLD_BY_CONNECTION else None,
+            idle_timeout=request.idle_timeout,
+            allowed=request.allowed_gpus(),
+        )
+        if reservation.holder is self:
+            self._held.append(reservation)
+        log.info(
+            "session %d (%s): reserved %s as reservation %d (%s, idle timeout %s)",
+            self.id,
+            self._who,
+            reservation.describe(),
+            reservation.id,
+            "held by this connection" if reservation.holder is self else "until released",
+            f"{reservation.idle_timeout:g} s" if reservation.idle_timeout else "none",
+        )
+        reply = m.ReserveReply(
+            reservation.id,
+            reservation.idle_timeout,
+            reservation.secret,
+            table.server_id,
+            m.encode_grants(reservation.grants(table.executors)),
+        )
+        self._write(self.connection.reply(m.Opcode.RESERVE, request_id, reply))
+
+    def _release(self, request_id: int, request: m.Release) -> None:
+        table = self._reservations
+        reservation = table.find(request.reservation, request.secret, "")
+        table.end(reservation, f"released by {self._who}")
+        self._write(self.connection.reply(m.Opcode.RELEASE, request_id, m.Done()))
+
+    def _server_info(self, request_id: int, request: m.ServerInfo) -> None:
+        info = m.ServerInfoReply(self._describe_server(request.detail))
+        self._write(self.connection.reply(m.Opcode.SERVER_INFO, request_id, info))
+
+    # -- what a reservation needs of its sessions (``reservations.Attachment``) ----------------
+    def lease_ended(self, reason: str) -> None:
+        """The reservation has ended (its table closes the tenants): say why, then close."""
+        self.reservation, self.leases = None, []
+        if self._closed or self.connection.state is ServerState.CLOSING:
+            return
+        log.info("session %d (%s): %s", self.id, self._who, reason)
+        self._close_with(self.connection.refuse(0, ErrorCode.LEASE_ENDED, reason))
+
+    def shut_down(self, reason: str) -> None:
+        """The server is stopping: tell the client why (LEASE_ENDED), then close."""
+        if not self._closed and self.connection.state is not ServerState.CLOSING:
+            self._close_with(self.connection.refuse(0, ErrorCode.LEASE_ENDED, reason))
+
+    def last_request(self) -> float:
+        return self._last_data
+
+    def busy(self) -> bool:
+        return any(self._replies_due) or any(
+            lease.executor.queued(lease.tenant) for lease in self.leases
+        )
 
     # -- device requests ------------------------------------------------------------------------
     def _submit(self, event: RequestReceived) -> None:
@@ -444,7 +562,8 @@ class ServerSession:
         return {
             "session": self.id,
             "peer": self.peer,
-            "client": self._client_name,
+            "client": self.client_name,
+            "reservation": self.reservation.id if self.reservation is not None else None,
             "leases": [
                 {
                     "gpu": lease.placement.gpu,
@@ -458,3 +577,13 @@ class ServerSession:
                 for lease in self.leases
             ],
         }
+
+
+# What handles each request that is not device work, by its class.
+_NOT_DEVICE: dict[type, Callable[[ServerSession, int, Any], None]] = {
+    m.Hello: ServerSession._hello,
+    m.Attach: ServerSession._attach,
+    m.Reserve: ServerSession._reserve,
+    m.Release: ServerSession._release,
+    m.ServerInfo: ServerSession._server_info,
+}

@@ -17,6 +17,8 @@ from bitfusion_net.protocol import (
 from bitfusion_net.protocol import messages as m
 
 GRANT = DeviceGrant(0, 0, 2**30, 2**29, 0.5, 0.5, m.MODE_SHARE, "NumPy reference device", "numpy")
+SECRET = bytes(range(32))
+SERVER_ID = "0b7d2c6e-5f1a-4e8b-9c3d-2a6f1e0d9b47"
 
 
 class ConnectionPair:
@@ -42,12 +44,27 @@ class ConnectionPair:
             events.append(event)
         return events
 
-    def handshake(self) -> m.HelloReply:
-        """HELLO, delivered and accepted; both ends are then ready."""
-        self.client_sends(m.Hello(1, 0.5, 0, "pair"), token="hello")
+    def handshake(self, greeting: m.Request | None = None) -> m.HelloReply:
+        """HELLO (or ``greeting``, an ATTACH), delivered and accepted; both ends are then ready."""
+        greeting = greeting or m.Hello(1, 0.5, 0, "pair")
+        self.client_sends(greeting, token="hello")
         (hello,) = self.server_events()
-        assert isinstance(hello, RequestReceived)
+        assert isinstance(hello, RequestReceived) and hello.message == greeting
         reply = m.HelloReply.with_devices(1, 2**26, 2**16, [GRANT])
-        (answered,) = self.client_receives(self.server.accept(hello.request_id, reply))
+        accepted = self.server.accept(hello.request_id, reply)
+        (answered,) = self.client_receives(accepted)
         assert answered.token == "hello"
         return reply
+
+    def attach(self) -> m.HelloReply:
+        """An ATTACH to reservation 3, delivered and accepted; both ends are then ready."""
+        return self.handshake(m.Attach(3, SECRET, SERVER_ID, "pair"))
+
+    def control(self, first: m.Request | None = None) -> RequestReceived:
+        """A control connection: ``first`` (SERVER_INFO by default) sent and delivered, not yet
+        answered; returns what the server received."""
+        first = first or m.ServerInfo(m.INFO_BRIEF)
+        self.client_sends(first, token="first")
+        (received,) = self.server_events()
+        assert isinstance(received, RequestReceived) and received.message == first
+        return received

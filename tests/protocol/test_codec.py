@@ -28,6 +28,8 @@ from wire_strategies import (
     reply_spec,
     request_ids,
     request_spec,
+    reservation_secrets,
+    server_ids,
     texts,
 )
 
@@ -40,9 +42,12 @@ from bitfusion_net.protocol import (
     REPLIES,
     REQUESTS,
     RULES,
+    ConnectionLostError,
     DeviceGrant,
     ErrorCode,
     ErrorReply,
+    InvalidValueError,
+    LeaseEndedError,
     Opcode,
     ProtocolError,
     encode_reply,
@@ -178,6 +183,109 @@ def test_malformed_device_records_raise_protocol_error(grants: bytes) -> None:
     assert m.HelloReply.with_devices(1, 2, 3, devices).grants == grants
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    devices=st.lists(device_grants, max_size=6), secret=reservation_secrets, server_id=server_ids
+)
+def test_a_reserve_reply_carries_the_same_grant_records_as_a_hello_reply(
+    devices: list[DeviceGrant], secret: bytes, server_id: str
+) -> None:
+    grants = m.encode_grants(devices)
+    assert grants == m.HelloReply.with_devices(1, 2, 3, devices).grants
+    reply = m.ReserveReply(7, 60.0, secret, server_id, grants)
+    decoder = decoder_for(True)
+    decoder.receive_data(encode_reply(Opcode.RESERVE, 1, reply))
+    (frame,) = drain(decoder)
+    assert frame.message == reply
+    assert isinstance(frame.message, m.ReserveReply) and frame.message.devices == devices
+    assert m.decode_grants(grants) == devices
+
+
+@settings(max_examples=200, deadline=None)
+@given(grants=st.binary(max_size=200))
+def test_malformed_grants_of_a_reserve_reply_raise_protocol_error(grants: bytes) -> None:
+    reply = m.ReserveReply(1, 0.0, b"", "", grants)
+    try:
+        devices = reply.devices
+    except ProtocolError:
+        return
+    assert m.encode_grants(devices) == grants
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    reserve=messages(m.Reserve),
+    attach=messages(m.Attach),
+    release=messages(m.Release),
+    info=messages(m.ServerInfo),
+    reply=messages(m.ReserveReply),
+)
+def test_control_plane_layouts(
+    reserve: m.Reserve,
+    attach: m.Attach,
+    release: m.Release,
+    info: m.ServerInfo,
+    reply: m.ReserveReply,
+) -> None:
+    """PROTOCOL.md 5.5 and 5.6, field by field: fixed fields packed back to back, then each
+    variable field as a u32 length and its bytes."""
+
+    def var(*values: str | bytes) -> bytes:
+        out = b""
+        for value in values:
+            raw = value.encode() if isinstance(value, str) else value
+            out += struct.pack("<I", len(raw)) + raw
+        return out
+
+    r = reserve
+    assert reserve.encode() == struct.pack(
+        "<HdQdBBd", r.gpus, r.fraction, r.memory, r.weight, r.mode, r.hold, r.idle_timeout
+    ) + var(r.client_name, r.only_gpus)
+    assert attach.encode() == struct.pack("<Q", attach.reservation) + var(
+        attach.secret, attach.server_id, attach.client_name
+    )
+    assert release.encode() == struct.pack("<Q", release.reservation) + var(release.secret)
+    assert info.encode() == struct.pack("<B", info.detail)
+    assert reply.encode() == struct.pack("<Qd", reply.reservation, reply.idle_timeout) + var(
+        reply.secret, reply.server_id, reply.grants
+    )
+    text = '{"server":{"id":"x"}}'
+    assert m.ServerInfoReply(text).encode() == var(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(indices=st.lists(fixed_values("H"), max_size=8), odd=st.binary(max_size=15))
+def test_only_gpus_is_a_list_of_u16_gpu_numbers(indices: list[int], odd: bytes) -> None:
+    """PROTOCOL.md 5.5.1: ``only_gpus`` is u16 server GPU numbers back to back; empty: any."""
+    only = m.Reserve.gpu_list(indices)
+    assert only == b"".join(struct.pack("<H", index) for index in indices)
+    reserve = m.Reserve(1, 0.5, 0, only_gpus=only)
+    decoded = m.Reserve.decode(reserve.encode())
+    assert isinstance(decoded, m.Reserve)
+    assert decoded.allowed_gpus() == (set(indices) if indices else None)
+    assert m.Reserve(1, 0.5, 0).allowed_gpus() is None
+    if len(odd) % 2:
+        with pytest.raises(InvalidValueError, match="only_gpus"):  # refused, not fatal
+            m.Reserve(1, 0.5, 0, only_gpus=odd).allowed_gpus()
+
+
+def test_the_control_plane_constants_are_the_documented_values() -> None:
+    assert (m.HOLD_BY_IDLE_TIMEOUT, m.HOLD_BY_CONNECTION) == (0, 1)
+    assert (m.INFO_BRIEF, m.INFO_FULL) == (0, 1)
+    assert [
+        int(op) for op in (Opcode.RESERVE, Opcode.ATTACH, Opcode.RELEASE, Opcode.SERVER_INFO)
+    ] == [
+        4,
+        5,
+        6,
+        7,
+    ]
+    # ATTACH is answered like HELLO; RELEASE with the empty Done.
+    assert REPLIES[Opcode.ATTACH] is m.HelloReply and REPLIES[Opcode.RELEASE] is m.Done
+    assert m.Reserve(1, 0.5, 0).hold == m.HOLD_BY_CONNECTION  # the default holds by connection
+    assert m.ServerInfo().detail == m.INFO_FULL
+
+
 @settings(max_examples=40, deadline=None)
 @given(fraction=st.floats(allow_nan=True), bits=st.integers(0, 2**52 - 1))
 def test_float_fields_travel_bit_exact(fraction: float, bits: int) -> None:
@@ -209,7 +317,7 @@ def test_header_layout(data: st.DataObject) -> None:
         meta = encoded[HEADER_SIZE:]
         assert HEADER_SIZE == 24
         assert encoded[0:4] == MAGIC == b"BFNT"
-        assert encoded[4] == PROTOCOL_VERSION == 2
+        assert encoded[4] == PROTOCOL_VERSION == 3
         assert encoded[5] == opcode
         assert int.from_bytes(encoded[6:8], "little") == flags
         assert int.from_bytes(encoded[8:12], "little") == request_id
@@ -404,10 +512,14 @@ def test_error_codes_and_flags_are_the_documented_values() -> None:
         "KERNEL": 6,
         "UNSUPPORTED": 7,
         "INTERNAL": 8,
+        "LEASE_ENDED": 9,
     }
     assert (ERROR_DEFERRED, ERROR_FATAL) == (0x1, 0x2)
     for code in ErrorCode:
         assert error_class(code).code == code
+    # The end of a reservation is the end of the session's GPUs: a lost connection, with a reason.
+    assert issubclass(error_class(ErrorCode.LEASE_ENDED), ConnectionLostError)
+    assert error_class(ErrorCode.LEASE_ENDED) is LeaseEndedError
     assert error_class(999).__name__ == "BitfusionError"  # a newer server's code still raises
 
 

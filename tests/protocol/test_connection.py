@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import pytest
-from connection_pair import ConnectionPair
+from connection_pair import GRANT, SECRET, SERVER_ID, ConnectionPair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitfusion_net.protocol import (
+    RULES,
     CapacityError,
     ClientState,
     ConnectionFailed,
     ConnectionLostError,
     ErrorCode,
+    Frame,
+    FrameDecoder,
     InvalidHandleError,
+    InvalidValueError,
+    LeaseEndedError,
+    Phase,
     ProtocolError,
     ProtocolViolation,
     ReplyReceived,
@@ -38,7 +44,7 @@ def test_handshake_moves_both_ends_to_ready() -> None:
 
 def test_the_client_sends_hello_first_and_once_and_nothing_before_its_answer() -> None:
     pair = ConnectionPair()
-    with pytest.raises(ProtocolError, match="HELLO must come first"):
+    with pytest.raises(ProtocolError, match="must come first"):
         pair.client.send_request(m.Synchronize(0))
     pair.client.send_request(m.Hello(1, 0.5, 0))
     for message in (m.Synchronize(0), m.Hello(1, 0.5, 0)):
@@ -63,12 +69,12 @@ def test_the_server_holds_requests_after_hello_until_it_answers() -> None:
 @pytest.mark.parametrize(
     ("frames", "request_id", "reason"),
     [
-        ([encode_request(m.Synchronize(0), 5)], 5, "expected HELLO first"),
+        ([encode_request(m.Synchronize(0), 5)], 5, "expected HELLO, ATTACH"),
         ([encode_request(m.Hello(1, 0.5, 0), 0)], 0, "request id 0"),
         (
             [encode_request(m.Hello(1, 0.5, 0), 1), encode_request(m.Hello(1, 0.5, 0), 2)],
             2,
-            "HELLO sent twice",
+            "HELLO sent after the connection's first request",
         ),
     ],
 )
@@ -250,7 +256,9 @@ def test_replies_that_answer_nothing_or_the_wrong_opcode_end_the_session() -> No
     pair = ConnectionPair()
     pair.handshake()
     sync = pair.client_sends(m.Synchronize(0), token="sync")
-    (ended,) = pair.client_receives(encode_reply(m.Opcode.MEM_GET_INFO, sync, m.MemGetInfoReply(1, 2)))
+    (ended,) = pair.client_receives(
+        encode_reply(m.Opcode.MEM_GET_INFO, sync, m.MemGetInfoReply(1, 2))
+    )
     assert isinstance(ended, ConnectionFailed) and ended.orphans == ("sync",)
     assert "wrong opcode" in str(ended.error)
 
@@ -363,3 +371,357 @@ def test_garbage_in_the_middle_of_a_long_feed_ends_the_session_not_the_caller() 
     answered, ended = pair.client_receives(data)
     assert answered.token == "sync"
     assert isinstance(ended, ConnectionFailed) and "broke the protocol" in str(ended.error)
+
+
+# -- connection phases (PROTOCOL.md 5.1): what the first request makes a connection --------------
+
+
+# One request of every opcode, with plain values (phases do not look at the values).
+def _sample(cls: type[m.Request]) -> m.Request:
+    values: dict[str, object] = {}
+    for name, code in cls.FIXED:
+        values[name] = (1,) * int(code[:-1]) if len(code) > 1 else 0
+    for name, kind in cls.VARIABLE:
+        values[name] = "" if kind == "str" else b""
+    return cls(**values)  # type: ignore[arg-type]
+
+
+SAMPLES = {opcode: _sample(rule.request) for opcode, rule in sorted(RULES.items())}
+GREETINGS = {m.Opcode.HELLO, m.Opcode.ATTACH}
+CONTROL = {m.Opcode.RESERVE, m.Opcode.RELEASE}
+ANYWHERE = {m.Opcode.SERVER_INFO}
+DEVICE = set(SAMPLES) - GREETINGS - CONTROL - ANYWHERE
+# What each kind of connection may carry, written out here rather than read from the code.
+ALLOWED = {
+    "new": GREETINGS | CONTROL | ANYWHERE,
+    "greeting": set(),
+    "device session": DEVICE | ANYWHERE,
+    "control connection": CONTROL | ANYWHERE,
+}
+
+
+def test_the_phases_are_the_documented_ones() -> None:
+    assert {op for op, rule in RULES.items() if rule.phase is Phase.GREETING} == GREETINGS
+    assert {op for op, rule in RULES.items() if rule.phase is Phase.CONTROL} == CONTROL
+    assert {op for op, rule in RULES.items() if rule.phase is Phase.ANY} == ANYWHERE
+    assert DEVICE and all(RULES[op].phase is Phase.DEVICE for op in DEVICE)
+
+
+def _pair_in(kind: str, first: int) -> ConnectionPair:
+    """A pair whose connection has become ``kind`` by the request ``first``."""
+    pair = ConnectionPair()
+    if kind == "greeting":
+        pair.client_sends(SAMPLES[first])
+        assert pair.client.state is ClientState.GREETING
+    elif kind == "device session":
+        pair.handshake(SAMPLES[first])
+        assert pair.server.state is ServerState.ACTIVE
+    elif kind == "control connection":
+        pair.control(SAMPLES[first])
+        assert pair.client.state is ClientState.CONTROL
+        assert pair.server.state is ServerState.CONTROL
+    return pair
+
+
+KINDS = [
+    ("new", 0),
+    *[("greeting", op) for op in sorted(GREETINGS)],
+    *[("device session", op) for op in sorted(GREETINGS)],
+    *[("control connection", op) for op in sorted(CONTROL | ANYWHERE)],
+]
+
+
+@pytest.mark.parametrize(("kind", "first"), KINDS, ids=lambda v: str(v))
+@pytest.mark.parametrize("opcode", sorted(SAMPLES), ids=lambda op: m.Opcode(op).name)
+def test_the_client_refuses_every_request_out_of_phase_with_nothing_registered(
+    kind: str, first: int, opcode: int
+) -> None:
+    pair = _pair_in(kind, first)
+    client = pair.client
+    state, waiting, next_id = client.state, client.waiting, client._next_id
+    message = SAMPLES[opcode]
+    if opcode in ALLOWED[kind]:
+        request_id, head = client.send_request(message)
+        assert request_id == next_id and head[5] == opcode
+        return
+    with pytest.raises(ProtocolError) as refused:
+        client.send_request(message)
+    assert (client.state, client.waiting, client._next_id) == (state, waiting, next_id)
+    assert client.failure is None  # a refusal is the caller's bug, not the end of the session
+    text = str(refused.value)
+    if kind == "new":
+        assert "must come first" in text
+    elif kind == "greeting" or opcode in GREETINGS:
+        assert "once" in text
+    elif kind == "control connection":
+        assert "needs a device session" in text
+    else:
+        assert "goes on a control connection" in text
+
+
+@pytest.mark.parametrize(("kind", "first"), [k for k in KINDS if k[0] != "greeting"])
+@pytest.mark.parametrize("opcode", sorted(SAMPLES), ids=lambda op: m.Opcode(op).name)
+def test_the_server_refuses_every_request_out_of_phase_fatally(
+    kind: str, first: int, opcode: int
+) -> None:
+    pair = _pair_in(kind, first)
+    server = pair.server
+    server.receive_data(encode_request(SAMPLES[opcode], 9))
+    (event,) = pair.server_events()
+    if opcode in ALLOWED[kind]:
+        assert isinstance(event, RequestReceived) and event.request_id == 9
+        assert type(event.message) is RULES[opcode].request
+        return
+    assert isinstance(event, ProtocolViolation) and event.request_id == 9
+    assert server.state is ServerState.CLOSING
+    (frame,) = _decoded_replies(event.data)
+    assert frame.request_id == 9 and isinstance(frame.message, m.ErrorReply)
+    assert frame.message.code == ErrorCode.PROTOCOL and frame.message.flags & m.ERROR_FATAL
+    name = m.Opcode(opcode).name
+    if kind == "new":
+        reason = f"expected HELLO, ATTACH or a control request first, got {name}"
+    elif opcode in GREETINGS:
+        reason = f"{name} sent after the connection's first request"
+    elif kind == "control connection":
+        reason = f"{name} needs a device session; this is a control connection"
+    else:
+        reason = f"{name} goes on a control connection, not on a device session"
+    assert str(event.error) == reason == frame.message.message
+    server.receive_data(encode_request(m.ServerInfo(), 10))
+    assert server.next_event() is None  # nothing more is delivered
+
+
+def _decoded_replies(data: bytes) -> list[Frame]:
+    decoder = FrameDecoder(receives_replies=True)
+    decoder.receive_data(data)
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
+    assert not decoder.in_frame
+    return frames
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        m.Reserve(1, 0.5, 0, client_name="tool"),
+        m.Release(3, SECRET),
+        m.ServerInfo(m.INFO_BRIEF),
+    ],
+    ids=lambda message: type(message).__name__,
+)
+def test_a_control_request_first_makes_a_control_connection(first: m.Request) -> None:
+    pair = ConnectionPair()
+    received = pair.control(first)
+    assert pair.client.state is ClientState.CONTROL and pair.server.state is ServerState.CONTROL
+    assert pair.client.hello is None  # no session: no limits, no grants
+    # Any number of control requests may follow, pipelined, before the first is answered.
+    reserve = pair.client_sends(m.Reserve(2, 0.25, 0, hold=m.HOLD_BY_IDLE_TIMEOUT), token="r")
+    info = pair.client_sends(m.ServerInfo(m.INFO_FULL), token="i")
+    release = pair.client_sends(m.Release(4, SECRET), token="x")
+    later = pair.server_events()
+    assert [type(e.message) for e in later] == [m.Reserve, m.ServerInfo, m.Release]
+    assert [e.request_id for e in later] == [reserve, info, release] == [2, 3, 4]
+    answers = {
+        m.Opcode.RESERVE: m.ReserveReply(3, 600.0, SECRET, SERVER_ID, m.encode_grants([GRANT])),
+        m.Opcode.RELEASE: m.Done(),
+        m.Opcode.SERVER_INFO: m.ServerInfoReply('{"server": {"protocol": 3}}'),
+    }
+    data = b"".join(
+        pair.server.reply(e.message.OPCODE, e.request_id, answers[e.message.OPCODE])
+        for e in [received, *later]
+    )
+    events = pair.client_receives(data)
+    assert [e.token for e in events] == ["first", "r", "i", "x"]
+    assert all(isinstance(e, ReplyReceived) for e in events)
+    assert [type(e.message) for e in events] == [
+        type(answers[first.OPCODE]),
+        m.ReserveReply,
+        m.ServerInfoReply,
+        m.Done,
+    ]
+    assert events[1].message.devices == [GRANT]
+    assert pair.client.state is ClientState.CONTROL and pair.client.waiting == 0
+    assert pair.server.state is ServerState.CONTROL
+
+
+def test_server_info_on_a_device_session_is_answered_among_device_replies() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    sync = pair.client_sends(m.Synchronize(0), token="sync")
+    info = pair.client_sends(m.ServerInfo(), token="info")
+    received = pair.server_events()
+    assert [type(e.message) for e in received] == [m.Synchronize, m.ServerInfo]
+    assert pair.server.state is ServerState.ACTIVE
+    # It names no device: its reply may overtake the device's (PROTOCOL.md 8).
+    events = pair.client_receives(
+        pair.server.reply(m.Opcode.SERVER_INFO, info, m.ServerInfoReply("{}"))
+        + pair.server.reply(m.Opcode.SYNCHRONIZE, sync, m.Done())
+    )
+    assert [(e.token, type(e.message)) for e in events] == [
+        ("info", m.ServerInfoReply),
+        ("sync", m.Done),
+    ]
+    assert pair.client.state is ClientState.READY
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type"),
+    [
+        (ErrorCode.CAPACITY, CapacityError),
+        (ErrorCode.INVALID_VALUE, InvalidValueError),
+    ],
+)
+def test_a_refused_reserve_is_not_fatal_on_either_end(
+    code: ErrorCode, error_type: type[Exception]
+) -> None:
+    pair = ConnectionPair()
+    reserve = pair.control(m.Reserve(8, 1.0, 0, client_name="greedy"))
+    (failed,) = pair.client_receives(
+        pair.server.error(reserve.request_id, code, "not enough free share on 8 GPUs")
+    )
+    assert isinstance(failed, RequestFailed) and failed.token == "first"
+    assert isinstance(failed.error, error_type)
+    assert pair.client.state is ClientState.CONTROL and pair.client.failure is None
+    assert pair.server.state is ServerState.CONTROL
+    # The client tries again, with less, on the same connection.
+    again = pair.client_sends(m.Reserve(1, 0.5, 0), token="again")
+    (received,) = pair.server_events()
+    assert isinstance(received, RequestReceived) and received.request_id == again
+    reply = m.ReserveReply(1, 0.0, SECRET, SERVER_ID, m.encode_grants([GRANT]))
+    (answered,) = pair.client_receives(pair.server.reply(m.Opcode.RESERVE, again, reply))
+    assert isinstance(answered, ReplyReceived) and answered.message == reply
+
+
+def test_a_refused_release_of_an_ended_reservation_is_not_fatal_either() -> None:
+    """LEASE_ENDED raises as a kind of ConnectionLostError, but answering a RELEASE it is an
+    ordinary error: only ERROR_FATAL (or an id nobody waits for) ends a control connection."""
+    pair = ConnectionPair()
+    release = pair.control(m.Release(3, SECRET))
+    text = "reservation 3 has ended: idle for 601.0 s"
+    (failed,) = pair.client_receives(
+        pair.server.error(release.request_id, ErrorCode.LEASE_ENDED, text)
+    )
+    assert isinstance(failed, RequestFailed) and isinstance(failed.error, LeaseEndedError)
+    assert failed.error.message == text
+    assert pair.client.state is ClientState.CONTROL and pair.server.state is ServerState.CONTROL
+    pair.client_sends(m.ServerInfo())
+    assert len(pair.server_events()) == 1
+
+
+def test_attach_is_a_greeting_answered_by_a_hello_reply() -> None:
+    pair = ConnectionPair()
+    attach = m.Attach(3, SECRET, SERVER_ID, "job")
+    pair.client_sends(attach, token="attach")
+    assert pair.client.state is ClientState.GREETING
+    pair.server.receive_data(encode_request(m.Synchronize(0), 2))  # pipelined behind it
+    (received,) = pair.server_events()
+    assert received.message == attach and pair.server.state is ServerState.NEGOTIATING
+    assert pair.server.next_event() is None  # nothing until it is accepted or refused
+    reply = m.HelloReply.with_devices(5, 2**26, 2**16, [GRANT])
+    accepted = pair.server.accept(received.request_id, reply)
+    (frame,) = _decoded_replies(accepted)
+    assert frame.opcode == m.Opcode.ATTACH and frame.message == reply
+    (answered,) = pair.client_receives(accepted)
+    assert isinstance(answered, ReplyReceived) and answered.token == "attach"
+    assert answered.message == reply and pair.client.hello == reply
+    assert pair.client.state is ClientState.READY and pair.server.state is ServerState.ACTIVE
+    (sync,) = pair.server_events()
+    assert isinstance(sync, RequestReceived) and sync.request_id == 2
+
+
+def test_an_attach_is_answered_with_its_own_opcode() -> None:
+    pair = ConnectionPair()
+    pair.client_sends(m.Attach(3, SECRET, SERVER_ID), token="attach")
+    (received,) = pair.server_events()
+    reply = m.HelloReply.with_devices(5, 2**26, 2**16, [GRANT])
+    head = pair.server.accept(received.request_id, reply)
+    assert head[5] == m.Opcode.ATTACH  # the header's opcode byte
+    (answered,) = pair.client_receives(head)
+    assert isinstance(answered, ReplyReceived) and answered.token == "attach"
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type"),
+    [
+        (ErrorCode.LEASE_ENDED, LeaseEndedError),  # the server restarted, or it ended
+        (ErrorCode.INVALID_VALUE, InvalidValueError),  # unknown id or wrong secret
+        (ErrorCode.CAPACITY, CapacityError),
+    ],
+)
+def test_a_refused_attach_ends_the_session(code: ErrorCode, error_type: type[Exception]) -> None:
+    pair = ConnectionPair()
+    attach = pair.client_sends(m.Attach(3, b"wrong", SERVER_ID), token="attach")
+    (received,) = pair.server_events()
+    refusal = pair.server.refuse(received.request_id, code, "no reservation 3 on this server")
+    assert pair.server.state is ServerState.CLOSING
+    failed, ended = pair.client_receives(refusal)
+    assert isinstance(failed, RequestFailed) and failed.request_id == attach
+    assert isinstance(failed.error, error_type)
+    assert isinstance(ended, ConnectionFailed) and pair.client.state is ClientState.CLOSED
+    with pytest.raises(error_type):
+        pair.client.send_request(m.ServerInfo())
+
+
+@pytest.mark.parametrize("greeting", ["hello", "attach"])
+def test_the_end_of_a_reservation_ends_its_sessions_with_lease_ended(greeting: str) -> None:
+    """PROTOCOL.md 5.5.5: a fatal ERROR with id 0 and the reason; what waited is orphaned."""
+    pair = ConnectionPair()
+    if greeting == "attach":
+        pair.attach()
+    else:
+        pair.handshake()
+    pair.client_sends(m.Synchronize(0), token="sync")
+    pair.client_sends(m.ServerInfo(), token="info")
+    pair.server_events()
+    reason = "reservation 3 has ended: released by 10.0.0.5:40000, tool"
+    (ended,) = pair.client_receives(pair.server.refuse(0, ErrorCode.LEASE_ENDED, reason))
+    assert isinstance(ended, ConnectionFailed) and set(ended.orphans) == {"sync", "info"}
+    assert isinstance(ended.error, LeaseEndedError) and isinstance(ended.error, ConnectionLostError)
+    assert ended.error.message == reason
+    with pytest.raises(LeaseEndedError, match="released by"):
+        pair.client.send_request(m.Synchronize(0))
+
+
+def test_a_control_request_pipelined_behind_a_hello_is_refused_once_it_is_accepted() -> None:
+    pair = ConnectionPair()
+    pair.server.receive_data(
+        encode_request(m.Hello(1, 0.5, 0), 1) + encode_request(m.Reserve(1, 0.5, 0), 2)
+    )
+    (hello,) = pair.server_events()
+    pair.server.accept(hello.request_id, m.HelloReply.with_devices(1, 1, 1, []))
+    (violation,) = pair.server_events()
+    assert isinstance(violation, ProtocolViolation) and violation.request_id == 2
+    assert "RESERVE goes on a control connection" in str(violation.error)
+
+
+@settings(max_examples=150, deadline=None)
+@given(script=st.lists(st.sampled_from(sorted(SAMPLES)), min_size=1, max_size=12))
+def test_the_client_sends_exactly_what_the_server_accepts(script: list[int]) -> None:
+    """Whatever the client is asked to send, in whatever order: it refuses exactly what is out of
+    phase, and the server, answering greetings as they come, never sees a violation."""
+    pair = ConnectionPair()
+    kind = "new"
+    for opcode in script:
+        allowed = opcode in ALLOWED[kind]
+        try:
+            request_id = pair.client_sends(SAMPLES[opcode])
+        except ProtocolError:
+            assert not allowed, m.Opcode(opcode).name
+            continue
+        assert allowed, m.Opcode(opcode).name
+        (event,) = pair.server_events()
+        assert isinstance(event, RequestReceived) and event.request_id == request_id
+        if kind == "new":
+            if opcode in GREETINGS:
+                reply = m.HelloReply.with_devices(1, 2**26, 2**16, [GRANT])
+                (answered,) = pair.client_receives(pair.server.accept(request_id, reply))
+                assert isinstance(answered, ReplyReceived)
+                kind = "device session"
+            else:
+                kind = "control connection"
+        expected = {
+            "device session": (ClientState.READY, ServerState.ACTIVE),
+            "control connection": (ClientState.CONTROL, ServerState.CONTROL),
+        }[kind]
+        assert (pair.client.state, pair.server.state) == expected

@@ -7,6 +7,7 @@ is free but a wrong offset, opcode value or example byte fails here.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from dataclasses import fields
@@ -17,12 +18,15 @@ from wire_strategies import all_message_classes
 
 from bitfusion_net.protocol import (
     ERROR_DEFERRED,
+    ERROR_FATAL,
+    PROTOCOL_VERSION,
     REPLIES,
     RULES,
     DeviceGrant,
     ErrorCode,
     ErrorReply,
     Opcode,
+    Phase,
     encode_reply,
     encode_request,
 )
@@ -34,6 +38,8 @@ TYPE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64", "d": "f64", "3I": "
 GiB = 2**30
 
 # The worked example of section 13, built with the real encoder.
+EXAMPLE_SECRET = bytes(range(32))  # a real secret is 32 random bytes
+EXAMPLE_SERVER_ID = "0b7d2c6e-5f1a-4e8b-9c3d-2a6f1e0d9b47"
 EXAMPLES = {
     "hello-request": encode_request(m.Hello(1, 0.5, 0, "demo"), 1),
     "hello-reply": encode_reply(
@@ -54,6 +60,37 @@ EXAMPLES = {
         Opcode.ERROR,
         4,
         ErrorReply(ErrorCode.INVALID_HANDLE, ERROR_DEFERRED, 3, 0, "not allocated"),
+    ),
+    # Section 13.2: a reservation made on a control connection, a program attached to it.
+    "reserve-request": encode_request(
+        m.Reserve(
+            1, 0.25, 0, 0.0, m.MODE_SHARE, m.HOLD_BY_IDLE_TIMEOUT, 3600.0, "demo", b"\x01\x00"
+        ),
+        1,
+    ),
+    "reserve-reply": encode_reply(
+        Opcode.RESERVE,
+        1,
+        m.ReserveReply(
+            3,
+            3600.0,
+            EXAMPLE_SECRET,
+            EXAMPLE_SERVER_ID,
+            m.encode_grants(
+                [
+                    DeviceGrant(
+                        0, 1, 16 * GiB, 4 * GiB, 0.25, 0.25, 0, "NumPy reference device", "numpy"
+                    )
+                ]
+            ),
+        ),
+    ),
+    "server-info-request": encode_request(m.ServerInfo(m.INFO_BRIEF), 2),
+    "attach-request": encode_request(m.Attach(3, EXAMPLE_SECRET, EXAMPLE_SERVER_ID, "job"), 1),
+    "lease-ended-error": encode_reply(
+        Opcode.ERROR,
+        0,
+        ErrorReply(ErrorCode.LEASE_ENDED, ERROR_FATAL, 0, 0, "reservation 3 has ended: released"),
     ),
 }
 
@@ -124,13 +161,14 @@ def test_the_opcode_table_matches_the_codec(spec: str) -> None:
     table = {int(row[0], 16): row for row in rows}
     assert set(table) == {int(op) for op in Opcode}
     for opcode in Opcode:
-        value, name, reply, request_payload, reply_meta, reply_payload = table[opcode]
+        value, name, phase, reply, request_payload, reply_meta, reply_payload = table[opcode]
         assert name == opcode.name
         if opcode in (Opcode.ERROR, Opcode.KEEPALIVE):  # sent by the server, answering nothing
             assert reply_meta == REPLIES[opcode].__name__
-            assert (reply, request_payload, reply_payload) == ("-", "-", "none"), name
+            assert (phase, reply, request_payload, reply_payload) == ("-", "-", "-", "none"), name
             continue
         rule = RULES[opcode]
+        assert phase == rule.phase.value, name
         assert reply == ("no-reply" if rule.no_reply else "yes"), name
         assert (request_payload != "none") == rule.request.HAS_PAYLOAD, name
         if rule.no_reply:
@@ -172,6 +210,60 @@ def test_worked_example_bytes(spec: str, name: str) -> None:
 
 def test_every_example_in_the_document_is_checked(spec: str) -> None:
     assert set(re.findall(r"<!-- example: ([\w-]+) -->", spec)) == set(EXAMPLES)
+
+
+def test_the_phase_table_matches_the_rules(spec: str) -> None:
+    """Section 5.1 names the requests of each phase; every other request is a device request."""
+    rows = _table_after(spec, "<!-- phase-table -->")
+    documented = {row[0]: row[1] for row in rows}
+    assert set(documented) == {phase.value for phase in Phase}
+    for phase in Phase:
+        named = {
+            int(value, 16)
+            for value in re.findall(r"\(`(0x[0-9A-Fa-f]{2})`\)", documented[phase.value])
+        }
+        if phase is Phase.DEVICE:
+            assert not named and "every other request" in documented[phase.value]
+            continue
+        assert named == {op for op, rule in RULES.items() if rule.phase is phase}, phase
+        for opcode in named:
+            assert Opcode(opcode).name in documented[phase.value], phase
+
+
+def _info_keys(spec: str, name: str) -> set[str]:
+    return {row[0] for row in _table_after(spec, f"<!-- info-keys: {name} -->")}
+
+
+def test_the_server_info_example_has_exactly_the_documented_keys(spec: str) -> None:
+    """Section 5.6: the JSON example parses and each of its objects has the keys of its table."""
+    block = spec[spec.index("<!-- info-example -->") :].split("```")[1]
+    assert block.startswith("json\n")
+    info = json.loads(block[len("json\n") :])
+    assert set(info) == {"server", "gpus", "reservations"}
+    assert set(info["server"]) == _info_keys(spec, "server")
+    assert info["server"]["protocol"] == PROTOCOL_VERSION
+    for gpu in info["gpus"]:
+        assert set(gpu) == _info_keys(spec, "gpus")
+    assert info["reservations"]
+    for reservation in info["reservations"]:
+        assert set(reservation) == _info_keys(spec, "reservations")
+        assert reservation["held_by"] in ("connection", "idle timeout")
+        for device in reservation["devices"]:
+            assert set(device) == _info_keys(spec, "devices")
+        for session in reservation["sessions"]:
+            assert set(session) == _info_keys(spec, "sessions")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but ``-`` and ``_`` dropped."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_link_within_the_document_has_its_heading(spec: str) -> None:
+    anchors = {_anchor(h) for h in re.findall(r"^#{2,4} (.+)$", spec, flags=re.MULTILINE)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", spec))
+    assert links and links <= anchors, sorted(links - anchors)
 
 
 def test_the_pointer_as_u64_rule_is_the_same_in_the_protocol_and_the_executors() -> None:

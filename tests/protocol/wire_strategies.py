@@ -6,6 +6,7 @@ message class is covered as soon as it is registered in ``REQUESTS`` or ``REPLIE
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,18 +66,46 @@ device_grants = st.builds(
 )
 
 
+# A reservation's secret is 32 bytes; the codec carries any length (the server refuses others).
+reservation_secrets = st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=96))
+server_ids = st.one_of(st.uuids().map(str), texts)  # a server instance's id is a UUID
+_short_texts = st.text(max_size=8)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _short_texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_short_texts, inner, max_size=3),
+    max_leaves=12,
+)
+# SERVER_INFO's text is a JSON object (PROTOCOL.md 5.6), but to the codec it is any text: both.
+server_infos = st.one_of(
+    st.dictionaries(_short_texts, json_values, max_size=4).map(
+        lambda obj: json.dumps(obj, ensure_ascii=False)
+    ),
+    texts,
+)
+# Variable fields that mean something more than "any text" or "any bytes", by name: a HELLO or
+# RESERVE reply carries real DeviceGrant records.
+_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "grants": st.lists(device_grants, max_size=4).map(m.encode_grants),
+    "secret": reservation_secrets,
+    "server_id": server_ids,
+    "info": server_infos,
+    # RESERVE's u16 GPU numbers; to the codec any bytes (an odd length is the server's to refuse).
+    "only_gpus": st.one_of(
+        st.lists(fixed_values("H"), max_size=8).map(m.Reserve.gpu_list), st.binary(max_size=17)
+    ),
+}
+
+
 def messages(cls: type[Message]) -> st.SearchStrategy[Message]:
-    """Valid instances of ``cls``; a HELLO reply carries real DeviceGrant records."""
-    if cls is m.HelloReply:
-        return st.builds(
-            m.HelloReply.with_devices,
-            fixed_values("Q"),
-            fixed_values("Q"),
-            fixed_values("I"),
-            st.lists(device_grants, max_size=4),
-        )
+    """Valid instances of ``cls``; fields named in ``_FIELD_VALUES`` get their own values."""
     kwargs = {name: fixed_values(code) for name, code in cls.FIXED}
-    kwargs.update({name: variable_values(kind) for name, kind in cls.VARIABLE})
+    kwargs.update(
+        {name: _FIELD_VALUES.get(name, variable_values(kind)) for name, kind in cls.VARIABLE}
+    )
     return st.builds(cls, **kwargs)
 
 
