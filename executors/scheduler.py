@@ -54,6 +54,7 @@ CAP_BURST = 0.002  # seconds of device time a capped tenant may save up
 # once and forgets it by this factor per job, so the cheap synchronising calls between kernels do
 # not make a tenant of long kernels look light.
 ESTIMATE_DECAY = 0.99
+MEAN_SMOOTHING = 0.1  # weight of the newest job in a tenant's mean job length
 # Finish tags closer than this fraction of a job are treated as equal, and the tenant that has
 # waited longer goes first: a few microseconds of noise in measured kernel times would otherwise
 # reshuffle equal tenants every round, and a tenant served first in one round and last in the next
@@ -83,6 +84,7 @@ class _TenantState(Generic[T]):
     start: float = 0.0  # S: virtual start tag of its head job
     finish: float = 0.0  # F: virtual finish tag of its last charged job
     typical: float = 0.0  # its usual job length (a decaying peak of measured device time)
+    mean: float = 0.0  # its mean job length (a moving average), for what holding is worth
     in_flight: int = 0
     order: int = 0  # tie-break: when it became ready
     credit: float = 0.0  # capped tenants: device-seconds they may still use
@@ -291,15 +293,22 @@ class FairScheduler(Generic[T]):
             self._anticipated = None
             return None
         until = min(until, since + ANTICIPATE_NEIGHBOUR * neighbour.typical)
-        mine = max(self._virtual, state.finish) + state.typical / state.weight
+        # Where its next job would finish: expected back, its start tag goes on from its last job
+        # (as ``push`` will have it), so a tenant that lags keeps its lag here too.
+        start = (
+            state.finish if state.expected_until is not None else max(self._virtual, state.finish)
+        )
+        mine = start + state.typical / state.weight
         # Holding pays only for a tenant whose share wants it back on the device sooner than it
         # would get there after a neighbour's job: then the neighbour's job is time it loses for
         # good (it has one round of work at a time). A tenant entitled to less (twenty equal
         # loops, say) makes its lag up on its next turn: nobody waits for it.
+        # Mean job lengths, not the peaks: a tenant whose jobs vary (1 ms, 2 ms, ...) would seem
+        # to need holding less than it does, and lose a share it is owed on every round.
         share = state.weight / max(self._active_weight, state.weight)
         think = state.think or 0.0
-        entitled_interval = state.typical / share
-        worth_it = entitled_interval < state.typical + think + neighbour.typical
+        entitled_interval = state.mean / share
+        worth_it = entitled_interval < state.mean + think + neighbour.mean
         if now >= until or mine > best_finish or not worth_it:
             self._anticipated = None
             return None
@@ -356,6 +365,9 @@ class FairScheduler(Generic[T]):
         # the tenant's turn: it keeps its place in line.
         keep_turn = seconds < STABLE_ORDER * state.typical
         state.typical = max(seconds, state.typical * ESTIMATE_DECAY)
+        state.mean = (
+            seconds if not state.mean else state.mean + MEAN_SMOOTHING * (seconds - state.mean)
+        )
         state.usage.device_time += seconds
         state.usage.operations += 1
         if state.cap is not None:
