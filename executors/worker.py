@@ -31,6 +31,10 @@ from .scheduler import Dispatch, Scheduler, make_scheduler
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("fair", "fifo")
+# How long a device must have had no tenant before the host memory kept for tenants goes back
+# (``_host_memory_idle``: a garbage collection and a heap trim, about 5 ms with the interpreter
+# lock held, which every tenant of every device would wait for if each departure paid it).
+IDLE_CLEANUP_S = 1.0
 
 # (operation, wants a reply, tag, completion)
 _Job = tuple[Callable[[], Any], bool, int, Completion | None]
@@ -83,6 +87,7 @@ class DeviceWorker:
         self._stopped = False
         self._running: tuple[Tenant, float] | None = None  # whose job is on the device, since when
         self._busy = 0.0  # seconds of device time all tenants' finished jobs took
+        self._idle_task: tuple[float, Callable[[], None]] | None = None  # (due, what)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -152,6 +157,13 @@ class DeviceWorker:
                 tenant.memory_high_water,
             )
 
+    def run_when_idle(self, task: Callable[[], None], after: float) -> None:
+        """Run ``task`` on the worker thread once the device has had nothing to run for
+        ``after`` seconds; any job dispatched before then cancels it."""
+        with self._ready:
+            self._idle_task = (self._clock() + after, task)
+            self._ready.notify()
+
     def busy_time(self) -> float:
         """Seconds the device has spent on work since it started (any tenant's, running now
         included): utilisation over an interval is the difference of two samples over its length."""
@@ -203,20 +215,35 @@ class DeviceWorker:
     def _serve(self) -> None:
         clock, scheduler, ready = self._clock, self._scheduler, self._ready
         while True:
+            idle_work: Callable[[], None] | None = None
             with ready:
                 while True:
                     choice = scheduler.pop(clock())
                     if isinstance(choice, Dispatch):
+                        self._idle_task = None  # busy again: whoever armed it re-arms it
+                        tenant: Tenant = choice.key  # type: ignore[assignment]
+                        started = clock()
+                        self._running = (tenant, started)  # under the lock that popped it
                         break
                     if self._stopping and not len(scheduler):
                         self._stopped = True
                         return
                     # None: nothing queued. A float: only capped tenants have work, and the
                     # first of them may run again in that many seconds.
+                    if choice is None and self._idle_task is not None:
+                        due, task = self._idle_task
+                        if clock() >= due:
+                            self._idle_task, idle_work = None, task
+                            break
+                        choice = due - clock()
                     ready.wait(choice)
-                tenant: Tenant = choice.key  # type: ignore[assignment]
-                started = clock()
-                self._running = (tenant, started)
+            if idle_work is not None:
+                try:
+                    idle_work()
+                except Exception:  # noqa: BLE001 - house-keeping must not stop the device
+                    log.exception("idle house-keeping failed")
+                continue
+            assert isinstance(choice, Dispatch)
             op, wants_reply, tag, on_done = choice.job
             self._execute(tenant, op, wants_reply, tag, on_done)
             finished = clock()
@@ -346,7 +373,10 @@ class WorkerExecutor(Executor):
         self._release_after_queued(tenant, on_done)
 
     def _release_after_queued(self, tenant: Tenant, on_done: Callable[[], None] | None) -> None:
+        last = False  # the device's last tenant: its idle host memory goes back afterwards
+
         def release() -> None:
+            nonlocal last
             with self._tenants_lock:
                 if tenant not in self._tenants:
                     return
@@ -358,8 +388,6 @@ class WorkerExecutor(Executor):
                 log.exception("releasing a tenant failed")
             finally:
                 self._tenant_released(tenant)
-            if last:
-                self._host_memory_idle()
 
         def finished(_result: Any, _error: BaseException | None) -> None:
             # Runs on the worker after the release (or at once if the worker has stopped, in
@@ -367,16 +395,24 @@ class WorkerExecutor(Executor):
             self._worker.remove_tenant(tenant)
             if on_done is not None:
                 on_done()
+            if last:  # not now: a tenant that comes and goes would pay for it every time
+                self._worker.run_when_idle(self._idle_without_tenants, IDLE_CLEANUP_S)
 
         # Submitted without a reply, so a sticky error still pending on the tenant cannot stop it.
         self._worker.submit(tenant, release, False, 0, finished)
+
+    def _idle_without_tenants(self) -> None:
+        with self._tenants_lock:
+            if self._tenants:
+                return
+        self._host_memory_idle()
 
     def _worker_exiting(self) -> None:
         """Hook for subclasses: clean up thread-bound device state on the worker as it stops."""
 
     def _host_memory_idle(self) -> None:
-        """Hook for subclasses, on the worker when the last tenant has gone: hand back host
-        memory kept for tenants (idle staging buffers)."""
+        """Hook for subclasses, on the worker once the device has had no tenant for
+        ``IDLE_CLEANUP_S``: hand back host memory kept for tenants (idle staging buffers)."""
 
     def _tenant_released(self, tenant: Tenant) -> None:
         with self._committed_lock:
