@@ -7,6 +7,8 @@
 See README.md for the quick start and docs/PROTOCOL.md for the wire protocol.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .client import (
     DevicePtr,
     Event,
@@ -39,10 +41,23 @@ from .protocol.errors import (
     ProtocolError,
     UnsupportedError,
 )
-from .server import Server
 from .units import parse_size
 
+if TYPE_CHECKING:
+    from .server import Server
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The server (with its executors and NumPy) loads only when asked for: clients and the
+    # bitfusion-net command start faster without it.
+    if name == "Server":
+        from .server import Server
+
+        return Server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BitfusionError", "CallTimeoutError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",

@@ -24,7 +24,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +82,7 @@ class Reservation:
     attached: dict[Attachment, list[Lease]] = field(default_factory=dict)
     ended: str | None = None  # why it ended
     closing: int = 0  # tenants of it still being closed (their memory is not yet free)
+    settle_waiters: list[Callable[[], None]] = field(default_factory=list)  # until closing is 0
     returned: bool = False  # its placements are back in the pool
 
     def grants(self, executors: list[Executor]) -> list[DeviceGrant]:
@@ -200,6 +201,14 @@ class ReservationTable:
         raise InvalidValueError(f"no reservation {reservation_id} with that secret on this server")
 
     # -- programs -------------------------------------------------------------------------------
+    def when_settled(self, reservation: Reservation, then: Callable[[], None]) -> None:
+        """Call ``then`` once no tenant of the reservation is still being closed: a program that
+        attaches right after another detached finds the memory that one held free again."""
+        if reservation.closing:
+            reservation.settle_waiters.append(then)
+        else:
+            then()
+
     def attach(self, reservation: Reservation, session: Attachment) -> list[Lease]:
         """Open the session's tenants on the reservation's GPUs (raises ``CapacityError``,
         with nothing left open, if an executor refuses)."""
@@ -288,6 +297,10 @@ class ReservationTable:
 
         def freed() -> None:
             reservation.closing -= 1
+            if not reservation.closing:
+                waiters, reservation.settle_waiters = reservation.settle_waiters, []
+                for waiter in waiters:
+                    waiter()
             self._give_back(reservation)
 
         def on_done() -> None:  # on the device's worker thread

@@ -35,6 +35,7 @@ from ..protocol import (
     BitfusionError,
     ErrorCode,
     InvalidValueError,
+    LeaseEndedError,
     Limits,
     Message,
     Phase,
@@ -268,7 +269,22 @@ class ServerSession:
         table = self._reservations
         try:
             reservation = table.find(attach.reservation, attach.secret, attach.server_id)
-            leases = table.attach(reservation, self)
+        except BitfusionError as exc:
+            log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
+            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            return
+        # Nothing more is delivered until the ATTACH is answered (the connection negotiates).
+        table.when_settled(reservation, lambda: self._attach_now(request_id, reservation))
+
+    def _attach_now(self, request_id: int, reservation: Reservation) -> None:
+        if self._closed or self.connection.state is not ServerState.NEGOTIATING:
+            return
+        try:
+            if reservation.ended is not None:
+                raise LeaseEndedError(
+                    f"reservation {reservation.id} has ended: {reservation.ended}"
+                )
+            leases = self._reservations.attach(reservation, self)
         except BitfusionError as exc:
             log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
             self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
