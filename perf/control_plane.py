@@ -11,7 +11,9 @@ Against a real server process on loopback, side by side in one run:
   ``python -c pass``; the difference is what ``run`` adds (its own start-up, reserving, the
   release);
 - ``killed_run``: a ``run`` whose program is attached is SIGKILLed, then its program killed;
-  the time from the program's death until the server has the GPU back.
+  the time from the program's death until the server has the GPU back;
+- ``peer_copy``: ``Session.memcpy_peer`` of 64 MiB between GPUs of two servers (the bytes pass
+  through the client) beside a plain ``memcpy_dtoh`` of the same size, in GB/s.
 
 Writes ``perf/results/control_plane.json``. ``--quick`` for a smoke run.
 """
@@ -167,6 +169,43 @@ def measure_killed_run(address: str, repeat: int) -> dict[str, Any]:
     return {"gpu_back_after_program_killed": summary(back)}
 
 
+def measure_peer_copy(
+    first: str, second: str, nbytes: int, repeat: int, lease_path: Path
+) -> dict[str, Any]:
+    import numpy as np
+
+    controls, parts = [], []
+    for address in (first, second):
+        control = ControlConnection(address, 5.0)
+        reply = control.reserve(m.Reserve(1, 0.5, 0))
+        controls.append(control)
+        parts.append(
+            ServerReservation(address, reply.server_id, reply.reservation, reply.secret, 0.0)
+        )
+    ReservationFile(parts).save(lease_path)
+    os.environ[LEASE_ENV] = str(lease_path)
+    try:
+        with bf.connect_sync() as session:
+            a, b = session.devices
+            src, dst = a.mem_alloc(nbytes), b.mem_alloc(nbytes)
+            host = np.ones(nbytes, np.uint8)
+            a.memcpy_htod(src, host)
+            peer, down = [], []
+            for _ in range(repeat):
+                peer += timed(lambda: session.memcpy_peer(1, dst, 0, src, nbytes), 1)
+                down += timed(lambda: a.memcpy_dtoh(host, src), 1)
+            b.synchronize()
+        return {
+            "bytes": nbytes,
+            "memcpy_peer_gb_s": round(nbytes / statistics.median(peer) / 1e9, 3),
+            "memcpy_dtoh_gb_s": round(nbytes / statistics.median(down) / 1e9, 3),
+        }
+    finally:
+        os.environ.pop(LEASE_ENV, None)
+        for control in controls:
+            control.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run")
@@ -186,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             "run": measure_run(address, slow_rounds),
             "killed_run": measure_killed_run(address, max(2, slow_rounds // 4)),
         }
+        with server_process(server_argv, "the second server") as second:
+            size = (4 if args.quick else 64) * 2**20
+            result["peer_copy"] = measure_peer_copy(
+                address, second, size, slow_rounds, Path(tmp) / "pool.json"
+            )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

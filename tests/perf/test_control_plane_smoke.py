@@ -23,3 +23,4 @@ def test_control_plane_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert report["attach"]["attach"]["median_ms"] > 0
     assert report["run"]["under_run"]["samples"] == 2
     assert report["killed_run"]["gpu_back_after_program_killed"]["samples"] == 2
+    assert report["peer_copy"]["memcpy_peer_gb_s"] > 0
