@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Share this host's GPUs, whole or in fractions down to 1/20, with bitfusion-net "
             "clients over TCP. Prints 'listening on tcp://HOST:PORT' on stdout when ready; "
             "SIGINT or SIGTERM shut it down cleanly, releasing every lease; SIGUSR1 logs every "
-            "tenant's lease (fraction, mode, weight) and usage (device time, queue wait, memory)."
+            "tenant's lease (fraction, mode, weight) and usage (device time, queue wait, memory). "
+            "'bitfusion-server token --help' manages the tokens of users."
         ),
     )
     parser.add_argument(
@@ -171,8 +172,13 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["token"]:  # bitfusion-server token create | list | revoke
+        from .token_admin import main as token_main
+
+        return token_main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.gpus is not None and args.gpus < 1:
         parser.error("--gpus must be at least 1")
     if not args.stall_timeout > 0:
