@@ -15,9 +15,11 @@ The two ends are joined by two byte queues ("wires"). The input is a 3-byte conf
 bits 0-1 the server's limits, bit 2 the server keeps payloads, bit 3 deliver everything at the
 end, bit 4 the client's own limits, bit 5 the harness opens the connection first so the script
 starts past it: with a HELLO (READY), with bit 6 an ATTACH (READY), with bit 7 instead a
-RESERVE, a control connection (CONTROL); bytes 1 and 2: the client's and the server's receive
-buffer sizes), then a script of operations, each one byte and then its own choices: the client
-sends a request (valid, broken, or one the phase does not allow, PROTOCOL.md 5.1), bytes move along a wire (a fuzzer-chosen count, through
+RESERVE, a control connection (CONTROL); byte 1: bits 0-1 the client's receive buffer size, bit
+2 the harness exchanges an AUTHENTICATE first (before its opening request, or alone without bit
+5 of byte 0: the script starts AUTHENTICATED); byte 2: bits 0-1 the server's receive buffer
+size), then a script of operations, each one byte and then its own choices: the client sends a
+request (valid, broken, or one the phase does not allow, PROTOCOL.md 5.1), bytes move along a wire (a fuzzer-chosen count, through
 ``receive_data`` or ``get_buffer``/``buffer_updated``), garbage is fed to either end, either end's
 events are taken, the client closes, abandons or loses the connection, and the server answers
 what it received as a server should (accept, refuse, reply, error, deferred error, KEEPALIVE) or
@@ -38,7 +40,9 @@ What must hold (docs/PROTOCOL.md sections 3, 5, 9 and the connections' docstring
 - everything the server writes decodes as replies; a violation's bytes are one fatal ERROR.
 
 ``FUZZ_AVOID`` names (see fuzz_support): ``hello-in-ready`` (do not send a second greeting, HELLO
-or ATTACH, after the first was answered), ``bad-payload-length`` (no negative or 2**64 payload length),
+or ATTACH, after the first was answered), ``greeting-behind-authenticate`` (do not send a
+greeting while an AUTHENTICATE is unanswered: the client takes the AuthenticateReply for the
+greeting's reply), ``bad-payload-length`` (no negative or 2**64 payload length),
 ``dtoh-empty-reply`` (no copy's reply with an empty payload to a non-empty buffer: neither the
 lying server's, nor the honest answer to a copy of 0 bytes into a 1-byte buffer), and
 ``get-buffer-after-error`` (stop feeding an end whose ``get_buffer`` raised).
@@ -109,13 +113,19 @@ ERROR_CODES = (*(int(code) for code in ErrorCode), 0, 99, 65535)
 # The phases of request each state allows (PROTOCOL.md 5.1), written out here rather than taken
 # from the connections the harness checks. A client that is CLOSED sends nothing.
 CLIENT_ALLOWS: dict[ClientState, frozenset[Phase]] = {
-    ClientState.IDLE: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ClientState.IDLE: frozenset({Phase.AUTH, Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    # AUTHENTICATE sent: the opening request follows, as on a fresh connection (only once).
+    ClientState.AUTHENTICATED: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
     ClientState.GREETING: frozenset(),  # nothing before the greeting's answer
     ClientState.READY: frozenset({Phase.DEVICE, Phase.ANY}),
     ClientState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
 }
+# What a connection's first request (or the one after AUTHENTICATE) makes of the server.
+OPENED_BY = {Phase.AUTH: ServerState.AUTHENTICATED, Phase.GREETING: ServerState.NEGOTIATING}
+TOKEN = "bfnet-fuzz"  # opaque to the connections; short, to fit the smallest limits
 SERVER_DELIVERS: dict[ServerState, frozenset[Phase]] = {
-    ServerState.AWAITING_HELLO: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.AWAITING_HELLO: frozenset({Phase.AUTH, Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.AUTHENTICATED: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
     ServerState.ACTIVE: frozenset({Phase.DEVICE, Phase.ANY}),
     ServerState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
 }
@@ -151,10 +161,12 @@ class Harness:
         self.handshake = bool(config & 32)  # start past a first request the harness exchanged:
         self.attach = bool(config & 64)  # an ATTACH rather than a HELLO (READY)
         self.control = bool(config & 128)  # a RESERVE: a control connection (CONTROL)
+        client_config = choices.byte()
+        self.authenticated = bool(client_config & 4)  # an AUTHENTICATE first (before any greeting)
         self.client = ClientConnection(
             # The metadata limit is version 2's, which servers size their error texts to.
             limits=CLIENT_LIMITS if config & 16 else Limits(max_payload=LARGEST_WRITTEN_PAYLOAD),
-            buffer_size=BUFFER_SIZES[choices.byte() & 3],
+            buffer_size=BUFFER_SIZES[client_config & 3],
         )
         self.server = ServerConnection(
             self.server_limits,
@@ -184,6 +196,8 @@ class Harness:
 
     # -- the script ------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.authenticated:
+            self.authenticate()
         if self.handshake:
             self.greet()
         for _ in range(MAX_STEPS):
@@ -194,6 +208,22 @@ class Harness:
             getattr(self, operation)()
             self.check_states()
         self.finish()
+
+    def authenticate(self) -> None:
+        """An AUTHENTICATE sent, delivered and answered, its reply taken: both ends then wait for
+        the opening request (AUTHENTICATED), as on a fresh connection (PROTOCOL.md 5.1)."""
+        request_id, head = self.client.send_request(m.Authenticate(TOKEN))
+        self.last_id = request_id
+        check(self.client.state is ClientState.AUTHENTICATED, "AUTHENTICATE left the client idle")
+        self.server.receive_data(head)
+        event = _next_event(self.server)
+        check(isinstance(event, RequestReceived), f"the AUTHENTICATE arrived as {event!r}")
+        check(self.server.state is ServerState.AUTHENTICATED, "AUTHENTICATE left the server")
+        answer = self.server.reply(Opcode.AUTHENTICATE, request_id, m.AuthenticateReply("fuzz"))
+        self.client.receive_data(answer)
+        check(isinstance(_next_event(self.client), ReplyReceived), "AUTHENTICATE was not answered")
+        check(self.client.state is ClientState.AUTHENTICATED, "its reply moved the client")
+        check(self.client.hello is None, "an AuthenticateReply taken for a greeting's reply")
 
     def greet(self) -> None:
         """A HELLO or ATTACH (or a RESERVE) sent, delivered, accepted and its reply taken, so
@@ -208,7 +238,7 @@ class Harness:
         request_id, head = self.client.send_request(first)
         self.last_id = request_id
         self.server.receive_data(head)
-        event = self.server.next_event()
+        event = _next_event(self.server)
         check(isinstance(event, RequestReceived), f"the {first!r} arrived as {event!r}")
         grants = [self._grant(0)]
         if self.control:
@@ -218,7 +248,7 @@ class Harness:
             reply = m.HelloReply.with_devices(7, 4096, 65536, grants)
             answer = self.server.accept(request_id, reply)
         self.client.receive_data(answer)
-        check(isinstance(self.client.next_event(), ReplyReceived), f"{first!r} was not answered")
+        check(isinstance(_next_event(self.client), ReplyReceived), f"{first!r} was not answered")
         expected = ClientState.CONTROL if self.control else ClientState.READY
         check(self.client.state is expected, f"the handshake left the client {self.client.state}")
 
@@ -242,6 +272,12 @@ class Harness:
             phase is Phase.GREETING
             and client.state is ClientState.READY
             and avoiding("hello-in-ready")
+        ):
+            return
+        if (
+            phase is Phase.GREETING
+            and any(type(sent.message) is m.Authenticate for sent in self.outstanding.values())
+            and avoiding("greeting-behind-authenticate")
         ):
             return
         payload_length = self._payload_length(msg)
@@ -322,7 +358,7 @@ class Harness:
 
     def client_events(self) -> None:
         for _ in range(1 + self.choices.below(8)):
-            event = self.client.next_event()
+            event = _next_event(self.client)
             if event is None:
                 return
             self.client_event(event)
@@ -341,6 +377,9 @@ class Harness:
                 )
             else:
                 check(event.payload is None, "a payload in a reply without a buffer")
+            if sent.message.RULE.phase is Phase.AUTH:
+                check(self.client.hello is not event.message, "an AuthenticateReply as the hello")
+                check(self.client.state is not ClientState.IDLE, "an AuthenticateReply when IDLE")
             if sent.message.RULE.phase is Phase.GREETING:
                 check(
                     self.client.state is ClientState.READY,
@@ -416,7 +455,7 @@ class Harness:
         server = self.server
         for _ in range(1 + self.choices.below(8)):
             before = server.state
-            event = server.next_event()
+            event = _next_event(server)
             if event is None:
                 return
             check(
@@ -455,8 +494,8 @@ class Harness:
             phase in SERVER_DELIVERS.get(before, frozenset()),
             f"{type(msg).__name__} was delivered in {before.name}, which forbids it",
         )
-        if before is ServerState.AWAITING_HELLO:
-            after = ServerState.NEGOTIATING if phase is Phase.GREETING else ServerState.CONTROL
+        if before in (ServerState.AWAITING_HELLO, ServerState.AUTHENTICATED):
+            after = OPENED_BY.get(phase, ServerState.CONTROL)
             check(
                 self.server.state is after, f"{type(msg).__name__} first did not make {after.name}"
             )
@@ -567,7 +606,14 @@ class Harness:
         if request_id is None:
             request_id = self.choices.pick((0, self.last_id, 12345))
         code = self.choices.pick(
-            (ErrorCode.PROTOCOL, ErrorCode.CAPACITY, ErrorCode.INVALID_VALUE, ErrorCode.LEASE_ENDED)
+            (
+                ErrorCode.PROTOCOL,
+                ErrorCode.CAPACITY,
+                ErrorCode.INVALID_VALUE,
+                ErrorCode.LEASE_ENDED,
+                ErrorCode.AUTH,  # a token refused, or (id 0) revoked during the session
+                ErrorCode.QUOTA,
+            )
         )
         self.server_wrote(server.refuse(request_id, code, "refused"))
         check(server.state is ServerState.CLOSING, "refuse() did not close the server")
@@ -654,7 +700,7 @@ class Harness:
             self._feed(client, bytes(self.to_client.data))
             self.to_client.data.clear()
         for _ in range(10_000):
-            event = client.next_event()
+            event = _next_event(client)
             if event is None:
                 break
             self.client_event(event)
@@ -664,12 +710,20 @@ class Harness:
         if ended is not None:
             self.own_errors.add(id(ended.error))
             self.client_event(ended, own=True)
-        while (event := client.next_event()) is not None:
+        while (event := _next_event(client)) is not None:
             self.client_event(event)
         self.check_states()
         if self.outstanding:
             lost = sorted(sent.request_id for sent in self.outstanding.values())
             raise InvariantBroken(f"requests never resolved: {lost}")
+
+
+def _next_event(end: ClientConnection | ServerConnection) -> Any:
+    """``end.next_event()``, which never raises: its failures are events (a crash says which)."""
+    try:
+        return end.next_event()
+    except Exception as exc:  # noqa: BLE001 - any exception is the bug being reported
+        raise InvariantBroken(f"{type(end).__name__}.next_event() raised {exc!r}") from exc
 
 
 def test_one_input(data: bytes) -> None:

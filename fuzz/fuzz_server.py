@@ -25,15 +25,19 @@ end. The input:
   bit 6 reserve half of GPU 0 before the session starts, as reservation 1 with the secret
   ``WAITING_SECRET`` (so that an ATTACH can find it, and a RELEASE end it); bit 7 sweep the
   reservations as if long after, before closing (idle timeouts end them: LEASE_ENDED).
-- byte 1: which greeting (``HELLOS``, an ATTACH among them); byte 2: the stream's piece size
-  (``CHUNKS``); byte 3: the server's ``max_payload`` (``PAYLOAD_LIMITS``); the rest: the bytes
-  the client writes.
+- byte 1: bits 0-6 which greeting (``HELLOS``, an ATTACH among them); bit 7 write an
+  AUTHENTICATE (request id ``AUTH_ID``) before everything else, the harness's greeting included:
+  the server has no token store, so it must answer with an empty user and go on (PROTOCOL.md
+  5.7.1); byte 2: the stream's piece size (``CHUNKS``); byte 3: the server's ``max_payload``
+  (``PAYLOAD_LIMITS``); the rest: the bytes the client writes.
 
 What must hold: nothing raises out of the session (the loop's exception handler sees nothing);
 nothing of ``bitfusion_net``, ``executors`` or ``asyncio`` logs at ERROR or above (an internal
 error); every byte the server writes decodes as reply frames, none an INTERNAL error; each reply
 answers a request that was sent (by id and opcode; a deferred error names a no-reply request; a
-KEEPALIVE has id 0), a HELLO (or ATTACH) reply comes first and grants what was asked, a fatal
+KEEPALIVE has id 0), an AuthenticateReply answers only a first request and names no user (no
+tokens here), a HELLO (or ATTACH) reply comes first (after that one, if any) and grants what
+was asked, a fatal
 ERROR is the last frame, one device's answers come in request order (section 8), a deferred error is an
 earlier no-reply request's on the same device, and a copy's payload is as long as asked; when the harness lingers, every request that wants a reply gets one within
 ``BOUND_S`` (or the server closes the connection); and once the stream is closed the session is
@@ -117,6 +121,9 @@ HELLOS = (  # the greetings byte 1 chooses from
     m.Hello(1, 0.0, 2**40),  # more memory than a device has: refused
     m.Attach(1, WAITING_SECRET, SERVER_ID, "fuzz"),  # the reservation of bit 6 (refused without)
 )
+AUTH_ID = 2**32 - 1  # the request id of the harness's AUTHENTICATE (its greeting is #1)
+TOKEN = "bfnet_0123456789abcdef_" + "A" * 43  # any token: this server does not use tokens
+WITH_AUTHENTICATE = 0x80  # in byte 1
 CHUNKS = (1 << 20, 1, 3, 24, 64, 4096)
 PAYLOAD_LIMITS = (4096, 256, 1024, 65536)
 WATCHED_LOGGERS = ("bitfusion_net", "executors", "asyncio")
@@ -160,6 +167,7 @@ def _harnessed() -> Iterator[ErrorRecords]:
 @dataclass
 class Config:
     send_hello: bool
+    authenticate: bool
     linger: bool
     abort: bool
     probe: bool
@@ -174,8 +182,10 @@ class Config:
     @classmethod
     def read(cls, choices: Choices) -> Config:
         bits = choices.byte()
+        greeting = choices.byte()
         return cls(
             send_hello=bool(bits & 1),
+            authenticate=bool(greeting & WITH_AUTHENTICATE),
             linger=bool(bits & 2),
             abort=bool(bits & 4),
             probe=bool(bits & 8),
@@ -183,7 +193,7 @@ class Config:
             instant=bool(bits & 32),
             waiting=bool(bits & 64),
             sweep=bool(bits & 128),
-            hello=HELLOS[choices.byte() % len(HELLOS)],
+            hello=HELLOS[(greeting & ~WITH_AUTHENTICATE) % len(HELLOS)],
             chunk=CHUNKS[choices.byte() % len(CHUNKS)],
             limits=Limits(max_payload=PAYLOAD_LIMITS[choices.byte() % len(PAYLOAD_LIMITS)]),
         )
@@ -394,13 +404,25 @@ def _check_output(run: Run, config: Config) -> None:
             answered[frame.request_id] <= len(by_id.get(frame.request_id, ())),
             f"#{frame.request_id} answered too often",
         )
+        if isinstance(message, m.AuthenticateReply):
+            # No token store: anyone is anonymous (PROTOCOL.md 5.7.1), and AUTHENTICATE is
+            # answered only as the connection's first request (5.1).
+            check(message.user == "", f"a server without tokens named the user {message.user!r}")
+            check(
+                requests[0].opcode == Opcode.AUTHENTICATE
+                and frame.request_id == requests[0].request_id,
+                "an AUTHENTICATE answered that was not the connection's first request",
+            )
         if isinstance(message, m.HelloReply):
             check(
-                index == 0 or all(f.opcode == Opcode.KEEPALIVE for f in peer.frames[:index]),
+                all(
+                    f.opcode in (Opcode.KEEPALIVE, Opcode.AUTHENTICATE) for f in peer.frames[:index]
+                ),
                 "a HELLO reply after other answers",
             )
-            hello = requests[0].message
-            check(frame.opcode == requests[0].opcode, "a HELLO reply to another opcode")
+            opening = next(f for f in requests if f.opcode != Opcode.AUTHENTICATE)
+            hello = opening.message
+            check(frame.opcode == opening.opcode, "a HELLO reply to another opcode")
             assert isinstance(hello, m.Hello | m.Attach)
             grants = message.devices
             gpus = hello.gpus if isinstance(hello, m.Hello) else 1  # the waiting reservation's
@@ -487,7 +509,11 @@ def _make_instant(device: Executor) -> None:
 def test_one_input(data: bytes) -> None:
     choices = Choices(data)
     config = Config.read(choices)
-    written = (encode_request(config.hello, 1) if config.send_hello else b"") + choices.rest()
+    written = (
+        (encode_request(m.Authenticate(TOKEN), AUTH_ID) if config.authenticate else b"")
+        + (encode_request(config.hello, 1) if config.send_hello else b"")
+        + choices.rest()
+    )
     with _harnessed() as errors:
         devices = create_executors("numpy", DEVICES, DEVICE_MEMORY, "fair")
         if config.instant:

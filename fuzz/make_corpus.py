@@ -42,6 +42,8 @@ CORPUS = HERE / "corpus"
 P0 = FIRST_POINTER  # the first allocation of a fresh NumPy device 0
 P1 = FIRST_POINTER + 4096  # the second, after one of 4096 bytes
 SERVER_ID = "0b7d2c6e-5f1a-4e8b-9c3d-2a6f1e0d9b47"
+TOKEN = "bfnet_5c2e9a417d03b8f6_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
+SEED_TOKEN = "bfnet-seed-token"  # a connections seed's text is at most 23 bytes
 
 
 def frames(*requests: Request | tuple[Request, bytes], first_id: int = 2) -> bytes:
@@ -110,6 +112,7 @@ def decoder_seeds() -> dict[str, bytes]:
         m.ServerInfo(m.INFO_FULL),
         m.Release(7, bytes(range(32))),
         m.Attach(7, bytes(range(32)), SERVER_ID, "fuzz"),
+        m.Authenticate(TOKEN),
         first_id=1,
     )
     control_replies = (
@@ -121,6 +124,9 @@ def decoder_seeds() -> dict[str, bytes]:
         + encode_reply(Opcode.SERVER_INFO, 2, m.ServerInfoReply('{"server":{"protocol":3}}'))
         + encode_reply(Opcode.RELEASE, 3, m.Done())
         + encode_reply(Opcode.ATTACH, 4, hello_reply)
+        + encode_reply(Opcode.AUTHENTICATE, 5, m.AuthenticateReply("alice"))
+        + encode_reply(Opcode.ERROR, 5, m.ErrorReply(11, 0, 0, 0, "alice may hold 1 GPU(s)"))
+        + encode_reply(Opcode.ERROR, 0, m.ErrorReply(10, m.ERROR_FATAL, 0, 0, "token revoked"))
         + encode_reply(Opcode.ERROR, 0, m.ErrorReply(9, m.ERROR_FATAL, 0, 0, "released"))
     )
     return {
@@ -218,6 +224,7 @@ class Script:
 
 
 READY = 32  # configuration bit: the harness exchanges a HELLO first
+AUTHED = 3 | 4  # configuration byte 1: ... an AUTHENTICATE before that (the largest buffer)
 ATTACHED = READY | 64  # ... an ATTACH instead
 CONTROL = READY | 128  # ... a RESERVE instead: a control connection
 KEEP = 4  # the server's sink keeps payloads
@@ -304,6 +311,33 @@ def connection_seeds() -> dict[str, bytes]:
         "lease-ended": Script(ATTACHED)
         .send(m.Synchronize(0)).deliver("server").events("server").op("server_refuse").raw(0, 3)
         .deliver("client").events("client").bytes(),
+        # AUTHENTICATE (PROTOCOL.md 5.1, 5.7). Byte 1 bit 2: the harness exchanges one first.
+        "auth-then-hello": Script(0)
+        .round_trip(m.Authenticate(SEED_TOKEN), 0, reply=m.AuthenticateReply("alice"))
+        .send(hello).deliver("server").events("server").answer(0, 1)
+        .deliver("client").events("client").send(m.MemAlloc(0, 64)).bytes(),
+        "auth-then-reserve-pipelined": Script(0)
+        .send(m.Authenticate(SEED_TOKEN)).send(m.Reserve(1, 0.5, 0)).send(m.ServerInfo(m.INFO_BRIEF))
+        .deliver("server").events("server").answer(0, message=m.AuthenticateReply(""), index=0)
+        .answer(0, message=m.ReserveReply(3, 60.0, b"secret", "id", b""), index=0)
+        .deliver("client").events("client").bytes(),
+        "auth-refused-hello-behind": Script(0)
+        .send(m.Authenticate(SEED_TOKEN)).send(hello).deliver("server").events("server")
+        .answer(7, 4, index=0).deliver("client").events("client").bytes(),
+        "auth-twice": Script(0)
+        .send(m.Authenticate(SEED_TOKEN)).send(m.Authenticate(SEED_TOKEN)).send(m.ServerInfo())
+        .deliver("server").events("server").bytes(),
+        "no-token-refused": Script(0)
+        .send(m.Reserve(1, 0.5, 0)).deliver("server").events("server").answer(7, 4)
+        .deliver("client").events("client").bytes(),
+        "authenticated-then-device": Script(0, AUTHED)
+        .send(m.Synchronize(0)).send(m.ServerInfo()).deliver("server").events("server").bytes(),
+        "authenticated-ready-token-revoked": Script(READY, AUTHED)
+        .send(m.Synchronize(0)).send(m.Authenticate(SEED_TOKEN)).deliver("server").events("server")
+        .op("server_refuse").raw(0, 4).deliver("client").events("client").bytes(),
+        "authenticated-control-quota": Script(CONTROL, AUTHED)
+        .send(m.Reserve(2, 1.0, 0)).deliver("server").events("server").answer(5, 0, 10, 0)
+        .deliver("client").events("client").bytes(),
     }  # fmt: skip
 
 
@@ -313,6 +347,8 @@ def server_seeds() -> dict[str, bytes]:
     # 32 instant devices.
     def seed(bits: int, stream: bytes, hello: int = 0, chunk: int = 0, limit: int = 0) -> bytes:
         return bytes([bits, hello, chunk, limit]) + stream
+
+    AUTH = fuzz_server.WITH_AUTHENTICATE  # noqa: N806 - a bit of byte 1, like the others
 
     n = 16
     fill_args = struct.pack("<ifQ", n, 2.5, P0)
@@ -362,6 +398,17 @@ def server_seeds() -> dict[str, bytes]:
         "reserve-idle-swept": seed(130, frames(m.Reserve(1, 0.25, 0, 0.0, m.MODE_SHARE, m.HOLD_BY_IDLE_TIMEOUT, 5.0), m.ServerInfo(m.INFO_FULL), first_id=1)),
         "reserve-only-gpus": seed(2, frames(m.Reserve(1, 0.5, 0, only_gpus=m.Reserve.gpu_list([1])), m.Reserve(2, 0.5, 0, only_gpus=m.Reserve.gpu_list([1, 9])), m.Reserve(1, 0.5, 0, only_gpus=b"\x01"), m.ServerInfo(m.INFO_FULL), first_id=1)),
         "reserve-bad-values": seed(2, frames(m.Reserve(1, 0.5, 0, 0.0, 7), m.Reserve(1, 0.5, 0, idle_timeout=-1.0), m.Reserve(0, 0.5, 0), m.Reserve(1, 0.0, 0), first_id=1)),
+        # AUTHENTICATE (PROTOCOL.md 5.7) on a server without tokens: anonymous. Byte 1 bit 7: the
+        # harness writes one first (id fuzz_server.AUTH_ID), before its greeting.
+        "auth-then-hello": seed(3, frames(m.MemAlloc(0, 64), m.ServerInfo(m.INFO_BRIEF), m.Synchronize(0)), hello=AUTH),
+        "auth-then-attach": seed(67, frames(m.MemAlloc(0, 64), m.Synchronize(0)), hello=AUTH | 8),
+        "auth-then-control": seed(2, frames(m.Reserve(1, 0.5, 0), m.ServerInfo(m.INFO_FULL), m.Release(1, b"wrong"), first_id=1), hello=AUTH),
+        "auth-own-pipelined": seed(2, frames(m.Authenticate(TOKEN), m.Hello(1, 0.5, 0, "own"), m.MemAlloc(0, 64), m.Synchronize(0), first_id=1)),
+        "auth-twice": seed(2, frames(m.Authenticate(TOKEN), first_id=1), hello=AUTH),
+        "auth-after-hello": seed(3, frames(m.Authenticate(TOKEN), m.Synchronize(0))),
+        "auth-after-control": seed(2, frames(m.ServerInfo(m.INFO_BRIEF), m.Authenticate(TOKEN), first_id=1)),
+        "auth-then-device": seed(2, frames(m.MemAlloc(0, 64), first_id=1), hello=AUTH),
+        "auth-alone-stalled": seed(18, b"", hello=AUTH),
     }  # fmt: skip
 
 
@@ -407,6 +454,20 @@ def connection_regressions() -> dict[str, tuple[bytes, str]]:
             .events("client")
             .bytes(),
             "did not fill its buffer",
+        ),  # fmt: skip
+        "hello-pipelined-behind-authenticate": (
+            # PROTOCOL.md 5.1: the opening request may follow AUTHENTICATE at once. The client,
+            # GREETING then, takes the AuthenticateReply for the greeting's reply and asserts.
+            Script(0)
+            .send(m.Authenticate(SEED_TOKEN))
+            .send(m.Hello(1, 1.0, 0, "seed"))
+            .deliver("server")
+            .events("server")
+            .answer(0, message=m.AuthenticateReply("alice"), index=0)
+            .deliver("client")
+            .events("client")
+            .bytes(),
+            "ClientConnection.next_event() raised AssertionError()",
         ),  # fmt: skip
     }
 

@@ -18,6 +18,7 @@ from .connection import (
 from .decoder import Frame, FrameDecoder, PayloadSink
 from .encoder import encode_reply, encode_request
 from .errors import (
+    AuthenticationError,
     BitfusionError,
     CallTimeoutError,
     CapacityError,
@@ -30,6 +31,7 @@ from .errors import (
     LeaseEndedError,
     OutOfMemoryError,
     ProtocolError,
+    QuotaExceededError,
     UnsupportedError,
     error_class,
 )
@@ -48,11 +50,11 @@ from .rules import REPLIES, REQUESTS, RULES, OpcodeRule, Phase
 
 __all__ = [
     "CLIENT_LIMITS", "DEFAULT_LIMITS", "ERROR_DEFERRED", "ERROR_FATAL", "HEADER_SIZE", "MAGIC",
-    "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "BitfusionError", "CallTimeoutError", "CapacityError",
+    "PROTOCOL_VERSION", "REPLIES", "REQUESTS", "RULES", "AuthenticationError", "BitfusionError", "CallTimeoutError", "CapacityError",
     "ClientConnection", "ClientState", "ConnectionFailed", "ConnectionLostError", "DeviceGrant",
     "ErrorCode", "ErrorReply", "Frame", "FrameDecoder", "InternalError", "InvalidHandleError",
     "InvalidValueError", "KernelError", "LeaseEndedError", "Limits", "Message", "OpcodeRule", "Opcode",
-    "OutOfMemoryError", "PayloadSink", "Phase", "ProtocolError", "ProtocolViolation", "Reply",
+    "OutOfMemoryError", "PayloadSink", "Phase", "ProtocolError", "ProtocolViolation", "QuotaExceededError", "Reply",
     "ReplyReceived", "Request", "RequestFailed", "RequestReceived", "ServerConnection",
     "ServerState", "UnsupportedError", "encode_reply", "encode_request", "error_class",
 ]  # fmt: skip

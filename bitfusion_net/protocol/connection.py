@@ -100,7 +100,8 @@ ServerEvent = RequestReceived | ProtocolViolation
 
 
 class ClientState(enum.Enum):
-    IDLE = "idle"  # nothing sent yet: HELLO, ATTACH or a control request comes first
+    IDLE = "idle"  # nothing sent yet: AUTHENTICATE, HELLO, ATTACH or a control request first
+    AUTHENTICATED = "authenticated"  # AUTHENTICATE sent: a greeting or control request follows
     GREETING = "greeting"  # HELLO or ATTACH sent, its answer not yet received
     READY = "ready"  # leased: device requests flow
     CONTROL = "control"  # a control connection: reservations and queries, no GPUs
@@ -108,7 +109,8 @@ class ClientState(enum.Enum):
 
 
 class ServerState(enum.Enum):
-    AWAITING_HELLO = "awaiting-hello"  # HELLO, ATTACH or a control request comes first
+    AWAITING_HELLO = "awaiting-hello"  # AUTHENTICATE, HELLO, ATTACH or a control request first
+    AUTHENTICATED = "authenticated"  # AUTHENTICATE received: a greeting or control request next
     NEGOTIATING = "negotiating"  # HELLO or ATTACH delivered; no event until accepted or refused
     ACTIVE = "active"
     CONTROL = "control"  # a control connection: RESERVE, RELEASE and SERVER_INFO only
@@ -118,8 +120,12 @@ class ServerState(enum.Enum):
 # What moves a client: (state, what happened) -> next state. Anything else in CLOSED is refused
 # with the failure; a send in the wrong state is a bug of the caller (ProtocolError, nothing sent).
 CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
+    (ClientState.IDLE, "send auth"): ClientState.AUTHENTICATED,
     (ClientState.IDLE, "send greeting"): ClientState.GREETING,
     (ClientState.IDLE, "send control"): ClientState.CONTROL,
+    (ClientState.AUTHENTICATED, "send greeting"): ClientState.GREETING,
+    (ClientState.AUTHENTICATED, "send control"): ClientState.CONTROL,
+    (ClientState.AUTHENTICATED, "failed"): ClientState.CLOSED,
     (ClientState.GREETING, "greeting reply"): ClientState.READY,
     (ClientState.GREETING, "ERROR"): ClientState.CLOSED,  # every refusal of a greeting is fatal
     (ClientState.IDLE, "failed"): ClientState.CLOSED,
@@ -127,9 +133,12 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
     (ClientState.READY, "failed"): ClientState.CLOSED,
     (ClientState.CONTROL, "failed"): ClientState.CLOSED,
 }
+# How a connection's opening request moves the client (a greeting, or anything else: control).
+_FIRST_MOVES = {Phase.AUTH: "send auth", Phase.GREETING: "send greeting"}
 # Which phases of request each client state may send (a GREETING sends nothing more).
 CLIENT_MAY_SEND: dict[ClientState, frozenset[Phase]] = {
-    ClientState.IDLE: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ClientState.IDLE: frozenset({Phase.AUTH, Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ClientState.AUTHENTICATED: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
     ClientState.GREETING: frozenset(),
     ClientState.READY: frozenset({Phase.DEVICE, Phase.ANY}),
     ClientState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
@@ -137,8 +146,12 @@ CLIENT_MAY_SEND: dict[ClientState, frozenset[Phase]] = {
 
 # What moves a server. A protocol violation in any state but CLOSING leads to CLOSING.
 SERVER_TRANSITIONS: dict[tuple[ServerState, str], ServerState] = {
+    (ServerState.AWAITING_HELLO, "auth"): ServerState.AUTHENTICATED,
     (ServerState.AWAITING_HELLO, "greeting"): ServerState.NEGOTIATING,
     (ServerState.AWAITING_HELLO, "control"): ServerState.CONTROL,
+    (ServerState.AUTHENTICATED, "greeting"): ServerState.NEGOTIATING,
+    (ServerState.AUTHENTICATED, "control"): ServerState.CONTROL,
+    (ServerState.AUTHENTICATED, "refuse"): ServerState.CLOSING,
     (ServerState.NEGOTIATING, "accept"): ServerState.ACTIVE,
     (ServerState.AWAITING_HELLO, "refuse"): ServerState.CLOSING,
     (ServerState.NEGOTIATING, "refuse"): ServerState.CLOSING,
@@ -147,7 +160,8 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, str], ServerState] = {
 }
 # Which phases of request the server accepts in each state; anything else is a PROTOCOL error.
 SERVER_MAY_RECEIVE: dict[ServerState, frozenset[Phase]] = {
-    ServerState.AWAITING_HELLO: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.AWAITING_HELLO: frozenset({Phase.AUTH, Phase.GREETING, Phase.CONTROL, Phase.ANY}),
+    ServerState.AUTHENTICATED: frozenset({Phase.GREETING, Phase.CONTROL, Phase.ANY}),
     ServerState.ACTIVE: frozenset({Phase.DEVICE, Phase.ANY}),
     ServerState.CONTROL: frozenset({Phase.CONTROL, Phase.ANY}),
 }
@@ -293,8 +307,8 @@ class ClientConnection(_Receiving):
         self._next_id = 1 if request_id == MAX_REQUEST_ID else request_id + 1
         if rule.reply is not None:
             self._pending[request_id] = _Pending(message.OPCODE, token, into)
-        if state is ClientState.IDLE:
-            self._move("send greeting" if rule.phase is Phase.GREETING else "send control")
+        if state is ClientState.IDLE or state is ClientState.AUTHENTICATED:
+            self._move(_FIRST_MOVES.get(rule.phase, "send control"))
         return request_id, head
 
     def _check_phase(self, message: Request) -> None:
@@ -305,7 +319,9 @@ class ClientConnection(_Receiving):
         phase, name = message.RULE.phase, type(message).__name__
         if phase in CLIENT_MAY_SEND[state]:
             return
-        if state is ClientState.IDLE:
+        if phase is Phase.AUTH:
+            raise ProtocolError("AUTHENTICATE is a connection's first request, and only once")
+        if state is ClientState.IDLE or state is ClientState.AUTHENTICATED:
             raise ProtocolError(f"HELLO, ATTACH or a control request must come first, not {name}")
         if state is ClientState.GREETING or phase is Phase.GREETING:
             raise ProtocolError("HELLO or ATTACH is sent once, and nothing before its answer")
@@ -379,7 +395,8 @@ class ClientConnection(_Receiving):
             return self._fail(
                 ProtocolError(f"the reply to request #{frame.request_id} carries no payload")
             )
-        if self.state is ClientState.GREETING:
+        if self.state is ClientState.GREETING and pending.opcode != Opcode.AUTHENTICATE:
+            # the greeting's answer (an AUTHENTICATE pipelined before it is answered first)
             assert isinstance(message, HelloReply)
             self.hello = message
             self._move("greeting reply")
@@ -461,14 +478,22 @@ class ServerConnection(_Receiving):
         if state is not ServerState.ACTIVE or phase is not Phase.DEVICE:
             if phase not in SERVER_MAY_RECEIVE[state]:
                 return self._violation(request_id, self._out_of_phase(frame.opcode, phase))
-            if state is ServerState.AWAITING_HELLO:
-                self._move("greeting" if phase is Phase.GREETING else "control")
-                self._greeting = frame.opcode
+            if state is ServerState.AWAITING_HELLO or state is ServerState.AUTHENTICATED:
+                move = (
+                    "auth"
+                    if phase is Phase.AUTH
+                    else ("greeting" if phase is Phase.GREETING else "control")
+                )
+                self._move(move)
+                if phase is Phase.GREETING:
+                    self._greeting = frame.opcode
         return RequestReceived(request_id, message, frame.payload)  # type: ignore[arg-type]
 
     def _out_of_phase(self, opcode: int, phase: Phase) -> ProtocolError:
         name = Opcode(opcode).name
-        if self.state is ServerState.AWAITING_HELLO:
+        if phase is Phase.AUTH:
+            return ProtocolError("AUTHENTICATE must be a connection's first request, once")
+        if self.state is ServerState.AWAITING_HELLO or self.state is ServerState.AUTHENTICATED:
             return ProtocolError(f"expected HELLO, ATTACH or a control request first, got {name}")
         if phase is Phase.GREETING:
             return ProtocolError(f"{name} sent after the connection's first request")

@@ -19,6 +19,8 @@ class ErrorCode(IntEnum):
     UNSUPPORTED = 7  # the executor cannot do this (e.g. PTX on the NumPy device)
     INTERNAL = 8  # a server bug; the server logs it with a traceback
     LEASE_ENDED = 9  # the reservation the session used has ended (released, idle, restarted)
+    AUTH = 10  # no token, or one that is unknown, expired or revoked; or too many bad attempts
+    QUOTA = 11  # the request would take the user past a limit of their token
 
 
 class BitfusionError(Exception):
@@ -115,6 +117,22 @@ class LeaseEndedError(ConnectionLostError):
     code = ErrorCode.LEASE_ENDED
 
 
+class AuthenticationError(BitfusionError, PermissionError):
+    """The server refused the connection's token (none given where one is needed, unknown,
+    expired or revoked; or too many failed attempts from this address), or revoked it during
+    the session, which is then over. The message says which."""
+
+    code = ErrorCode.AUTH
+
+
+class QuotaExceededError(CapacityError):
+    """The request would take its user past a limit of their token (GPUs, total fraction,
+    total memory, over all their sessions and reservations); the message says which limit,
+    and how much is in use."""
+
+    code = ErrorCode.QUOTA
+
+
 _BY_CODE: dict[int, type[BitfusionError]] = {
     cls.code: cls
     for cls in (
@@ -127,6 +145,8 @@ _BY_CODE: dict[int, type[BitfusionError]] = {
         UnsupportedError,
         InternalError,
         LeaseEndedError,
+        AuthenticationError,
+        QuotaExceededError,
     )
 }
 

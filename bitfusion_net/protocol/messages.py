@@ -27,6 +27,7 @@ class Opcode(IntEnum):
     ATTACH = 0x05
     RELEASE = 0x06
     SERVER_INFO = 0x07
+    AUTHENTICATE = 0x08
     MEM_ALLOC = 0x10
     MEM_FREE = 0x11
     MEM_GET_INFO = 0x12
@@ -265,6 +266,22 @@ class Release(Request):
     VARIABLE = (("secret", "bytes"),)
     reservation: int
     secret: bytes
+
+
+@dataclass(frozen=True)
+class Authenticate(Request):
+    """A connection's first request on a server that uses tokens: who the client is. The reply
+    names the user; a refusal is fatal (AUTH)."""
+
+    OPCODE = Opcode.AUTHENTICATE
+    VARIABLE = (("token", "str"),)
+    token: str
+
+
+@dataclass(frozen=True)
+class AuthenticateReply(Reply):
+    VARIABLE = (("user", "str"),)
+    user: str  # empty: the server does not use tokens, and took the connection as anonymous
 
 
 INFO_BRIEF = 0  # the server's identity, version and clock only (a cheap round trip)

@@ -17,6 +17,7 @@ from .messages import Opcode
 class Phase(enum.Enum):
     """Where in a connection a request may be sent (docs/PROTOCOL.md, section 5)."""
 
+    AUTH = "auth"  # before anything else, once, where the server uses tokens: AUTHENTICATE
     GREETING = "greeting"  # the first frame of a device session: HELLO or ATTACH
     CONTROL = "control"  # on a control connection, which holds no GPUs: RESERVE, RELEASE
     ANY = "any"  # on any connection, first or later: SERVER_INFO
@@ -59,6 +60,7 @@ RULES: dict[int, OpcodeRule] = {
         _rule(m.Attach, m.HelloReply, phase=Phase.GREETING),
         _rule(m.Release, m.Done, phase=Phase.CONTROL),
         _rule(m.ServerInfo, m.ServerInfoReply, phase=Phase.ANY),
+        _rule(m.Authenticate, m.AuthenticateReply, phase=Phase.AUTH),
         _rule(m.MemAlloc, m.MemAllocReply),
         _rule(m.MemFree, None),
         _rule(m.MemGetInfo, m.MemGetInfoReply, query=True),

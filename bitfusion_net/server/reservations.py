@@ -31,9 +31,16 @@ from typing import Protocol
 from executors import Executor, MemoryBudget, Tenant
 from executors.errors import DeviceError
 
-from ..protocol import CapacityError, DeviceGrant, InvalidValueError, LeaseEndedError
+from ..protocol import (
+    CapacityError,
+    DeviceGrant,
+    InvalidValueError,
+    LeaseEndedError,
+    QuotaExceededError,
+)
 from ..protocol import messages as m
-from .leases import GpuPool, Placement
+from .leases import SHARE_UNITS, GpuPool, Placement
+from .tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,7 @@ class Reservation:
     idle_timeout: float  # seconds; 0: never idle-released
     holder: object | None  # the connection holding it, or None (lives until released or idle)
     implicit: bool = False  # made by a HELLO for its own connection: it is that session's lease
+    user: TokenRecord | None = None  # whose it is, on a server with tokens
     created: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     attached: dict[Attachment, list[Lease]] = field(default_factory=dict)
@@ -156,6 +164,7 @@ class ReservationTable:
         idle_timeout: float = 0.0,
         implicit: bool = False,
         allowed: set[int] | None = None,
+        user: TokenRecord | None = None,
     ) -> Reservation:
         """Place a reservation, or raise ``InvalidValueError`` / ``CapacityError`` with
         nothing placed. ``idle_timeout`` is bounded by the server's maximum (0 asks for it)."""
@@ -168,6 +177,13 @@ class ReservationTable:
         if self.max_idle_timeout and (not idle_timeout or idle_timeout > self.max_idle_timeout):
             idle_timeout = self.max_idle_timeout
         placements = self.pool.request(gpus, fraction, memory, allowed)
+        if user is not None:
+            try:
+                self._check_quota(user, placements)
+            except QuotaExceededError:
+                for placement in placements:
+                    self.pool.release(placement)
+                raise
         reservation = Reservation(
             next(self._ids),
             secrets.token_bytes(SECRET_BYTES),
@@ -179,9 +195,45 @@ class ReservationTable:
             idle_timeout,
             holder,
             implicit,
+            user,
         )
         self._by_id[reservation.id] = reservation
         return reservation
+
+    def _check_quota(self, user: TokenRecord, placements: list[Placement]) -> None:
+        """``QuotaExceededError`` if ``placements`` would take ``user`` past a limit of their
+        token, counting every live reservation of theirs (HELLO leases included)."""
+        held = [
+            p
+            for r in self._by_id.values()
+            if r.user and r.user.user == user.user
+            for p in r.placements
+        ]
+        wanted = held + placements
+        gpus = len(wanted)
+        share = sum(p.share for p in wanted)
+        memory = sum(p.memory_limit for p in wanted)
+        if user.max_gpus is not None and gpus > user.max_gpus:
+            raise QuotaExceededError(
+                f"{user.user} may hold {user.max_gpus} GPU(s); {len(held)} held, "
+                f"{len(placements)} more asked"
+            )
+        if user.max_fraction is not None and share > round(user.max_fraction * SHARE_UNITS):
+            raise QuotaExceededError(
+                f"{user.user} may hold {user.max_fraction:g} of a GPU in all; "
+                f"{sum(p.share for p in held) / SHARE_UNITS:g} held, "
+                f"{sum(p.share for p in placements) / SHARE_UNITS:g} more asked"
+            )
+        if user.max_memory is not None and memory > user.max_memory:
+            raise QuotaExceededError(
+                f"{user.user} may hold {user.max_memory} bytes of GPU memory; "
+                f"{sum(p.memory_limit for p in held)} held, "
+                f"{sum(p.memory_limit for p in placements)} more asked"
+            )
+
+    def of_tokens(self, token_ids: set[str]) -> list[Reservation]:
+        """The live reservations made with these tokens."""
+        return [r for r in self if r.user is not None and r.user.id in token_ids]
 
     def find(self, reservation_id: int, secret: bytes, server_id: str) -> Reservation:
         """The live reservation with this id and secret; raises ``LeaseEndedError`` for one

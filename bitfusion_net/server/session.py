@@ -46,9 +46,11 @@ from ..protocol import (
 )
 from ..protocol import messages as m
 from ..transport import Stream
+from .auth import HOW_TO_GET_ONE, Gatekeeper
 from .dispatch import DISPATCH, ToReply
 from .flow import BACKLOG_POLL_S, SessionFlow
 from .reservations import Lease, Reservation, ReservationTable
+from .tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,12 @@ class ServerSession:
         limits: Limits,
         describe_server: Callable[[int], str],
         on_closed: Callable[[ServerSession], None],
+        gate: Gatekeeper | None = None,
     ) -> None:
         self.stream = stream
         self.id = next(_session_ids)
+        self._gate = gate if gate is not None else Gatekeeper(None)
+        self.user: TokenRecord | None = None  # whose token it presented (servers with tokens)
         self.reservation: Reservation | None = None  # the one this session's GPUs are from
         self.leases: list[Lease] = []
         self._held: list[Reservation] = []  # reservations this connection holds
@@ -141,7 +146,7 @@ class ServerSession:
         server stopped reading (back-pressure) is not stalled: the wait is ours."""
         if self._closed or not self._reading or self._yielding:
             return
-        if self.connection.state is ServerState.AWAITING_HELLO:
+        if self.connection.state in (ServerState.AWAITING_HELLO, ServerState.AUTHENTICATED):
             idle, what = now - self._opened, "no HELLO"
         elif self.connection.in_frame:
             idle, what = now - self._last_data, "a frame stalled halfway"
@@ -191,6 +196,11 @@ class ServerSession:
         try:
             if message.RULE.phase is Phase.DEVICE:
                 self._submit(event)
+            elif self.user is None and self._gate.required and type(message) is not m.Authenticate:
+                log.warning("session %d (%s): refused: no token", self.id, self.peer)
+                self._close_with(
+                    self.connection.refuse(event.request_id, ErrorCode.AUTH, HOW_TO_GET_ONE)
+                )
             else:
                 _NOT_DEVICE[type(message)](self, event.request_id, message)
         except BitfusionError as exc:
@@ -241,6 +251,16 @@ class ServerSession:
     def _who(self) -> str:
         return f"{self.peer}, {self.client_name}" if self.client_name else self.peer
 
+    def _authenticate(self, request_id: int, request: m.Authenticate) -> None:
+        host = self.peer.rpartition(":")[0] or self.peer
+        try:
+            self.user = self._gate.authenticate(request.token, host)
+        except BitfusionError as exc:
+            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            return
+        reply = m.AuthenticateReply(self.user.user if self.user is not None else "")
+        self._write(self.connection.reply(m.Opcode.AUTHENTICATE, request_id, reply))
+
     def _hello(self, request_id: int, hello: m.Hello) -> None:
         """Lease GPUs for this connection: a reservation it holds, with itself attached."""
         self.client_name = hello.client_name
@@ -255,6 +275,7 @@ class ServerSession:
                 hello.client_name,
                 holder=self,
                 implicit=True,
+                user=self.user,
             )
             self._held.append(reservation)
             leases = table.attach(reservation, self)
@@ -269,6 +290,14 @@ class ServerSession:
         table = self._reservations
         try:
             reservation = table.find(attach.reservation, attach.secret, attach.server_id)
+            if self._gate.required and (
+                reservation.user is None
+                or self.user is None
+                or reservation.user.user != self.user.user
+            ):  # another user's: as if it did not exist
+                raise InvalidValueError(
+                    f"no reservation {attach.reservation} with that secret on this server"
+                )
         except BitfusionError as exc:
             log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
             self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
@@ -331,6 +360,7 @@ class ServerSession:
             holder=self if request.hold == m.HOLD_BY_CONNECTION else None,
             idle_timeout=request.idle_timeout,
             allowed=request.allowed_gpus(),
+            user=self.user,
         )
         if reservation.holder is self:
             self._held.append(reservation)
@@ -355,6 +385,12 @@ class ServerSession:
     def _release(self, request_id: int, request: m.Release) -> None:
         table = self._reservations
         reservation = table.find(request.reservation, request.secret, "")
+        if self._gate.required and (
+            reservation.user is None or self.user is None or reservation.user.user != self.user.user
+        ):  # another user's: as if it did not exist
+            raise InvalidValueError(
+                f"no reservation {request.reservation} with that secret on this server"
+            )
         table.end(reservation, f"released by {self._who}")
         self._write(self.connection.reply(m.Opcode.RELEASE, request_id, m.Done()))
 
@@ -370,6 +406,14 @@ class ServerSession:
             return
         log.info("session %d (%s): %s", self.id, self._who, reason)
         self._close_with(self.connection.refuse(0, ErrorCode.LEASE_ENDED, reason))
+
+    def token_ended(self, reason: str) -> None:
+        """The session's token was revoked or expired: tell the client (AUTH), then close."""
+        if not self._closed and self.connection.state is not ServerState.CLOSING:
+            log.info("session %d (%s): %s; ending it", self.id, self._who, reason)
+            self._close_with(
+                self.connection.refuse(0, ErrorCode.AUTH, f"{reason}; the session is over")
+            )
 
     def shut_down(self, reason: str) -> None:
         """The server is stopping: tell the client why (LEASE_ENDED), then close."""
@@ -602,4 +646,5 @@ _NOT_DEVICE: dict[type, Callable[[ServerSession, int, Any], None]] = {
     m.Reserve: ServerSession._reserve,
     m.Release: ServerSession._release,
     m.ServerInfo: ServerSession._server_info,
+    m.Authenticate: ServerSession._authenticate,
 }

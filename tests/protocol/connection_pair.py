@@ -44,6 +44,19 @@ class ConnectionPair:
             events.append(event)
         return events
 
+    def authenticate(self, token: str = "bfnet-token", user: str = "alice") -> m.AuthenticateReply:
+        """AUTHENTICATE sent, delivered and answered with ``user``; both ends then expect the
+        opening request (a greeting or a control request), as on a fresh connection."""
+        self.client_sends(m.Authenticate(token), token="auth")
+        (received,) = self.server_events()
+        assert isinstance(received, RequestReceived) and received.message == m.Authenticate(token)
+        reply = m.AuthenticateReply(user)
+        (answered,) = self.client_receives(
+            self.server.reply(m.Opcode.AUTHENTICATE, received.request_id, reply)
+        )
+        assert answered.token == "auth" and answered.message == reply
+        return reply
+
     def handshake(self, greeting: m.Request | None = None) -> m.HelloReply:
         """HELLO (or ``greeting``, an ATTACH), delivered and accepted; both ends are then ready."""
         greeting = greeting or m.Hello(1, 0.5, 0, "pair")

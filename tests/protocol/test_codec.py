@@ -31,6 +31,8 @@ from wire_strategies import (
     reservation_secrets,
     server_ids,
     texts,
+    tokens,
+    users,
 )
 
 from bitfusion_net.protocol import (
@@ -42,6 +44,8 @@ from bitfusion_net.protocol import (
     REPLIES,
     REQUESTS,
     RULES,
+    AuthenticationError,
+    CapacityError,
     ConnectionLostError,
     DeviceGrant,
     ErrorCode,
@@ -49,7 +53,9 @@ from bitfusion_net.protocol import (
     InvalidValueError,
     LeaseEndedError,
     Opcode,
+    Phase,
     ProtocolError,
+    QuotaExceededError,
     encode_reply,
     encode_request,
     error_class,
@@ -251,6 +257,36 @@ def test_control_plane_layouts(
     )
     text = '{"server":{"id":"x"}}'
     assert m.ServerInfoReply(text).encode() == var(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(token=tokens, user=users, request_id=st.integers(1, U32))
+def test_authenticate_layouts(token: str, user: str, request_id: int) -> None:
+    """PROTOCOL.md 5.7: AUTHENTICATE is opcode 0x08 and carries one str, the token, and its reply
+    one str, the user; neither has a payload."""
+    request, reply = m.Authenticate(token), m.AuthenticateReply(user)
+    raw, name = token.encode(), user.encode()
+    assert request.encode() == struct.pack("<I", len(raw)) + raw
+    assert reply.encode() == struct.pack("<I", len(name)) + name
+    assert not m.Authenticate.HAS_PAYLOAD and not m.AuthenticateReply.HAS_PAYLOAD
+    head = encode_request(request, request_id)
+    assert head[5] == Opcode.AUTHENTICATE == 0x08 and len(head) == HEADER_SIZE + 4 + len(raw)
+    decoder = decoder_for(False)
+    decoder.receive_data(head)
+    (frame,) = drain(decoder)
+    assert frame.message == request and frame.request_id == request_id
+    decoder = decoder_for(True)
+    decoder.receive_data(encode_reply(Opcode.AUTHENTICATE, request_id, reply))
+    (frame,) = drain(decoder)
+    assert frame.message == reply and frame.opcode == Opcode.AUTHENTICATE
+
+
+def test_authenticate_is_answered_by_its_own_reply_and_belongs_to_the_auth_phase() -> None:
+    assert REPLIES[Opcode.AUTHENTICATE] is m.AuthenticateReply
+    rule = RULES[Opcode.AUTHENTICATE]
+    assert rule.request is m.Authenticate and rule.phase is Phase.AUTH and not rule.no_reply
+    # An empty user is the answer of a server that does not use tokens: it still decodes.
+    assert m.AuthenticateReply.decode(m.AuthenticateReply("").encode()) == m.AuthenticateReply("")
 
 
 @settings(max_examples=60, deadline=None)
@@ -513,6 +549,8 @@ def test_error_codes_and_flags_are_the_documented_values() -> None:
         "UNSUPPORTED": 7,
         "INTERNAL": 8,
         "LEASE_ENDED": 9,
+        "AUTH": 10,
+        "QUOTA": 11,
     }
     assert (ERROR_DEFERRED, ERROR_FATAL) == (0x1, 0x2)
     for code in ErrorCode:
@@ -520,6 +558,13 @@ def test_error_codes_and_flags_are_the_documented_values() -> None:
     # The end of a reservation is the end of the session's GPUs: a lost connection, with a reason.
     assert issubclass(error_class(ErrorCode.LEASE_ENDED), ConnectionLostError)
     assert error_class(ErrorCode.LEASE_ENDED) is LeaseEndedError
+    # A refused or revoked token is a refusal of permission; a quota, a lack of room (for this
+    # user): callers that catch PermissionError or CapacityError catch them (PROTOCOL.md 9.2).
+    assert error_class(ErrorCode.AUTH) is AuthenticationError
+    assert issubclass(AuthenticationError, PermissionError)
+    assert not issubclass(AuthenticationError, ConnectionLostError)
+    assert error_class(ErrorCode.QUOTA) is QuotaExceededError
+    assert issubclass(QuotaExceededError, CapacityError)
     assert error_class(999).__name__ == "BitfusionError"  # a newer server's code still raises
 
 

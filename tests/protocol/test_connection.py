@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from bitfusion_net.protocol import (
     RULES,
+    AuthenticationError,
     CapacityError,
     ClientState,
     ConnectionFailed,
@@ -22,6 +23,7 @@ from bitfusion_net.protocol import (
     Phase,
     ProtocolError,
     ProtocolViolation,
+    QuotaExceededError,
     ReplyReceived,
     RequestFailed,
     RequestReceived,
@@ -387,20 +389,28 @@ def _sample(cls: type[m.Request]) -> m.Request:
 
 
 SAMPLES = {opcode: _sample(rule.request) for opcode, rule in sorted(RULES.items())}
+AUTH = {m.Opcode.AUTHENTICATE}
 GREETINGS = {m.Opcode.HELLO, m.Opcode.ATTACH}
 CONTROL = {m.Opcode.RESERVE, m.Opcode.RELEASE}
 ANYWHERE = {m.Opcode.SERVER_INFO}
-DEVICE = set(SAMPLES) - GREETINGS - CONTROL - ANYWHERE
-# What each kind of connection may carry, written out here rather than read from the code.
+DEVICE = set(SAMPLES) - AUTH - GREETINGS - CONTROL - ANYWHERE
+# What each kind of connection may carry, written out here rather than read from the code. A
+# connection that began with AUTHENTICATE ("auth+...") carries what the same kind carries.
 ALLOWED = {
-    "new": GREETINGS | CONTROL | ANYWHERE,
+    "new": AUTH | GREETINGS | CONTROL | ANYWHERE,
+    "authenticated": GREETINGS | CONTROL | ANYWHERE,  # AUTHENTICATE sent: as new, but only once
     "greeting": set(),
     "device session": DEVICE | ANYWHERE,
     "control connection": CONTROL | ANYWHERE,
 }
 
 
+def _allowed(kind: str) -> set[int]:
+    return ALLOWED[kind.removeprefix("auth+")]
+
+
 def test_the_phases_are_the_documented_ones() -> None:
+    assert {op for op, rule in RULES.items() if rule.phase is Phase.AUTH} == AUTH
     assert {op for op, rule in RULES.items() if rule.phase is Phase.GREETING} == GREETINGS
     assert {op for op, rule in RULES.items() if rule.phase is Phase.CONTROL} == CONTROL
     assert {op for op, rule in RULES.items() if rule.phase is Phase.ANY} == ANYWHERE
@@ -408,8 +418,12 @@ def test_the_phases_are_the_documented_ones() -> None:
 
 
 def _pair_in(kind: str, first: int) -> ConnectionPair:
-    """A pair whose connection has become ``kind`` by the request ``first``."""
+    """A pair whose connection has become ``kind`` by the request ``first`` (after an answered
+    AUTHENTICATE for an ``auth+`` kind)."""
     pair = ConnectionPair()
+    if kind.startswith("auth+") or kind == "authenticated":
+        pair.authenticate()
+        kind = kind.removeprefix("auth+")
     if kind == "greeting":
         pair.client_sends(SAMPLES[first])
         assert pair.client.state is ClientState.GREETING
@@ -425,9 +439,13 @@ def _pair_in(kind: str, first: int) -> ConnectionPair:
 
 KINDS = [
     ("new", 0),
+    ("authenticated", m.Opcode.AUTHENTICATE),
     *[("greeting", op) for op in sorted(GREETINGS)],
     *[("device session", op) for op in sorted(GREETINGS)],
     *[("control connection", op) for op in sorted(CONTROL | ANYWHERE)],
+    ("auth+greeting", m.Opcode.HELLO),
+    *[("auth+device session", op) for op in sorted(GREETINGS)],
+    *[("auth+control connection", op) for op in sorted(CONTROL | ANYWHERE)],
 ]
 
 
@@ -440,7 +458,7 @@ def test_the_client_refuses_every_request_out_of_phase_with_nothing_registered(
     client = pair.client
     state, waiting, next_id = client.state, client.waiting, client._next_id
     message = SAMPLES[opcode]
-    if opcode in ALLOWED[kind]:
+    if opcode in _allowed(kind):
         request_id, head = client.send_request(message)
         assert request_id == next_id and head[5] == opcode
         return
@@ -449,7 +467,10 @@ def test_the_client_refuses_every_request_out_of_phase_with_nothing_registered(
     assert (client.state, client.waiting, client._next_id) == (state, waiting, next_id)
     assert client.failure is None  # a refusal is the caller's bug, not the end of the session
     text = str(refused.value)
-    if kind == "new":
+    kind = kind.removeprefix("auth+")
+    if opcode in AUTH:
+        assert text == "AUTHENTICATE is a connection's first request, and only once"
+    elif kind in ("new", "authenticated"):
         assert "must come first" in text
     elif kind == "greeting" or opcode in GREETINGS:
         assert "once" in text
@@ -459,7 +480,7 @@ def test_the_client_refuses_every_request_out_of_phase_with_nothing_registered(
         assert "goes on a control connection" in text
 
 
-@pytest.mark.parametrize(("kind", "first"), [k for k in KINDS if k[0] != "greeting"])
+@pytest.mark.parametrize(("kind", "first"), [k for k in KINDS if not k[0].endswith("greeting")])
 @pytest.mark.parametrize("opcode", sorted(SAMPLES), ids=lambda op: m.Opcode(op).name)
 def test_the_server_refuses_every_request_out_of_phase_fatally(
     kind: str, first: int, opcode: int
@@ -468,7 +489,7 @@ def test_the_server_refuses_every_request_out_of_phase_fatally(
     server = pair.server
     server.receive_data(encode_request(SAMPLES[opcode], 9))
     (event,) = pair.server_events()
-    if opcode in ALLOWED[kind]:
+    if opcode in _allowed(kind):
         assert isinstance(event, RequestReceived) and event.request_id == 9
         assert type(event.message) is RULES[opcode].request
         return
@@ -478,7 +499,10 @@ def test_the_server_refuses_every_request_out_of_phase_fatally(
     assert frame.request_id == 9 and isinstance(frame.message, m.ErrorReply)
     assert frame.message.code == ErrorCode.PROTOCOL and frame.message.flags & m.ERROR_FATAL
     name = m.Opcode(opcode).name
-    if kind == "new":
+    kind = kind.removeprefix("auth+")
+    if opcode in AUTH:
+        reason = "AUTHENTICATE must be a connection's first request, once"
+    elif kind in ("new", "authenticated"):
         reason = f"expected HELLO, ATTACH or a control request first, got {name}"
     elif opcode in GREETINGS:
         reason = f"{name} sent after the connection's first request"
@@ -712,7 +736,12 @@ def test_the_client_sends_exactly_what_the_server_accepts(script: list[int]) -> 
         assert allowed, m.Opcode(opcode).name
         (event,) = pair.server_events()
         assert isinstance(event, RequestReceived) and event.request_id == request_id
-        if kind == "new":
+        if opcode in AUTH:  # answered at once (a server without tokens: anonymous)
+            reply = m.AuthenticateReply("")
+            (answered,) = pair.client_receives(pair.server.reply(opcode, request_id, reply))
+            assert isinstance(answered, ReplyReceived) and answered.message == reply
+            kind = "authenticated"
+        elif kind in ("new", "authenticated"):
             if opcode in GREETINGS:
                 reply = m.HelloReply.with_devices(1, 2**26, 2**16, [GRANT])
                 (answered,) = pair.client_receives(pair.server.accept(request_id, reply))
@@ -721,7 +750,239 @@ def test_the_client_sends_exactly_what_the_server_accepts(script: list[int]) -> 
             else:
                 kind = "control connection"
         expected = {
+            "authenticated": (ClientState.AUTHENTICATED, ServerState.AUTHENTICATED),
             "device session": (ClientState.READY, ServerState.ACTIVE),
             "control connection": (ClientState.CONTROL, ServerState.CONTROL),
         }[kind]
         assert (pair.client.state, pair.server.state) == expected
+
+
+# -- AUTHENTICATE (PROTOCOL.md 5.1, 5.7) ----------------------------------------------------------
+TOKEN = "bfnet_5c2e9a417d03b8f6_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
+
+
+def test_authenticate_first_then_hello_after_its_answer() -> None:
+    pair = ConnectionPair()
+    assert pair.authenticate(TOKEN, "alice") == m.AuthenticateReply("alice")
+    assert pair.client.state is ClientState.AUTHENTICATED
+    assert pair.server.state is ServerState.AUTHENTICATED
+    assert pair.client.hello is None  # the token's answer opens no session
+    reply = pair.handshake()
+    assert pair.client.state is ClientState.READY and pair.client.hello == reply
+    assert pair.server.state is ServerState.ACTIVE
+    alloc = pair.client_sends(m.MemAlloc(0, 64), token="alloc")
+    assert alloc == 3  # AUTHENTICATE was #1, HELLO #2
+    (received,) = pair.server_events()
+    assert isinstance(received, RequestReceived) and received.request_id == alloc
+
+
+@pytest.mark.parametrize("greeting", ["hello", "attach"])
+def test_authenticate_then_a_greeting_pipelined_behind_it(greeting: str) -> None:
+    """PROTOCOL.md 5.1: the opening request may follow AUTHENTICATE at once; the server answers
+    AUTHENTICATE first, then the greeting, which opens the session."""
+    pair = ConnectionPair()
+    first: m.Request = (
+        m.Hello(1, 0.5, 0, "job") if greeting == "hello" else m.Attach(3, SECRET, SERVER_ID, "job")
+    )
+    auth = pair.client_sends(m.Authenticate(TOKEN), token="auth")
+    assert pair.client.state is ClientState.AUTHENTICATED
+    hello = pair.client_sends(first, token="hello")  # without waiting for the answer
+    assert (auth, hello) == (1, 2) and pair.client.state is ClientState.GREETING
+    received = pair.server_events()
+    assert [type(e.message) for e in received] == [m.Authenticate, type(first)]
+    assert received[0].message.token == TOKEN
+    assert pair.server.state is ServerState.NEGOTIATING
+    reply = m.HelloReply.with_devices(4, 2**26, 2**16, [GRANT])
+    data = pair.server.reply(m.Opcode.AUTHENTICATE, auth, m.AuthenticateReply("alice"))
+    accepted = pair.server.accept(hello, reply)
+    assert accepted[5] == first.OPCODE  # the greeting's own opcode, not AUTHENTICATE's
+    events = pair.client_receives(data + accepted)
+    assert [(e.token, type(e.message)) for e in events] == [
+        ("auth", m.AuthenticateReply),
+        ("hello", m.HelloReply),
+    ]
+    assert events[0].message.user == "alice"
+    assert pair.client.state is ClientState.READY and pair.client.hello == reply
+    assert pair.server.state is ServerState.ACTIVE
+
+
+@pytest.mark.parametrize(
+    "first",
+    [m.Reserve(1, 0.5, 0, client_name="tool"), m.Release(3, SECRET), m.ServerInfo(m.INFO_BRIEF)],
+    ids=lambda message: type(message).__name__,
+)
+def test_authenticate_then_a_control_request_makes_a_control_connection(
+    first: m.Request,
+) -> None:
+    pair = ConnectionPair()
+    auth = pair.client_sends(m.Authenticate(TOKEN), token="auth")
+    control = pair.client_sends(first, token="first")  # pipelined
+    info = pair.client_sends(m.ServerInfo(), token="info")
+    assert pair.client.state is ClientState.CONTROL
+    received = pair.server_events()
+    assert [e.request_id for e in received] == [auth, control, info] == [1, 2, 3]
+    assert pair.server.state is ServerState.CONTROL
+    answers = {
+        m.Opcode.RESERVE: m.ReserveReply(3, 600.0, SECRET, SERVER_ID, m.encode_grants([GRANT])),
+        m.Opcode.RELEASE: m.Done(),
+        m.Opcode.SERVER_INFO: m.ServerInfoReply("{}"),
+    }
+    data = pair.server.reply(m.Opcode.AUTHENTICATE, auth, m.AuthenticateReply(""))
+    data += pair.server.reply(first.OPCODE, control, answers[first.OPCODE])
+    data += pair.server.reply(m.Opcode.SERVER_INFO, info, m.ServerInfoReply("{}"))
+    events = pair.client_receives(data)
+    assert [e.token for e in events] == ["auth", "first", "info"]
+    assert all(isinstance(e, ReplyReceived) for e in events)
+    assert events[0].message == m.AuthenticateReply("")  # anonymous: no tokens there
+    assert pair.client.state is ClientState.CONTROL and pair.client.waiting == 0
+
+
+@pytest.mark.parametrize("before", ["authenticate", "hello", "attach", "reserve", "server-info"])
+def test_authenticate_after_the_first_request_is_refused_on_both_ends(before: str) -> None:
+    """AUTHENTICATE twice, after a greeting, after a control request: the client refuses it
+    locally with nothing registered; the server, sent it anyway, refuses it fatally."""
+    pair = ConnectionPair()
+    if before == "authenticate":
+        pair.authenticate()
+    elif before == "hello":
+        pair.handshake()
+    elif before == "attach":
+        pair.attach()
+    else:
+        pair.control(m.Reserve(1, 0.5, 0) if before == "reserve" else m.ServerInfo())
+    state, next_id = pair.client.state, pair.client._next_id
+    with pytest.raises(ProtocolError, match="first request, and only once"):
+        pair.client.send_request(m.Authenticate(TOKEN))
+    assert (pair.client.state, pair.client._next_id, pair.client.failure) == (state, next_id, None)
+    pair.server.receive_data(encode_request(m.Authenticate(TOKEN), next_id))
+    (violation,) = pair.server_events()
+    assert isinstance(violation, ProtocolViolation) and violation.request_id == next_id
+    assert str(violation.error) == "AUTHENTICATE must be a connection's first request, once"
+    assert pair.server.state is ServerState.CLOSING
+    (frame,) = _decoded_replies(violation.data)
+    assert frame.message.code == ErrorCode.PROTOCOL and frame.message.flags & m.ERROR_FATAL
+
+
+def test_two_authenticates_pipelined_the_server_refuses_the_second() -> None:
+    pair = ConnectionPair()
+    pair.server.receive_data(
+        encode_request(m.Authenticate(TOKEN), 1) + encode_request(m.Authenticate(TOKEN), 2)
+    )
+    first, second = pair.server_events()
+    assert isinstance(first, RequestReceived) and isinstance(second, ProtocolViolation)
+    assert second.request_id == 2 and "first request, once" in str(second.error)
+
+
+def test_a_device_request_right_after_authenticate_is_out_of_phase() -> None:
+    pair = ConnectionPair()
+    pair.authenticate()
+    with pytest.raises(ProtocolError, match="must come first"):
+        pair.client.send_request(m.Synchronize(0))
+    pair.server.receive_data(encode_request(m.Synchronize(0), 2))
+    (violation,) = pair.server_events()
+    assert isinstance(violation, ProtocolViolation)
+    assert (
+        str(violation.error) == "expected HELLO, ATTACH or a control request first, got SYNCHRONIZE"
+    )
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "text"),
+    [
+        (None, "token refused: unknown token"),
+        (m.Hello(1, 0.5, 0), "the token of alice was revoked at 2026-01-01T00:00:00Z"),
+        (m.Reserve(1, 0.5, 0), "too many failed attempts from 10.0.0.7; try again in 42 s"),
+    ],
+    ids=["alone", "hello-behind", "reserve-behind"],
+)
+def test_a_refused_token_is_fatal_on_both_ends(pipelined: m.Request | None, text: str) -> None:
+    """PROTOCOL.md 5.7.1: a fatal AUTH ERROR answers AUTHENTICATE; what the client pipelined
+    behind it is never delivered, and fails with the same error."""
+    pair = ConnectionPair()
+    auth = pair.client_sends(m.Authenticate("bfnet-wrong"), token="auth")
+    if pipelined is not None:
+        pair.client_sends(pipelined, token="behind")
+    received = pair.server_events()
+    assert isinstance(received[0], RequestReceived) and received[0].request_id == auth
+    refusal = pair.server.refuse(auth, ErrorCode.AUTH, text)
+    assert pair.server.state is ServerState.CLOSING
+    assert pair.server.next_event() is None  # what came behind is discarded
+    failed, ended = pair.client_receives(refusal)
+    assert isinstance(failed, RequestFailed) and failed.token == "auth"
+    assert isinstance(failed.error, AuthenticationError) and failed.error.message == text
+    assert isinstance(failed.error, PermissionError)
+    assert isinstance(ended, ConnectionFailed) and pair.client.state is ClientState.CLOSED
+    assert ended.orphans == (
+        () if pipelined is None or pipelined.RULE.reply is None else ("behind",)
+    )
+    with pytest.raises(AuthenticationError, match=text.split(";")[0]):
+        pair.client.send_request(m.ServerInfo())
+
+
+@pytest.mark.parametrize(
+    "first",
+    [m.Hello(1, 0.5, 0), m.Attach(3, SECRET, SERVER_ID), m.Reserve(1, 0.5, 0), m.ServerInfo()],
+    ids=lambda message: type(message).__name__,
+)
+def test_no_token_where_one_is_required_is_refused_fatally(first: m.Request) -> None:
+    """A server that uses tokens refuses any other first request with a fatal AUTH ERROR, a
+    control request too (not the ordinary, non-fatal refusal of a control connection)."""
+    pair = ConnectionPair()
+    request_id = pair.client_sends(first, token="first")
+    (received,) = pair.server_events()
+    assert isinstance(received, RequestReceived) and received.request_id == request_id
+    text = "this server requires a token: ask its operator for one"
+    failed, ended = pair.client_receives(pair.server.refuse(request_id, ErrorCode.AUTH, text))
+    assert isinstance(failed, RequestFailed) and isinstance(failed.error, AuthenticationError)
+    assert isinstance(ended, ConnectionFailed) and pair.client.state is ClientState.CLOSED
+    assert pair.server.state is ServerState.CLOSING
+
+
+@pytest.mark.parametrize("kind", ["hello", "attach", "control"])
+def test_a_revoked_token_ends_an_open_session_with_auth_id_0(kind: str) -> None:
+    """PROTOCOL.md 5.7.3: a fatal AUTH ERROR with id 0 ends the session; what waited is
+    orphaned and every later call raises AuthenticationError."""
+    pair = ConnectionPair()
+    pair.authenticate(TOKEN, "alice")
+    if kind == "control":
+        pair.control(m.Reserve(1, 0.5, 0))
+    elif kind == "attach":
+        pair.attach()
+    else:
+        pair.handshake()
+    if kind != "control":
+        pair.client_sends(m.Synchronize(0), token="sync")
+        pair.client_sends(m.MemFree(0, 0x1000))  # no reply: nothing to orphan
+    pair.client_sends(m.ServerInfo(), token="info")
+    pair.server_events()
+    reason = "the token of alice was revoked; the session is over"
+    (ended,) = pair.client_receives(pair.server.refuse(0, ErrorCode.AUTH, reason))
+    assert isinstance(ended, ConnectionFailed) and pair.client.state is ClientState.CLOSED
+    expected = {"info", "first"} if kind == "control" else {"sync", "info"}
+    assert set(ended.orphans) == expected  # the control connection's RESERVE was never answered
+    assert isinstance(ended.error, AuthenticationError) and ended.error.message == reason
+    assert not isinstance(ended.error, ConnectionLostError)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        pair.client.send_request(m.ServerInfo())
+    assert pair.client.waiting == 0
+
+
+def test_a_quota_refusal_of_reserve_is_not_fatal_and_of_hello_is() -> None:
+    """PROTOCOL.md 5.7.2: QUOTA is a CapacityError; a RESERVE refused for it leaves the control
+    connection open, a HELLO refused for it ends the connection like every refused HELLO."""
+    text = "alice may hold 1 GPU(s); 1 held, 1 more asked"
+    pair = ConnectionPair()
+    pair.authenticate()
+    reserve = pair.control(m.Reserve(1, 0.5, 0))
+    (failed,) = pair.client_receives(pair.server.error(reserve.request_id, ErrorCode.QUOTA, text))
+    assert isinstance(failed, RequestFailed) and isinstance(failed.error, QuotaExceededError)
+    assert isinstance(failed.error, CapacityError) and failed.error.message == text
+    assert pair.client.state is ClientState.CONTROL and pair.server.state is ServerState.CONTROL
+
+    pair = ConnectionPair()
+    pair.authenticate()
+    hello = pair.client_sends(m.Hello(1, 0.5, 0), token="hello")
+    pair.server_events()
+    failed, ended = pair.client_receives(pair.server.refuse(hello, ErrorCode.QUOTA, text))
+    assert isinstance(failed.error, QuotaExceededError) and isinstance(ended, ConnectionFailed)
+    assert pair.client.state is ClientState.CLOSED and pair.server.state is ServerState.CLOSING

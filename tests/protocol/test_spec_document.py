@@ -40,6 +40,8 @@ GiB = 2**30
 # The worked example of section 13, built with the real encoder.
 EXAMPLE_SECRET = bytes(range(32))  # a real secret is 32 random bytes
 EXAMPLE_SERVER_ID = "0b7d2c6e-5f1a-4e8b-9c3d-2a6f1e0d9b47"
+# A token as an operator hands it out (made up; to a client it is an opaque string).
+EXAMPLE_TOKEN = "bfnet_5c2e9a417d03b8f6_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
 EXAMPLES = {
     "hello-request": encode_request(m.Hello(1, 0.5, 0, "demo"), 1),
     "hello-reply": encode_reply(
@@ -91,6 +93,20 @@ EXAMPLES = {
         Opcode.ERROR,
         0,
         ErrorReply(ErrorCode.LEASE_ENDED, ERROR_FATAL, 0, 0, "reservation 3 has ended: released"),
+    ),
+    # Section 13.3: a server that uses tokens.
+    "authenticate-request": encode_request(m.Authenticate(EXAMPLE_TOKEN), 1),
+    "authenticate-reply": encode_reply(Opcode.AUTHENTICATE, 1, m.AuthenticateReply("alice")),
+    "token-revoked-error": encode_reply(
+        Opcode.ERROR,
+        0,
+        ErrorReply(
+            ErrorCode.AUTH,
+            ERROR_FATAL,
+            0,
+            0,
+            "the token of alice was revoked; the session is over",
+        ),
     ),
 }
 

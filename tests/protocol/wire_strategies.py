@@ -6,6 +6,7 @@ message class is covered as soon as it is registered in ``REQUESTS`` or ``REPLIE
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,20 @@ server_infos = st.one_of(
     ),
     texts,
 )
+# AUTHENTICATE's token is opaque to the protocol (PROTOCOL.md 5.7): tokens as the reference
+# server issues them (bfnet_<16 hex>_<43 urlsafe base64>), and any text, which it refuses.
+tokens = st.one_of(
+    st.builds(
+        lambda token_id, secret: "bfnet_{}_{}".format(
+            token_id.hex(), base64.urlsafe_b64encode(secret).decode().rstrip("=")
+        ),
+        st.binary(min_size=8, max_size=8),
+        st.binary(min_size=32, max_size=32),
+    ),
+    texts,
+)
+# The user a token names; empty from a server that does not use tokens.
+users = st.one_of(st.just(""), st.from_regex(r"[A-Za-z0-9._@-]{1,64}", fullmatch=True), texts)
 # Variable fields that mean something more than "any text" or "any bytes", by name: a HELLO or
 # RESERVE reply carries real DeviceGrant records.
 _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
@@ -93,6 +108,8 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "secret": reservation_secrets,
     "server_id": server_ids,
     "info": server_infos,
+    "token": tokens,
+    "user": users,
     # RESERVE's u16 GPU numbers; to the codec any bytes (an odd length is the server's to refuse).
     "only_gpus": st.one_of(
         st.lists(fixed_values("H"), max_size=8).map(m.Reserve.gpu_list), st.binary(max_size=17)
