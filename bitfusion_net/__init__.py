@@ -28,6 +28,7 @@ from .client import (
     connect_sync,
 )
 from .protocol.errors import (
+    AuthenticationError,
     BitfusionError,
     CallTimeoutError,
     CapacityError,
@@ -39,8 +40,10 @@ from .protocol.errors import (
     LeaseEndedError,
     OutOfMemoryError,
     ProtocolError,
+    QuotaExceededError,
     UnsupportedError,
 )
+from .transport import ClientTls, ServerTls, TlsError
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -60,9 +63,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BitfusionError", "CallTimeoutError", "CapacityError", "ConnectionLostError", "DevicePtr", "Event", "Function",
+    "AuthenticationError", "BitfusionError", "CallTimeoutError", "CapacityError", "ClientTls", "ConnectionLostError", "DevicePtr", "Event", "Function",
     "InternalError", "InvalidHandleError", "InvalidValueError", "KernelError", "LeaseEndedError", "Module",
-    "OutOfMemoryError", "ProtocolError", "RemoteDevice", "Server", "Session", "Stream",
-    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats",
+    "OutOfMemoryError", "ProtocolError", "QuotaExceededError", "RemoteDevice", "Server", "ServerTls", "Session", "Stream",
+    "SyncEvent", "SyncFunction", "SyncModule", "SyncRemoteDevice", "SyncSession", "SyncStream", "TenantStats", "TlsError",
     "UnsupportedError", "__version__", "connect", "connect_sync", "parse_size",
 ]  # fmt: skip

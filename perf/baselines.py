@@ -54,7 +54,7 @@ POST_SIZE = 70  # one-way body: with the header, the size of a kernel-launch fra
 
 ROOT = Path(__file__).resolve().parent.parent
 C_SOURCE = ROOT / "native" / "tcp_baseline.c"
-LISTENING = re.compile(r"^listening on tcp://(\S+):(\d+)\s*$")
+LISTENING = re.compile(r"^listening on (tcp|tls)://(\S+):(\d+)\s*$")
 SERVER_START_S = 30.0
 
 
@@ -120,7 +120,7 @@ def server_process(argv: Sequence[str], what: str) -> Iterator[str]:
             match = LISTENING.match(line.decode())
             if match is None:
                 raise RuntimeError(f"{what} printed {line!r}, not 'listening on tcp://HOST:PORT'")
-            address = f"tcp://{match.group(1)}:{match.group(2)}"
+            address = f"{match.group(1)}://{match.group(2)}:{match.group(3)}"
             SERVER_PIDS[address] = process.pid
             yield address
         finally:

@@ -4,6 +4,7 @@
     python perf/latency.py --quick --output /tmp/r  # a fast run (the smoke test's)
     python perf/latency.py --server tcp://HOST:PORT # measure a server started elsewhere
     python perf/latency.py --executor pycuda        # the server (and the in-process side) on a GPU
+    python perf/latency.py --tls                    # and the cost of TLS, beside plain TCP
 
 Measures, side by side (perf/README.md explains each figure):
 
@@ -13,7 +14,10 @@ Measures, side by side (perf/README.md explains each figure):
 4. training steps of a small MLP with the built-in kernels, remote versus the same kind of executor
    in-process (NumPy, or PyCUDA with ``--executor pycuda``; the results must match);
 5. baselines on the same machine: C TCP ping-pong and bulk copies (``native/tcp_baseline.c``,
-   compiled here), a raw uvloop echo server, pyzmq REQ/REP and grpcio unary calls (optional).
+   compiled here), a raw uvloop echo server, pyzmq REQ/REP and grpcio unary calls (optional);
+6. with ``--tls``: the round trip (both APIs) and the 64 MiB copies each way (both APIs) to a TLS
+   server beside the same to the plain one, in interleaved rounds, and their ratio (a
+   self-signed certificate is made for the run with ``openssl``).
 
 Writes a table on stdout, ``latency.json`` and ``latency.png`` into ``perf/results`` (or
 ``--output``); with another executor than NumPy, ``latency-KIND.json`` and ``latency-KIND.png``,
@@ -28,8 +32,12 @@ import contextlib
 import gc
 import os
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +59,7 @@ import mlp_workload as workload  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bitfusion_net as bf  # noqa: E402
-from bitfusion_net.transport import loop_factory  # noqa: E402
+from bitfusion_net.transport import ClientTls, loop_factory, parse_address  # noqa: E402
 from executors import GpuUnavailable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -188,10 +196,10 @@ class Progress:
             print(file=sys.stderr)
 
 
-def count_steps(cfg: Config) -> int:
+def count_steps(cfg: Config, tls: bool = False) -> int:
     fixed = 2 + 2 + 3 + 1 + 1 + 2 + 2 + 1 + 2  # build, servers, round trips, launches, MLP, C,
     # uvloop round trip and posts, zmq and grpc, report, blocking echo, concurrent clients
-    return fixed + 2 * len(cfg.sizes) + cfg.h2h_rounds
+    return fixed + 2 * len(cfg.sizes) + cfg.h2h_rounds + (cfg.h2h_rounds + 1 if tls else 0)
 
 
 # -- timing helpers -------------------------------------------------------------------------------
@@ -628,6 +636,204 @@ async def bench_head_to_head(
     }
 
 
+# -- 7. TLS beside plain TCP ---------------------------------------------------------------------
+TLS_FIGURES = {  # what --tls measures on both servers: label and unit
+    "rtt_async": ("round trip p50, async API", "us"),
+    "rtt_blocking": ("round trip p50, blocking API", "us"),
+    "htod_async": ("memcpy_htod + sync, async API", "GB/s"),
+    "dtoh_async": ("memcpy_dtoh, async API", "GB/s"),
+    "htod_blocking": ("memcpy_htod + sync, blocking API", "GB/s"),
+    "dtoh_blocking": ("memcpy_dtoh, blocking API", "GB/s"),
+}
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway EC P-256 certificate for 127.0.0.1 and localhost, and its key, made with
+    ``openssl``; clients trust it as its own CA. Raises SystemExit without ``openssl``."""
+    if shutil.which("openssl") is None:
+        raise SystemExit("--tls needs the openssl command to make a throwaway certificate")
+    cert, key = directory / "server.pem", directory / "server-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@contextlib.contextmanager
+def tls_server(executor: str, cert: Path, key: Path) -> Iterator[str]:
+    """A server like ``bitfusion_server``'s (same flags), serving TLS; yields its tls:// address."""
+    argv = [
+        sys.executable, "-m", "bitfusion_net.server", "--tls-cert", str(cert), "--tls-key", str(key),
+        "--listen", "tcp://127.0.0.1:0", "--executor", executor,
+        "--gpu-memory", SERVER_MEMORY[executor], "--log-level", "WARNING",
+    ]  # fmt: skip
+    with bl.server_process(argv, "the TLS server") as address:
+        yield address
+
+
+def negotiated(address: str, ca_file: Path) -> str:
+    """The TLS version and cipher suite a client of ours gets from the server at ``address``."""
+    target = parse_address(address)
+    context = ClientTls(ca_file=ca_file).context()
+    with socket.create_connection((target.host, target.port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname=target.host) as tls_sock:
+            cipher = tls_sock.cipher()
+            return f"{tls_sock.version()} {cipher[0] if cipher else '?'}"
+
+
+async def tls_round(
+    gpu: bf.RemoteDevice,
+    sync_gpu: bf.SyncRemoteDevice,
+    ptr: int,
+    sync_ptr: int,
+    view: memoryview,
+    cfg: Config,
+) -> dict[str, float]:
+    """One round on one server: round-trip p50 (us) and copy GB/s, both APIs."""
+    samples, reps, size = cfg.h2h_samples, cfg.h2h_reps, len(view)
+
+    async def to_device() -> None:
+        await gpu.memcpy_htod(ptr, view)
+        await gpu.synchronize()
+
+    async def to_host() -> None:
+        await gpu.memcpy_dtoh(view, ptr)
+
+    def to_device_sync() -> None:
+        sync_gpu.memcpy_htod(sync_ptr, view)
+        sync_gpu.synchronize()
+
+    def to_host_sync() -> None:
+        sync_gpu.memcpy_dtoh(view, sync_ptr)
+
+    return {
+        "rtt_async": bl.summarize(await time_async(gpu.mem_get_info, samples, samples // 10))[
+            "p50_us"
+        ],
+        "rtt_blocking": bl.summarize(time_sync(sync_gpu.mem_get_info, samples, samples // 10))[
+            "p50_us"
+        ],
+        "htod_async": copy_result(size, await time_async(to_device, reps, 1))["gbps"],
+        "dtoh_async": copy_result(size, await time_async(to_host, reps, 1))["gbps"],
+        "htod_blocking": copy_result(size, time_sync(to_device_sync, reps, 1))["gbps"],
+        "dtoh_blocking": copy_result(size, time_sync(to_host_sync, reps, 1))["gbps"],
+    }
+
+
+async def bench_tls(
+    plain: str, tls: str, ca_file: Path, cfg: Config, host: memoryview, progress: Progress
+) -> dict[str, Any]:
+    """Round trips (both APIs) and copies each way (both APIs) to the plain server and to the
+    TLS one, in interleaved rounds as in ``bench_head_to_head``: each figure's best round, the
+    ratio TLS / plain of the best rounds, and the median of the per-round ratios."""
+    size = min(HEAD_TO_HEAD_SIZE, max(cfg.sizes))
+    view = host[:size]
+    lease = size + 16 * MiB
+    client_tls = ClientTls(ca_file=ca_file)
+    figures = tuple(TLS_FIGURES)
+    tls_protocol = negotiated(tls, ca_file)
+    series: dict[str, dict[str, list[float]]] = {
+        kind: {figure: [] for figure in figures} for kind in ("plain", "tls")
+    }
+    addresses = {"plain": plain, "tls": tls}
+    async with contextlib.AsyncExitStack() as stack:
+        gpus, sync_gpus, pointers, sync_pointers = {}, {}, {}, {}
+        for kind, address in addresses.items():
+            tls_settings = client_tls if kind == "tls" else None
+            session = await stack.enter_async_context(
+                bf.connect(address, memory=lease, client_name=f"perf/tls-{kind}", tls=tls_settings)
+            )
+            sync_session = bf.connect_sync(
+                address, memory=lease, client_name=f"perf/tls-{kind}-sync", tls=tls_settings
+            )
+            stack.callback(sync_session.close)
+            gpus[kind], sync_gpus[kind] = session.devices[0], sync_session.devices[0]
+            pointers[kind] = await gpus[kind].mem_alloc(size)
+            sync_pointers[kind] = sync_gpus[kind].mem_alloc(size)
+        progress.advance()
+        for round_ in range(cfg.h2h_rounds):
+            progress.stage(f"TLS beside plain TCP: round {round_ + 1} of {cfg.h2h_rounds}")
+            gc.collect()
+            for kind in ("plain", "tls"):
+                measured = await tls_round(
+                    gpus[kind], sync_gpus[kind], pointers[kind], sync_pointers[kind], view, cfg
+                )
+                for figure, value in measured.items():
+                    series[kind][figure].append(value)
+            progress.advance()
+
+    def best(values: list[float], figure: str) -> float:
+        return min(values) if figure.startswith("rtt") else max(values)
+
+    best_of = {
+        kind: {figure: best(values, figure) for figure, values in by_figure.items()}
+        for kind, by_figure in series.items()
+    }
+    return {
+        "rounds": cfg.h2h_rounds,
+        "samples_per_round": cfg.h2h_samples,
+        "copy_size": size,
+        "copy_reps_per_round": cfg.h2h_reps,
+        "protocol": tls_protocol,
+        "round_trip_p50_us": {
+            kind: {f: v for f, v in b.items() if f.startswith("rtt")} for kind, b in best_of.items()
+        },  # fmt: skip
+        "copy_gbps": {
+            kind: {f: v for f, v in b.items() if not f.startswith("rtt")}
+            for kind, b in best_of.items()
+        },  # fmt: skip
+        "ratios": {f: best_of["tls"][f] / best_of["plain"][f] for f in figures},
+        "median_of_round_ratios": {
+            f: _median_ratio(series["tls"][f], series["plain"][f]) for f in figures
+        },
+        "per_round": series,
+    }
+
+
+def print_tls_report(tls: dict[str, Any]) -> None:
+    """The TLS figures beside the plain ones: best rounds, their ratio TLS / plain, and the
+    median of the per-round ratios."""
+    print()
+    print(
+        f"TLS beside plain TCP: {tls['rounds']} interleaved rounds, copies of "
+        f"{format_size(tls['copy_size'])}; ratio = TLS / plain (latency: lower is better)"
+    )
+    header = f"{'figure':<36}{'plain':>14}{'TLS':>14}{'ratio':>8}{'median':>8}"
+    print(header)
+    print("-" * len(header))
+    for figure, (label, unit) in TLS_FIGURES.items():
+        group = "round_trip_p50_us" if unit == "us" else "copy_gbps"
+        digits = 1 if unit == "us" else 2
+        plain, secure = tls[group]["plain"][figure], tls[group]["tls"][figure]
+        median = tls["median_of_round_ratios"][figure]
+        print(
+            f"{label:<36}{f'{plain:.{digits}f} {unit}':>14}{f'{secure:.{digits}f} {unit}':>14}"
+            f"{tls['ratios'][figure]:>8.2f}{'-' if median is None else f'{median:.2f}':>8}"
+        )
+
+
 # -- orchestration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Peers:
@@ -753,10 +959,7 @@ def baseline_addresses(spec: str | None) -> dict[str, str | None]:
     if not host or not port_text.isdigit():
         raise SystemExit(f"--baselines-at wants HOST:PORT, got {spec!r}")
     port = int(port_text)
-    return {
-        kind: f"tcp://{host}:{port + offset}"
-        for offset, kind in enumerate(kinds)
-    }
+    return {kind: f"tcp://{host}:{port + offset}" for offset, kind in enumerate(kinds)}
 
 
 def result_stem(args: argparse.Namespace) -> str:
@@ -785,7 +988,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "executor": args.executor,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("sizes", "mlp")},
     }
-    progress = Progress(count_steps(cfg), enabled=not args.no_progress)
+    progress = Progress(count_steps(cfg, args.tls), enabled=not args.no_progress)
     try:
         with bl.keep_awake(args.keep_awake):
             return measure_all(args, cfg, progress, host_array.data, meta)
@@ -832,6 +1035,14 @@ def measure_all(
         progress.stage("ours: 8 concurrent blocking clients")
         concurrent = bench_concurrent_clients(address, 8, 2.0 if cfg.quick else 10.0)
         progress.advance()
+        tls_results = None
+        if args.tls:
+            progress.stage("TLS beside plain TCP: starting a TLS server")
+            directory = Path(servers.enter_context(tempfile.TemporaryDirectory()))
+            cert, key = self_signed_certificate(directory)
+            tls_address = servers.enter_context(tls_server(executor, cert, key))
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                tls_results = runner.run(bench_tls(address, tls_address, cert, cfg, host, progress))
     meta["device"] = measured["device"]
     if measured["device"]["executor"] != executor:
         notes.append(
@@ -869,6 +1080,8 @@ def measure_all(
         "head_to_head": measured["head_to_head"],
         "notes": notes,
     }
+    if tls_results is not None:
+        results["tls"] = tls_results
     results["targets"] = report.evaluate_targets(results)
     notes.append(report.plot(results, output / f"{stem}.png"))
     report.write_json(results, output / f"{stem}.json")
@@ -940,6 +1153,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a nice-19 busy loop meanwhile, so that an idle (virtual) CPU never halts: on "
         "VMs, waking a halted vCPU adds tens of microseconds to every loopback round trip",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure a TLS server (a throwaway self-signed certificate, made with openssl) "
+        "beside the plain one: round trips and 64 MiB copies of both APIs, and their ratio",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -952,8 +1171,16 @@ def main(argv: list[str] | None = None) -> int:
     except GpuUnavailable as exc:
         print(f"error: --executor {requested} needs a usable NVIDIA GPU: {exc}", file=sys.stderr)
         return 2
+    if args.tls and args.server is not None:
+        print(
+            "error: --tls starts its own TLS server beside a local one: drop --server",
+            file=sys.stderr,
+        )
+        return 2
     results = run(args)
     report.print_report(results)
+    if "tls" in results:
+        print_tls_report(results["tls"])
     device = results["meta"]["device"]
     print(f"executor {device['executor']}: {device['name']}")
     return 0

@@ -413,12 +413,15 @@ def _release_parts(lease: ReservationFile) -> list[str]:
     from ..protocol import LeaseEndedError
     from ..protocol import messages as m
     from .config import Server
-    from .control import ControlConnection
+    from .control import ControlConnection, configured_credentials
 
     problems = []
     for part in lease.servers:
         try:
-            connection = ControlConnection.open(Server((part.address,)), 5.0)
+            tls, token = configured_credentials()
+            connection = ControlConnection.open(
+                Server((part.address,)), 5.0, tls, lease.token or token
+            )
         except BitfusionError as exc:
             problems.append(f"{part.address}: {exc.message}")
             continue

@@ -6,11 +6,14 @@ as Bitfusion 3.5's ``reachable:``, are ignored), so a Bitfusion user's file work
 looked for in ``~/.bitfusion-net/`` and then ``/etc/bitfusion-net/``; the user's wins.
 ``BITFUSION_NET_SERVERS`` (``HOST:PORT,HOST:PORT``) overrides the file, and ``--servers FILE`` or
 ``--server_list`` override both. Beside it, ``client.yaml`` holds defaults for ``run`` and
-``request_gpus``: ``mode``, ``idle_timeout``, ``wait``, ``query_timeout``.
+``request_gpus`` (``mode``, ``idle_timeout``, ``wait``, ``query_timeout``) and the client's
+credentials: ``token`` (``$BITFUSION_NET_TOKEN`` wins), and for TLS ``tls_ca``, ``tls_cert``,
+``tls_key`` (PEM files). Addresses may say ``tls://HOST:PORT``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,21 @@ from typing import Any
 
 import yaml
 
+from ..client.session import TOKEN_ENV
+from ..transport import ClientTls
 from ..units import parse_duration
 
 SERVERS_ENV = "BITFUSION_NET_SERVERS"
+CLIENT_KEYS = (
+    "mode",
+    "idle_timeout",
+    "wait",
+    "query_timeout",
+    "token",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+)
 SERVERS_FILE = "servers.conf"
 CLIENT_FILE = "client.yaml"
 
@@ -42,7 +57,7 @@ class Server:
 
     @property
     def name(self) -> str:
-        return self.addresses[0].removeprefix("tcp://")
+        return self.addresses[0].removeprefix("tcp://").removeprefix("tls://")
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,12 @@ class ServerList:
 
 def _address(text: str, where: str) -> str:
     text = str(text).strip()
-    bare = text.removeprefix("tcp://")
+    scheme = "tls://" if text.startswith("tls://") else "tcp://"
+    bare = text.removeprefix("tcp://").removeprefix("tls://")
     host, sep, port = bare.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{where}: {text!r} is not HOST:PORT")
-    return f"tcp://{bare}"
+    return f"{scheme}{bare}"
 
 
 def parse_server_list(text: str, where: str) -> ServerList:
@@ -121,15 +137,20 @@ class ClientConfig:
     idle_timeout: float | None = None  # seconds; None: the command's own default
     wait: float = 0.0  # seconds to wait for capacity
     query_timeout: float = 2.0  # seconds a server has to answer before it is skipped
+    token: str = ""  # presented to servers that use tokens
+    tls: ClientTls | None = None  # CA, certificate and key for TLS servers
     source: str = "built-in defaults"
 
 
 def load_client_config() -> ClientConfig:
+    config = ClientConfig()
     for directory in config_dirs():
         path = directory / CLIENT_FILE
         if path.exists():
-            return _read_client_config(path)
-    return ClientConfig()
+            config = _read_client_config(path)
+            break
+    token = os.environ.get(TOKEN_ENV)
+    return dataclasses.replace(config, token=token) if token else config
 
 
 def _read_client_config(path: Path) -> ClientConfig:
@@ -139,12 +160,18 @@ def _read_client_config(path: Path) -> ClientConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected keys mode, idle_timeout, wait, query_timeout")
-    unknown = sorted(set(data) - {"mode", "idle_timeout", "wait", "query_timeout"})
+    unknown = sorted(set(data) - set(CLIENT_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
     mode = str(data.get("mode", "share"))
     if mode not in ("share", "cap"):
         raise ConfigError(f"{path}: mode must be share or cap, got {mode!r}")
+    tls_files = {key: data.get(f"tls_{key}") for key in ("ca", "cert", "key")}
+    tls = None
+    if any(tls_files.values()):
+        tls = ClientTls(
+            ca_file=tls_files["ca"], cert_file=tls_files["cert"], key_file=tls_files["key"]
+        )
     try:
         idle = data.get("idle_timeout")
         return ClientConfig(
@@ -152,6 +179,8 @@ def _read_client_config(path: Path) -> ClientConfig:
             idle_timeout=None if idle is None else parse_duration(idle),
             wait=parse_duration(data.get("wait", 0)),
             query_timeout=parse_duration(data.get("query_timeout", 2.0)) or 2.0,
+            token=str(data.get("token") or ""),
+            tls=tls,
             source=str(path),
         )
     except ValueError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 from ..client.blocking_driver import BlockingDriver
 from ..protocol import BitfusionError, ConnectionLostError, ProtocolError
 from ..protocol import messages as m
-from ..transport import BlockingStream, parse_address
+from ..transport import BlockingStream, ClientTls, TlsError, parse_address
 from .config import Server
 
 CLOSE_TIMEOUT = 2.0
@@ -24,24 +24,50 @@ CLOSE_TIMEOUT = 2.0
 
 class ControlConnection:
     """One control connection to one server. Reservations made on it with
-    ``HOLD_BY_CONNECTION`` last as long as it (and the programs attached to them)."""
+    ``HOLD_BY_CONNECTION`` last as long as it (and the programs attached to them).
 
-    def __init__(self, address: str, timeout: float) -> None:
+    ``tls``: TLS settings (``ClientTls``); TLS is used with them, or when ``address`` says
+    ``tls://`` (with the system's CAs). Raises ``OSError`` when it cannot connect (``TlsError``
+    saying why when TLS fails), ``ValueError`` when the address or the TLS files are bad.
+    ``token``: presented first (AUTHENTICATE) for servers that use tokens; a refusal raises
+    ``AuthenticationError``."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
-        stream = BlockingStream.connect(parse_address(address), timeout)
+        stream = BlockingStream.connect(parse_address(address), timeout, tls)
         stream.settimeout(timeout)
         self._driver = BlockingDriver(stream)
         self._driver.set_call_timeout(timeout)
+        if token:
+            try:
+                self._driver.request(m.Authenticate(token))
+            except BaseException:
+                stream.close()
+                raise
 
     @classmethod
-    def open(cls, server: Server, timeout: float) -> ControlConnection:
+    def open(
+        cls,
+        server: Server,
+        timeout: float,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> ControlConnection:
         """Connect to the first of the server's addresses that answers."""
         failure: BaseException | None = None
         for address in server.addresses:
             try:
-                return cls(address, timeout)
+                return cls(address, timeout, tls, token)
             except OSError as exc:
                 failure = exc
+        if isinstance(failure, TlsError):  # its message names the address and what to do
+            raise ConnectionLostError(f"{server.name}: {failure}")
         reason = getattr(failure, "strerror", None) or failure or "no address"
         raise ConnectionLostError(f"cannot connect to {server.name}: {reason}")
 
@@ -71,6 +97,16 @@ class ControlConnection:
 
     def close(self) -> None:
         self._driver.close(CLOSE_TIMEOUT)
+
+
+def configured_credentials() -> tuple[ClientTls | None, str | None]:
+    from .config import ConfigError, load_client_config
+
+    try:
+        config = load_client_config()
+    except ConfigError:
+        return None, None  # the caller's own use of the configuration reports it
+    return config.tls, config.token or None
 
 
 @dataclass
@@ -104,14 +140,20 @@ def query_servers(
     *,
     detail: int = m.INFO_FULL,
     keep_open: bool = False,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> list[ServerView]:
     """Ask every server at once; each answers within ``timeout`` s or is marked with why not.
-    With ``keep_open`` the control connections of those that answered stay open."""
+    With ``keep_open`` the control connections of those that answered stay open. ``tls`` and
+    ``token``: the credentials of every connection (see ``ControlConnection``); by default the
+    client configuration's (``config.load_client_config``)."""
+    if tls is None and token is None:
+        tls, token = configured_credentials()
 
     def ask(server: Server) -> ServerView:
         started = time.perf_counter()
         try:
-            connection = ControlConnection.open(server, timeout)
+            connection = ControlConnection.open(server, timeout, tls, token)
         except BitfusionError as exc:
             return ServerView(server, error=exc.message)
         try:

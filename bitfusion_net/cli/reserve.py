@@ -17,7 +17,7 @@ from ..protocol import BitfusionError, CapacityError
 from ..protocol import messages as m
 from . import logline
 from .config import ServerList
-from .control import ControlConnection, ServerView, query_servers
+from .control import ControlConnection, ServerView, configured_credentials, query_servers
 from .placement import Ask, Filter, NoRoom, choose, eligible_gpus, fraction_of
 
 RETRY_S = 0.5  # how often a waiting client asks again
@@ -181,7 +181,14 @@ def _reserve_plan(
             except BitfusionError:
                 pass  # it ends with its connection anyway (held) or when idle
         raise
-    lease = ReservationFile([part for _, part in made], logline.timestamp(), client_name)
+    tls, token = configured_credentials()
+    tls_files = {}
+    if tls is not None:
+        names = (("ca", tls.ca_file), ("cert", tls.cert_file), ("key", tls.key_file))
+        tls_files = {name: str(path) for name, path in names if path}
+    lease = ReservationFile(
+        [part for _, part in made], logline.timestamp(), client_name, token or "", tls_files
+    )
     return Held(lease, [connection for connection, _ in made])
 
 

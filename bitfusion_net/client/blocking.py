@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from ..protocol import BitfusionError, DeviceGrant
+from ..protocol import BitfusionError, DeviceGrant, InvalidValueError
 from ..protocol import messages as m
-from ..transport import BlockingStream
+from ..transport import BlockingStream, ClientTls
 from .blocking_driver import BlockingDriver
 from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats, kernel_name
 from .session import (
@@ -233,11 +233,23 @@ def connect_sync(
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     call_timeout: float | None = None,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> SyncSession:
     """Blocking ``connect`` (same arguments): ``with connect_sync(address, fraction=0.05) as s:``.
     With no address, the reservation in ``BITFUSION_NET_LEASE`` (see ``connect``)."""
     requests = lease_requests(
-        address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
+        address,
+        gpus,
+        fraction,
+        memory,
+        mode,
+        weight,
+        client_name,
+        timeout,
+        call_timeout,
+        tls,
+        token,
     )
     parts: list[tuple[LeaseRequest, BlockingDriver, m.HelloReply]] = []
     try:
@@ -253,9 +265,11 @@ def connect_sync(
 
 def _greet(request: LeaseRequest) -> tuple[BlockingDriver, m.HelloReply]:
     try:
-        stream = BlockingStream.connect(request.address, request.timeout)
+        stream = BlockingStream.connect(request.address, request.timeout, request.tls)
     except OSError as exc:
         raise request.unreachable(exc) from None
+    except ValueError as exc:  # the TLS settings' files cannot be used
+        raise InvalidValueError(str(exc)) from None
     driver = BlockingDriver(stream)
     try:
         stream.settimeout(request.timeout)

@@ -60,6 +60,8 @@ class ReservationFile:
     servers: list[ServerReservation]
     created: str = ""  # RFC 3339, UTC
     client: str = ""
+    token: str = ""  # the token it was made with, which its programs present too
+    tls_files: dict[str, str] = field(default_factory=dict)  # ca/cert/key PEM paths, for TLS
 
     @property
     def gpus(self) -> int:
@@ -71,6 +73,8 @@ class ReservationFile:
                 "format": FORMAT,
                 "created": self.created,
                 "client": self.client,
+                "token": self.token,
+                "tls_files": self.tls_files,
                 "servers": [server.to_json() for server in self.servers],
             },
             indent=2,
@@ -108,7 +112,13 @@ class ReservationFile:
             raise InvalidValueError(
                 f"{str(path)!r} is not a bitfusion-net reservation file: {exc}"
             ) from None
-        return cls(servers, str(data.get("created", "")), str(data.get("client", "")))
+        return cls(
+            servers,
+            str(data.get("created", "")),
+            str(data.get("client", "")),
+            str(data.get("token", "")),
+            {str(k): str(v) for k, v in dict(data.get("tls_files") or {}).items()},
+        )
 
 
 def lease_from_environment() -> tuple[str, ReservationFile]:

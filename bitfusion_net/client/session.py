@@ -4,6 +4,7 @@ attach to a reservation's GPUs, which may be on several servers (a pool)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import socket
@@ -15,13 +16,15 @@ from typing import Any
 
 from ..protocol import BitfusionError, ConnectionLostError, InvalidValueError
 from ..protocol import messages as m
-from ..transport import Stream, TcpAddress, parse_address
+from ..transport import ClientTls, Stream, TcpAddress, TlsError, parse_address
 from ..transport import connect as tcp_connect
 from ..units import parse_size
 from .async_driver import AsyncDriver
 from .calls import Call, Plan
 from .device import RemoteDevice
 from .lease import ServerReservation, lease_from_environment
+
+TOKEN_ENV = "BITFUSION_NET_TOKEN"  # the token connect() sends when given none
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -35,6 +38,8 @@ class LeaseRequest:
     greeting: m.Hello | m.Attach
     timeout: float
     call_timeout: float | None = None
+    tls: ClientTls | None = None  # TLS settings; TLS is used with them or when address says tls://
+    token: str | None = None  # sent first (AUTHENTICATE), for servers that use tokens
 
     @classmethod
     def make(
@@ -48,6 +53,7 @@ class LeaseRequest:
         client_name: str | None,
         timeout: float,
         call_timeout: float | None = None,
+        tls: ClientTls | None = None,
     ) -> LeaseRequest:
         try:
             target = parse_address(address)
@@ -86,7 +92,7 @@ class LeaseRequest:
             weight=0.0 if weight is None else float(weight),
             mode=m.MODES[mode],
         )
-        return cls(target, hello, timeout, call_timeout)
+        return cls(target, hello, timeout, call_timeout, _check_tls(tls))
 
     @classmethod
     def attach(
@@ -95,6 +101,7 @@ class LeaseRequest:
         client_name: str | None,
         timeout: float,
         call_timeout: float | None,
+        tls: ClientTls | None = None,
     ) -> LeaseRequest:
         """Use the part of a reservation on one server (ATTACH instead of HELLO)."""
         try:
@@ -103,17 +110,30 @@ class LeaseRequest:
             raise InvalidValueError(f"the reservation file names a bad address: {exc}") from None
         name = client_name if client_name is not None else program_name()
         greeting = m.Attach(server.reservation, server.secret, server.server_id, name)
-        return cls(target, greeting, timeout, call_timeout)
+        return cls(target, greeting, timeout, call_timeout, _check_tls(tls))
 
     def greet(self) -> Plan[m.HelloReply]:
-        reply = yield Call(self.greeting)
+        if self.token is None:
+            reply = yield Call(self.greeting)
+            return reply  # type: ignore[no-any-return]
+        # The greeting goes right behind the token: one round trip, not two.
+        _, reply = yield (Call(m.Authenticate(self.token)), Call(self.greeting))
         return reply  # type: ignore[no-any-return]
 
     def unreachable(self, error: BaseException) -> ConnectionLostError:
+        """What connecting failing with ``error`` (raised by the transport) means to the user."""
         if isinstance(error, TimeoutError):
             return ConnectionLostError(f"no answer from {self.address} within {self.timeout} s")
+        if isinstance(error, TlsError):  # its message names the server and what to do
+            return ConnectionLostError(str(error))
         reason = getattr(error, "strerror", None) or error
         return ConnectionLostError(f"cannot connect to {self.address}: {reason}")
+
+
+def _check_tls(tls: ClientTls | None) -> ClientTls | None:
+    if tls is not None and not isinstance(tls, ClientTls):
+        raise InvalidValueError(f"tls must be a ClientTls or None, got {tls!r}")
+    return tls
 
 
 def program_name(command: str | None = None) -> str:
@@ -136,13 +156,31 @@ def lease_requests(
     client_name: str | None,
     timeout: float,
     call_timeout: float | None,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> list[LeaseRequest]:
     """What ``connect`` opens: one HELLO to ``address``, or without one an ATTACH to each server
-    of the reservation in ``BITFUSION_NET_LEASE``."""
+    of the reservation in ``BITFUSION_NET_LEASE``. The token is ``token``, else the
+    reservation's, else ``$BITFUSION_NET_TOKEN``; none: the server must not need one."""
+    if token is not None and not isinstance(token, str):
+        raise InvalidValueError(f"token must be a string, got {type(token).__name__}")
+    token = token or os.environ.get(TOKEN_ENV) or None
     if address is not None:
         return [
-            LeaseRequest.make(
-                address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
+            _with_token(
+                LeaseRequest.make(
+                    address,
+                    gpus,
+                    fraction,
+                    memory,
+                    mode,
+                    weight,
+                    client_name,
+                    timeout,
+                    call_timeout,
+                    tls,
+                ),
+                token,
             )
         ]
     if gpus != 1 or fraction is not None or memory is not None or weight is not None:
@@ -153,9 +191,22 @@ def lease_requests(
     if not timeout > 0:
         raise InvalidValueError(f"timeout must be positive, got {timeout}")
     _, lease = lease_from_environment()
+    if tls is None and lease.tls_files:
+        files = lease.tls_files
+        tls = ClientTls(
+            ca_file=files.get("ca"), cert_file=files.get("cert"), key_file=files.get("key")
+        )
     return [
-        LeaseRequest.attach(server, client_name, timeout, call_timeout) for server in lease.servers
+        _with_token(
+            LeaseRequest.attach(server, client_name, timeout, call_timeout, tls),
+            lease.token or token,
+        )
+        for server in lease.servers
     ]
+
+
+def _with_token(request: LeaseRequest, token: str | None) -> LeaseRequest:
+    return dataclasses.replace(request, token=token) if token else request
 
 
 class Session:
@@ -249,7 +300,10 @@ async def _greet(request: LeaseRequest) -> tuple[AsyncDriver, m.HelloReply]:
     stream: Stream | None = None
     try:
         async with asyncio.timeout(request.timeout):
-            stream = await tcp_connect(request.address, AsyncDriver)
+            try:
+                stream = await tcp_connect(request.address, AsyncDriver, tls=request.tls)
+            except ValueError as exc:  # the TLS settings' files cannot be used
+                raise InvalidValueError(str(exc)) from None
             driver = stream.owner
             assert isinstance(driver, AsyncDriver)
             reply = await driver.run(request.greet())
@@ -298,6 +352,8 @@ def connect(
     client_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     call_timeout: float | None = None,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> _SessionOpener:
     """Lease ``gpus`` GPUs on the server at ``address`` (``tcp://HOST:PORT``); with no address,
     use the reservation named by ``BITFUSION_NET_LEASE`` (set by ``bitfusion-net run``, or by
@@ -314,9 +370,26 @@ def connect(
     ``call_timeout`` (seconds, default none) bounds how long any later call waits for its reply:
     past it the call raises ``CallTimeoutError`` and the session is closed. Without it a call
     to a server that stopped answering waits until TCP keepalive finds the connection dead.
+    ``tls`` (``ClientTls``: CA file, client certificate and key, server name) connects with TLS;
+    an address ``tls://HOST:PORT`` does too, with the system's CAs when ``tls`` is None. A TLS
+    failure (a server without TLS, an untrusted certificate, a client certificate refused)
+    raises ConnectionLostError saying which; TLS files that cannot be used, InvalidValueError.
+    ``token`` (default ``$BITFUSION_NET_TOKEN``, or the reservation's) is presented first, for a
+    server that uses tokens: one that refuses it, or needs one and got none, raises
+    ``AuthenticationError`` saying why; a request past the user's quota, ``QuotaExceededError``.
     """
     return _SessionOpener(
         lease_requests(
-            address, gpus, fraction, memory, mode, weight, client_name, timeout, call_timeout
+            address,
+            gpus,
+            fraction,
+            memory,
+            mode,
+            weight,
+            client_name,
+            timeout,
+            call_timeout,
+            tls,
+            token,
         )
     )

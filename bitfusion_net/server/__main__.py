@@ -10,7 +10,7 @@ import sys
 
 from executors import EXECUTOR_KINDS, GpuUnavailable
 
-from ..transport import loop_factory
+from ..transport import ServerTls, loop_factory
 from ..units import parse_duration, parse_size
 from .server import (
     DEFAULT_MAX_CONNECTIONS,
@@ -18,6 +18,7 @@ from .server import (
     DEFAULT_STALL_TIMEOUT,
     Server,
 )
+from .tokens import default_state_dir
 
 # While a device worker thread runs Python, the event loop waits up to the switch interval for
 # the GIL at each hand-off. Measured on a 2-core VM beside a client flooding launches
@@ -117,6 +118,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 24h)",
     )
     parser.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="the server's state directory: with a token store there (bitfusion-server token "
+        "create), every client needs a token and its user's quotas hold "
+        f"(default: {default_state_dir()})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="without tokens, accept anyone on an address other than loopback (logged as a "
+        "warning): anyone who can reach the port can use every GPU",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="FILE",
+        help="serve TLS only, with this certificate (PEM; with --tls-key)",
+    )
+    parser.add_argument("--tls-key", default=None, metavar="FILE", help="the certificate's key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=None,
+        metavar="FILE",
+        help="mutual TLS: clients must present a certificate signed by this CA",
+    )
+    parser.add_argument(
         "--gil-switch-interval",
         type=float,
         default=GIL_SWITCH_INTERVAL_S,
@@ -159,6 +187,9 @@ async def serve(args: argparse.Namespace) -> None:
         stall_timeout=args.stall_timeout,
         max_connections=args.max_connections,
         max_idle_timeout=args.max_idle_timeout,
+        tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        state_dir=args.state_dir or default_state_dir(),
+        insecure=args.insecure,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -185,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stall-timeout must be positive")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if not args.gil_switch_interval > 0:
         parser.error("--gil-switch-interval must be positive")
     sys.setswitchinterval(args.gil_switch_interval)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -15,21 +18,33 @@ from executors import Executor, create_executors
 
 from ..protocol import CLIENT_LIMITS, PROTOCOL_VERSION, ErrorCode, Limits
 from ..protocol import messages as m
-from ..transport import Stream, TcpAddress, listen, parse_address
+from ..transport import ServerTls, Stream, TcpAddress, listen, parse_address
 from ..units import format_size, parse_size
+from .auth import Gatekeeper
 from .flow import PROBE_PERIOD_S
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
 from .reservations import ReservationTable
 from .session import ServerSession
+from .tokens import TOKEN_FILE, TokenStore
 
 DEFAULT_STALL_TIMEOUT = 30.0  # seconds a connection may stall mid-frame, or wait with no HELLO
 DEFAULT_MAX_CONNECTIONS = 4096
 # The longest a reservation may sit idle before it is released (clients may ask for less): a
 # forgotten ``request_gpus`` must not hold GPUs for ever.
 DEFAULT_MAX_IDLE_TIMEOUT = 24 * 3600.0
+TOKEN_CHECK_EVERY = 4  # sweeps between looks for revoked tokens (about once a second)
 SHUTDOWN_NOTICE_S = 0.5  # how long a stopping server waits for its clients to hear why
 
 log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not known to be loopback
+        return False
 
 
 class Server:
@@ -49,6 +64,14 @@ class Server:
     ``max_connections``: connections beyond this many are refused with ``CapacityError``.
     ``max_idle_timeout``: the longest, in seconds, a reservation may stay idle (no call on any
     of its connections) before it is released; clients may ask for less; 0: no bound.
+    ``tls``: serve TLS only (``ServerTls``: certificate, key, and a client CA for mutual TLS);
+    ``state_dir``: the server's state directory; when it holds a token store
+    (``bitfusion-server token create``), every connection needs a token (AUTHENTICATE) and its
+    user's quotas hold. Without one the server accepts anonymous clients, which it does only on
+    a loopback address unless ``insecure`` is set (logged as a warning).
+    ``address`` then says ``tls://``. A plaintext client is answered, in plaintext, with a
+    ``PROTOCOL`` error saying so; a client that does not finish its handshake within
+    ``stall_timeout`` is closed. ``listen`` may say ``tls://`` only with ``tls``.
     """
 
     def __init__(
@@ -64,8 +87,27 @@ class Server:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_idle_timeout: float = DEFAULT_MAX_IDLE_TIMEOUT,
+        tls: ServerTls | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self._listen = parse_address(listen)
+        store = TokenStore.existing(state_dir) if state_dir is not None else None
+        if store is None and not insecure and not _is_loopback(self._listen.host):
+            where = f" (none in {Path(state_dir) / TOKEN_FILE})" if state_dir is not None else ""
+            raise ValueError(
+                f"listening on {self._listen} needs tokens{where}: create one with "
+                "'bitfusion-server token create --user NAME', or pass --insecure (insecure=True) "
+                "to let anyone who reaches the port use the GPUs"
+            )
+        self._gate = Gatekeeper(store)
+        self._insecure = insecure
+        self._sweeps = 0
+        if self._listen.tls and tls is None:
+            raise ValueError(
+                f"{listen} needs a certificate: give tls=ServerTls(cert_file, key_file)"
+            )
+        self._tls = tls
         if gpus is not None and gpus < 1:
             raise ValueError("a server needs at least one GPU")
         if not 0 < min_fraction <= 1:
@@ -116,12 +158,18 @@ class Server:
             self._pool, self._executors, self.id, self._max_idle_timeout
         )
         try:
-            self._server = await listen(self._listen, self._new_session)
+            self._server = await listen(
+                self._listen,
+                self._new_session,
+                tls=self._tls,
+                plaintext_owner_factory=self._new_plaintext_session,
+                handshake_timeout=self._stall_timeout,
+            )
         except BaseException:
             self._close_executors()
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = TcpAddress(host, port)
+        self._address = TcpAddress(host, port, tls=self._tls is not None)
         self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
         for index, executor in enumerate(self._executors):
             props = executor.properties
@@ -139,11 +187,26 @@ class Server:
             self._address,
             self._scheduling,
         )
+        store = self._gate.store
+        if store is not None:
+            log.info("tokens required: %d in %s", len(store.records()), store.path)
+        elif self._insecure and not _is_loopback(self._listen.host):
+            log.warning(
+                "INSECURE: no tokens; anyone who can reach %s may use every GPU of this server",
+                self._address,
+            )
+        else:
+            log.info("no token store: accepting unauthenticated clients (loopback only)")
 
     def _new_session(self, stream: Stream) -> ServerSession:
         assert self._reservations is not None
         session = ServerSession(
-            stream, self._reservations, self._limits, self.describe, self._sessions.discard
+            stream,
+            self._reservations,
+            self._limits,
+            self.describe,
+            self._sessions.discard,
+            gate=self._gate,
         )
         if len(self._sessions) >= self._max_connections:
             session.refuse(
@@ -151,6 +214,15 @@ class Server:
                 f"the server has {len(self._sessions)} connections, its limit; try again later",
             )
         self._sessions.add(session)
+        return session
+
+    def _new_plaintext_session(self, stream: Stream) -> ServerSession:
+        """A client that spoke plaintext to this TLS server: told so, in plaintext, and closed."""
+        session = self._new_session(stream)
+        session.refuse(
+            ErrorCode.PROTOCOL,
+            f"this server requires TLS: connect to {self.address} (tls://HOST:PORT, or --tls)",
+        )
         return session
 
     def _sweep(self) -> None:
@@ -162,7 +234,30 @@ class Server:
             session.close_if_stalled(now, self._stall_timeout)
         if self._reservations is not None:
             self._reservations.sweep(now)
+        self._sweeps += 1
+        if self._gate.required and self._sweeps % TOKEN_CHECK_EVERY == 0:
+            self._end_revoked_tokens()
         self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
+
+    def _end_revoked_tokens(self) -> None:
+        """End the sessions and reservations of tokens revoked or expired since they connected."""
+        in_use = {s.user.id for s in self._sessions if s.user is not None}
+        table = self._reservations
+        assert table is not None
+        in_use |= {r.user.id for r in table if r.user is not None}
+        try:
+            ended = self._gate.ended_tokens(in_use)
+        except Exception:  # noqa: BLE001 - a locked or broken store must not stop the sweep
+            log.exception("checking the token store failed; trying again at the next sweep")
+            return
+        if not ended:
+            return
+        for session in list(self._sessions):
+            if session.user is not None and session.user.id in ended:
+                session.token_ended(ended[session.user.id])
+        for reservation in table.of_tokens(set(ended)):
+            assert reservation.user is not None
+            table.end(reservation, ended[reservation.user.id])
 
     async def serve_forever(self) -> None:
         assert self._server is not None

@@ -43,10 +43,15 @@ class StreamOwner(Protocol):
 class Stream(ABC):
     """One end of an event-loop byte stream. All methods run on the loop's thread.
 
-    ``peer`` names the other end for logs (``HOST:PORT``).
+    ``peer`` names the other end for logs (``HOST:PORT``). ``encrypted``: the stream is TLS (its
+    handshake done before the owner was made). ``peer_certificate_name``: the commonName of the
+    peer's certificate that the handshake verified (a client's stream: the server's; a server's:
+    the client's, under mutual TLS); else None.
     """
 
     peer: str = "?"
+    encrypted: bool = False
+    peer_certificate_name: str | None = None
 
     @abstractmethod
     def write(

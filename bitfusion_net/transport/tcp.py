@@ -1,4 +1,5 @@
-"""TCP: addresses, listening and connecting, and ``TcpStream``, the event-loop stream over TCP.
+"""TCP: addresses, listening and connecting, and ``TcpStream``, the event-loop stream over TCP
+(``tls_stream.TlsStream`` is the same with TLS in between).
 
 Receiving: ``asyncio.BufferedProtocol`` hands the kernel the owner's buffer, so small frames are
 parsed many per read and bulk payloads are read straight into the buffer their sink chose.
@@ -14,36 +15,50 @@ over its limit), and we know when a payload's memory has been consumed (``on_sen
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from .base import QueuedStream, Stream, StreamOwner
+from .tls import ClientTls, ServerTls, client_settings
 
 SLICE = 4 * 2**20  # the most of one payload handed to the transport at once
 DEFAULT_QUEUE_LIMIT = 8 * 2**20  # queued bytes above which drain() waits
 DEFAULT_BACKLOG = 1024  # pending connections the kernel holds for a server (bursts of clients)
 _TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0  # seconds a TLS connection may take to finish its handshake
 
 
 @dataclass(frozen=True)
 class TcpAddress:
+    """Where a server listens: ``tcp://HOST:PORT``, or ``tls://HOST:PORT`` for TLS on TCP."""
+
     host: str
     port: int
+    tls: bool = False
 
     def __str__(self) -> str:
+        return f"{'tls' if self.tls else 'tcp'}://{self.host_port}"
+
+    @property
+    def host_port(self) -> str:
+        """``HOST:PORT`` (IPv6 hosts in brackets), as logs and messages name a server."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"{host}:{self.port}"
 
 
 def parse_address(url: str) -> TcpAddress:
-    """Parse ``tcp://HOST:PORT`` (IPv6 hosts in brackets). Raises ValueError with the reason."""
+    """Parse ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (IPv6 hosts in brackets). Raises
+    ValueError with the reason."""
     parts = urlsplit(url)
-    if parts.scheme != "tcp":
-        raise ValueError(f"unsupported address {url!r}: expected tcp://HOST:PORT")
+    if parts.scheme not in ("tcp", "tls"):
+        raise ValueError(
+            f"unsupported address {url!r}: expected tcp://HOST:PORT (or tls://HOST:PORT)"
+        )
     if not parts.hostname:
         raise ValueError(f"address {url!r} has no host")
     try:
@@ -54,7 +69,7 @@ def parse_address(url: str) -> TcpAddress:
         raise ValueError(f"address {url!r} has no port (use :0 to pick a free one)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"address {url!r} has unexpected parts after the port")
-    return TcpAddress(parts.hostname, port)
+    return TcpAddress(parts.hostname, port, tls=parts.scheme == "tls")
 
 
 # TCP keepalive: a peer that vanished without a word (a host powered off, a cable pulled) is
@@ -83,6 +98,14 @@ def tune_socket(sock: socket.socket) -> None:
 OwnerFactory = Callable[[Stream], StreamOwner]
 
 
+class Sink(Protocol):
+    """Where ``flush`` hands what is queued: the transport, or what encrypts for it (TLS)."""
+
+    def write(self, data: bytes | memoryview, /) -> None: ...
+
+    def writelines(self, data: list[bytes | memoryview], /) -> None: ...
+
+
 class TcpStream(asyncio.BufferedProtocol, QueuedStream):
     """``Stream`` over an asyncio (or uvloop) TCP transport; see ``Stream`` for each method."""
 
@@ -90,6 +113,7 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self._owner_factory = owner_factory
         self.owner: StreamOwner | None = None
         self.transport: asyncio.Transport | None = None
+        self._sink: Sink | None = None  # what flush() writes to, once connected
         self._init_queue(asyncio.get_running_loop(), queue_limit)
         self._flush_scheduled = False
         self._transport_paused = False
@@ -99,6 +123,11 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._attach(transport)
+        self._sink = self.transport
+        self.owner = self._owner_factory(self)
+
+    def _attach(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
@@ -108,7 +137,6 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
         self.transport.set_write_buffer_limits(high=0, low=0)
-        self.owner = self._owner_factory(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         assert self.owner is not None
@@ -156,8 +184,8 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self.flush()
 
     def flush(self) -> None:
-        transport = self.transport
-        if transport is None or self._closed or transport.is_closing():
+        transport, sink = self.transport, self._sink
+        if sink is None or transport is None or self._closed or transport.is_closing():
             return  # a closing transport drops writes: leave them queued, never "sent"
         queue = self._queue
         while queue and not self._transport_paused:
@@ -166,7 +194,7 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
                 self._queued -= len(data)
                 if on_sent is not None:
                     self._awaiting_drain.append(on_sent)
-                transport.write(data)
+                sink.write(data)
                 break
             batch: list[memoryview | bytes] = []
             size = 0
@@ -184,7 +212,7 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
                     queue[0] = (view[take:], on_sent)
                 size += take
             self._queued -= size
-            transport.writelines(batch)  # pause_writing() runs in here if the kernel is full
+            sink.writelines(batch)  # pause_writing() runs in here if the kernel is full
         if not self._transport_paused:
             self._payloads_consumed()
         if self._queued <= self._queue_limit:
@@ -233,6 +261,11 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
                 self._flush_scheduled = True
                 self._loop.call_soon(self._scheduled_flush)
             return
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Everything queued is written: close (the transport writes what it holds first)."""
+        assert self.transport is not None
         self.transport.close()
 
     def _close_soon(self) -> None:
@@ -251,23 +284,75 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
 
 
 async def listen(
-    address: TcpAddress, owner_factory: OwnerFactory, *, backlog: int = DEFAULT_BACKLOG
+    address: TcpAddress,
+    owner_factory: OwnerFactory,
+    *,
+    backlog: int = DEFAULT_BACKLOG,
+    tls: ServerTls | None = None,
+    plaintext_owner_factory: OwnerFactory | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> asyncio.Server:
-    """Accept connections on ``address``; each becomes a ``TcpStream`` with its owner."""
+    """Accept connections on ``address``; each becomes a ``TcpStream`` with its owner.
+
+    With ``tls`` every connection is a ``TlsStream``: it reaches ``owner_factory`` once its
+    handshake is done, which must be within ``handshake_timeout`` seconds. A client that speaks
+    plaintext instead reaches ``plaintext_owner_factory`` unencrypted, its first bytes unread,
+    so that the owner can tell it (in its own protocol) that TLS is required, and close; without
+    one it is closed at once. Raises ``OSError`` when the address cannot be bound, ``ValueError``
+    when the TLS files cannot be used.
+    """
     loop = asyncio.get_running_loop()
+    factory: Callable[[], asyncio.BaseProtocol]
+    if tls is None:
+        factory = functools.partial(TcpStream, owner_factory)
+    else:
+        from .tls_stream import TlsStream  # it builds on TcpStream, defined here
+
+        context = tls.context()
+        factory = functools.partial(
+            TlsStream.server, owner_factory, context, plaintext_owner_factory, handshake_timeout
+        )
     return await loop.create_server(
-        lambda: TcpStream(owner_factory),
+        factory, address.host, address.port, reuse_address=True, backlog=backlog
+    )
+
+
+async def connect(
+    address: TcpAddress,
+    owner_factory: OwnerFactory,
+    *,
+    tls: ClientTls | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> TcpStream:
+    """Connect to ``address``, with TLS when the address says ``tls://`` or ``tls`` is given
+    (``tls.client_settings``), and then once the handshake is done. Raises ``OSError`` when it
+    cannot connect: ``tls.TlsError`` (a ``ConnectionError``) saying why when TLS fails,
+    ``TimeoutError`` when the handshake takes over ``handshake_timeout`` s; ``ValueError`` when
+    the TLS files cannot be used."""
+    loop = asyncio.get_running_loop()
+    settings = client_settings(address.tls, tls)
+    if settings is None:
+        _transport, stream = await loop.create_connection(
+            lambda: TcpStream(owner_factory), address.host, address.port
+        )
+        return stream
+    from .tls_stream import TlsStream  # it builds on TcpStream, defined here
+
+    context = settings.context()  # before connecting: bad files cost no connection
+    _transport, tls_stream = await loop.create_connection(
+        lambda: TlsStream.client(
+            owner_factory,
+            context,
+            settings.hostname(address.host),
+            address.host_port,
+            handshake_timeout,
+        ),
         address.host,
         address.port,
-        reuse_address=True,
-        backlog=backlog,
     )
-
-
-async def connect(address: TcpAddress, owner_factory: OwnerFactory) -> TcpStream:
-    """Connect to ``address``; raises ``OSError`` when it cannot."""
-    loop = asyncio.get_running_loop()
-    _transport, stream = await loop.create_connection(
-        lambda: TcpStream(owner_factory), address.host, address.port
-    )
-    return stream
+    try:
+        await tls_stream.handshake
+    except BaseException:
+        tls_stream.abort()
+        raise
+    return tls_stream

@@ -38,7 +38,7 @@ WAIT_S = 5.0  # the most a polled condition may take to become true
 POLL_S = 0.01
 PROCESS_START_S = 20.0  # a subprocess printing its first line (imports numpy, maybe uvloop)
 
-LISTENING = re.compile(rb"^listening on (tcp://(\S+):(\d+))\s*$")
+LISTENING = re.compile(rb"^listening on ((?:tcp|tls)://(\S+):(\d+))\s*$")
 
 
 # -- running and waiting --------------------------------------------------------------------------
