@@ -166,7 +166,10 @@ def _read_client_config(path: Path) -> ClientConfig:
     mode = str(data.get("mode", "share"))
     if mode not in ("share", "cap"):
         raise ConfigError(f"{path}: mode must be share or cap, got {mode!r}")
-    tls_files = {key: data.get(f"tls_{key}") for key in ("ca", "cert", "key")}
+    tls_files = {
+        key: os.path.expanduser(str(value)) if (value := data.get(f"tls_{key}")) else None
+        for key in ("ca", "cert", "key")
+    }
     tls = None
     if any(tls_files.values()):
         tls = ClientTls(

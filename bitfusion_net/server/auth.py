@@ -75,6 +75,20 @@ class Gatekeeper:
         while len(self._failures) > MAX_TRACKED_HOSTS:
             del self._failures[next(iter(self._failures))]
 
+    def by_certificate(self, name: str, host: str) -> TokenRecord | None:
+        """Mutual TLS: the user a verified client certificate names (its commonName) stands for
+        that user's newest live token, whose limits then hold; None if they have none."""
+        if self.store is None:
+            return None
+        now = time.time()
+        live = [r for r in self.store.records() if r.user == name and r.state(now) == "live"]
+        if not live:
+            log.warning("%s: certificate of %r, who has no live token", host, name)
+            return None
+        record = max(live, key=lambda r: r.created)
+        log.info("%s: authenticated as %s by certificate (token %s)", host, name, record.id)
+        return record
+
     def ended_tokens(self, ids: set[str]) -> dict[str, str]:
         """Of the token ids in use, those no longer live (revoked or expired), with why."""
         if self.store is None or not ids:

@@ -196,7 +196,12 @@ class ServerSession:
         try:
             if message.RULE.phase is Phase.DEVICE:
                 self._submit(event)
-            elif self.user is None and self._gate.required and type(message) is not m.Authenticate:
+            elif (
+                self.user is None
+                and self._gate.required
+                and type(message) is not m.Authenticate
+                and not self._certified()
+            ):
                 log.warning("session %d (%s): refused: no token", self.id, self.peer)
                 self._close_with(
                     self.connection.refuse(event.request_id, ErrorCode.AUTH, HOW_TO_GET_ONE)
@@ -250,6 +255,15 @@ class ServerSession:
     @property
     def _who(self) -> str:
         return f"{self.peer}, {self.client_name}" if self.client_name else self.peer
+
+    def _certified(self) -> bool:
+        """Whether a verified client certificate (mutual TLS) names a user with a live token;
+        if so the session is that user's."""
+        name = self.stream.peer_certificate_name
+        if name is None:
+            return False
+        self.user = self._gate.by_certificate(name, self.peer.rpartition(":")[0] or self.peer)
+        return self.user is not None
 
     def _authenticate(self, request_id: int, request: m.Authenticate) -> None:
         host = self.peer.rpartition(":")[0] or self.peer

@@ -2,6 +2,8 @@
 
     bitfusion-server token create --user alice --max-gpus 2 --max-memory 40GiB \\
         --max-fraction 1.5 --expires 90d          # prints the token, once
+    bitfusion-server token create --user bob --bundle bob.tar.gz \\
+        --server tls://gpu1:7000 --server tls://gpu2:7000 --ca ca.pem   # a client bundle
     bitfusion-server token list [--json]
     bitfusion-server token revoke ID
 
@@ -17,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import NoReturn
 
 from ..units import format_size, parse_duration, parse_size
@@ -69,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sum of the fractions of GPUs the user may hold, e.g. 1.5")  # fmt: skip
     create.add_argument("--expires", type=_duration, default=None, metavar="DURATION",
                         help="valid for this long, e.g. 90d (default: until revoked)")  # fmt: skip
+    create.add_argument("--bundle", default=None, metavar="FILE",
+                        help="also write a client bundle (tar.gz: client.yaml with the token, "
+                        "servers.conf, ca.crt) to unpack into the user's ~/.bitfusion-net/")  # fmt: skip
+    create.add_argument("--server", dest="servers", action="append", default=[],
+                        metavar="ADDRESS", help="a server for the bundle's servers.conf (repeat)")  # fmt: skip
+    create.add_argument("--ca", default=None, metavar="FILE",
+                        help="the CA certificate (PEM) the bundle's clients verify servers with")  # fmt: skip
     listing = commands.add_parser("list", help="every token: user, limits, state (no secrets)")
     listing.add_argument("--json", action="store_true")
     revoke = commands.add_parser("revoke", help="revoke a token by its id")
@@ -89,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 expires_in=args.expires,
             )
             print(token)
+            if args.bundle:
+                write_bundle(args.bundle, token, args.servers, args.ca)
+                print(f"client bundle written to {args.bundle} (mode 0600)", file=sys.stderr)
             print(
                 f"token {record.id} for {record.user} created in {store.path}; it is shown only "
                 "now: give it to the user (it cannot be read back)",
@@ -106,6 +119,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_TOKEN
     return 0
+
+
+def write_bundle(path: str, token: str, servers: list[str], ca_file: str | None) -> None:
+    """A tar.gz of what a client needs, laid out as ``~/.bitfusion-net/``: ``client.yaml``
+    (the token, and ``tls_ca`` when there is a CA), ``servers.conf``, ``ca.crt`` (as Bitfusion's
+    token bundle holds ``client.yaml``, ``servers.conf`` and ``ca.crt``). Readable by its
+    owner only: it holds the token."""
+    import io
+    import os
+    import tarfile
+
+    import yaml
+
+    client: dict[str, str] = {"token": token}
+    files: dict[str, bytes] = {}
+    if ca_file:
+        files["ca.crt"] = Path(ca_file).read_bytes()
+        client["tls_ca"] = "~/.bitfusion-net/ca.crt"
+    files["client.yaml"] = yaml.safe_dump(client).encode()
+    if servers:
+        files["servers.conf"] = yaml.safe_dump(
+            {"servers": [{"addresses": [s]} for s in servers]}
+        ).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as bundle:
+        for name, data in files.items():
+            entry = tarfile.TarInfo(name)
+            entry.size, entry.mode, entry.mtime = len(data), 0o600, int(time.time())
+            bundle.addfile(entry, io.BytesIO(data))
 
 
 def _list(store: TokenStore, as_json: bool) -> None:

@@ -219,3 +219,24 @@ def test_the_cli_takes_its_token_from_the_environment_and_its_programs_inherit_i
         assert refused.returncode == 68 and "requires a token" in refused.stderr
         over = run_cli("-n", "2", "-p", "0.5", "--", "true", BITFUSION_NET_TOKEN=token)
         assert over.returncode == 69 and "may hold 1 GPU(s)" in over.stderr, over.stderr
+
+
+def test_a_client_certificate_stands_for_its_users_token_under_mutual_tls(
+    store: TokenStore, tmp_path: Path
+) -> None:
+    from tls_support import CLIENT_NAME, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    store.create(CLIENT_NAME, max_gpus=1)  # the certificate's commonName is this user
+    mutual = bf.ServerTls(pki.server_cert, pki.server_key, pki.ca)
+    certified = bf.ClientTls(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+
+    async def main() -> None:
+        async with serve(gpus=2, tls=mutual, state_dir=store.path.parent) as server:
+            async with bf.connect(server.address, fraction=0.5, tls=certified) as session:
+                await session.devices[0].synchronize()  # no token: the certificate is enough
+                with pytest.raises(bf.QuotaExceededError, match="may hold 1 GPU"):
+                    await bf.connect(server.address, fraction=0.5, tls=certified)
+            await wait_released(server)
+
+    run(main())

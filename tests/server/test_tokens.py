@@ -92,3 +92,34 @@ def test_the_token_command_creates_lists_and_revokes(tmp_path: Path) -> None:
     assert json.loads(token("list", "--json").stdout)[0]["state"] == "revoked"
     assert token("revoke", "0" * 16).returncode == 65
     assert token("create").returncode == 64  # --user is required
+
+
+def test_a_client_bundle_unpacks_into_a_working_client_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tarfile
+
+    from bitfusion_net.cli.config import find_servers, load_client_config
+    from bitfusion_net.server.token_admin import main
+
+    monkeypatch.setenv("BITFUSION_NET_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("BITFUSION_NET_TOKEN", raising=False)
+    monkeypatch.delenv("BITFUSION_NET_SERVERS", raising=False)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n")
+    bundle = tmp_path / "bob.tar.gz"
+    argv = ["create", "--user", "bob", "--bundle", str(bundle), "--server", "tls://gpu1:7000",
+            "--server", "gpu2:7000", "--ca", str(ca)]  # fmt: skip
+    assert main(argv) == 0
+    assert bundle.stat().st_mode & 0o777 == 0o600
+    home = tmp_path / "home"
+    with tarfile.open(bundle) as archive:
+        archive.extractall(home / ".bitfusion-net", filter="data")
+    monkeypatch.setenv("HOME", str(home))
+    config = load_client_config()
+    assert TokenStore(tmp_path / "state").check(config.token).user == "bob"
+    assert config.tls is not None and Path(str(config.tls.ca_file)).read_text() == ca.read_text()
+    assert [s.addresses for s in find_servers(None, None).servers] == [
+        ("tls://gpu1:7000",),
+        ("tcp://gpu2:7000",),
+    ]
