@@ -19,9 +19,10 @@ from .calls import DeviceCalls, DevicePtr, Dim3, KernelCalls, TenantStats, kerne
 from .session import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
-    PEER_CHUNK,
     LeaseRequest,
     lease_requests,
+    number_devices,
+    peer_chunks,
 )
 
 __all__ = [
@@ -178,14 +179,7 @@ class SyncSession:
         self._driver = self._drivers[0]
         self.id = parts[0][2].session_id
         self.max_payload = min(reply.max_payload for _, _, reply in parts)
-        self.devices: list[SyncRemoteDevice] = []
-        for request, driver, reply in parts:
-            for grant in reply.devices:
-                self.devices.append(
-                    SyncRemoteDevice(
-                        driver, grant, reply.max_payload, len(self.devices), str(request.address)
-                    )
-                )
+        self.devices: list[SyncRemoteDevice] = number_devices(parts, SyncRemoteDevice)
 
     @property
     def closed(self) -> bool:
@@ -204,9 +198,7 @@ class SyncSession:
         if source is target:
             source.memcpy_dtod(dst, src, nbytes)
             return
-        chunk = bytearray(min(max(nbytes, 0), self.max_payload, PEER_CHUNK))
-        for offset in range(0, nbytes, len(chunk) or 1):
-            view = memoryview(chunk)[: min(len(chunk), nbytes - offset)]
+        for offset, view in peer_chunks(nbytes, self.max_payload):
             source.memcpy_dtoh(view, src + offset)
             target.memcpy_htod(dst + offset, view)
 

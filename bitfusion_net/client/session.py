@@ -9,10 +9,10 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..protocol import BitfusionError, ConnectionLostError, InvalidValueError
 from ..protocol import messages as m
@@ -223,14 +223,7 @@ class Session:
         self._driver = self._drivers[0]
         self.id = parts[0][2].session_id
         self.max_payload = min(reply.max_payload for _, _, reply in parts)
-        self.devices: list[RemoteDevice] = []
-        for request, driver, reply in parts:
-            for grant in reply.devices:
-                self.devices.append(
-                    RemoteDevice(
-                        driver, grant, reply.max_payload, len(self.devices), str(request.address)
-                    )
-                )
+        self.devices: list[RemoteDevice] = number_devices(parts, RemoteDevice)
 
     @property
     def closed(self) -> bool:
@@ -252,9 +245,7 @@ class Session:
         if source is target:
             await source.memcpy_dtod(dst, src, nbytes)
             return
-        chunk = bytearray(min(max(nbytes, 0), self.max_payload, PEER_CHUNK))
-        for offset in range(0, nbytes, len(chunk) or 1):
-            view = memoryview(chunk)[: min(len(chunk), nbytes - offset)]
+        for offset, view in peer_chunks(nbytes, self.max_payload):
             await source.memcpy_dtoh(view, src + offset)
             await target.memcpy_htod(dst + offset, view)
 
@@ -271,6 +262,29 @@ class Session:
 
 
 PEER_CHUNK = 8 * 2**20  # host bytes a cross-device copy holds at a time
+D = TypeVar("D")
+
+
+def number_devices(
+    parts: Sequence[tuple[LeaseRequest, Any, m.HelloReply]], make: Callable[..., D]
+) -> list[D]:
+    """The devices of every connection of a session, numbered 0..N-1 across all of them (both
+    APIs: ``make`` is ``RemoteDevice`` or ``SyncRemoteDevice``)."""
+    devices: list[D] = []
+    for request, driver, reply in parts:
+        for grant in reply.devices:
+            devices.append(
+                make(driver, grant, reply.max_payload, len(devices), str(request.address))
+            )
+    return devices
+
+
+def peer_chunks(nbytes: int, max_payload: int) -> Iterator[tuple[int, memoryview]]:
+    """(offset, host buffer) of each chunk of a copy between devices through this client; one
+    buffer serves every chunk (each is sent before the next is read)."""
+    chunk = bytearray(min(max(nbytes, 0), max_payload, PEER_CHUNK))
+    for offset in range(0, nbytes, len(chunk) or 1):
+        yield offset, memoryview(chunk)[: min(len(chunk), nbytes - offset)]
 
 
 async def _close_driver(driver: AsyncDriver, timeout: float) -> None:
