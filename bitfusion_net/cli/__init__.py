@@ -290,6 +290,8 @@ def _reserve(args: argparse.Namespace, hold: bool, default_idle: float) -> Held:
             wait=args.wait if args.wait is not None else config.wait,
             query_timeout=args.timeout or config.query_timeout,
             client_name=program_name(f"bitfusion-net {args.command}"),
+            tls=config.tls,
+            token=config.token,
         )
     except NoServer as exc:
         raise Failure(
@@ -416,9 +418,9 @@ def _release_parts(lease: ReservationFile) -> list[str]:
     from .control import ControlConnection, configured_credentials
 
     problems = []
+    tls, token = configured_credentials()
     for part in lease.servers:
         try:
-            tls, token = configured_credentials()
             connection = ControlConnection.open(
                 Server((part.address,)), 5.0, tls, lease.token or token
             )

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from ..client.lease import ReservationFile, ServerReservation
 from ..protocol import BitfusionError, CapacityError
 from ..protocol import messages as m
+from ..transport import ClientTls
 from . import logline
 from .config import ServerList
-from .control import ControlConnection, ServerView, configured_credentials, query_servers
+from .control import ControlConnection, ServerView, query_servers
 from .placement import Ask, Filter, NoRoom, choose, eligible_gpus, fraction_of
 
 RETRY_S = 0.5  # how often a waiting client asks again
@@ -51,9 +52,12 @@ def reserve(
     wait: float,
     query_timeout: float,
     client_name: str,
+    tls: ClientTls | None = None,
+    token: str = "",
 ) -> Held:
     """Reserve ``ask`` somewhere in the pool; raises ``NoServer`` or ``NoRoom`` (after waiting
-    up to ``wait`` seconds for capacity), or the server's ``BitfusionError``."""
+    up to ``wait`` seconds for capacity), or the server's ``BitfusionError``. ``tls`` and
+    ``token``: the client's credentials, written into the reservation for its programs too."""
     deadline = time.monotonic() + wait
     warned: set[str] = set()
     announced_wait = False
@@ -61,7 +65,9 @@ def reserve(
         if not announced_wait:
             for server in pool.servers:
                 logline.info(f"Query server {server.name} gpu availability")
-        views = query_servers(pool.servers, query_timeout, keep_open=True)
+        views = query_servers(
+            pool.servers, query_timeout, keep_open=True, tls=tls, token=token or None
+        )
         for view in views:
             if not view.ok and view.server.name not in warned:
                 warned.add(view.server.name)
@@ -80,7 +86,9 @@ def reserve(
                     + "]"
                 )
             plan = choose(ask, [(v, v.info) for v in answered], filters)
-            held = _reserve_plan(plan, ask, filters, mode, weight, hold, idle_timeout, client_name)
+            held = _reserve_plan(
+                plan, ask, filters, mode, weight, hold, idle_timeout, client_name, tls, token
+            )
         except (NoRoom, NoServer, CapacityError) as exc:
             _close_views(views)
             remaining = deadline - time.monotonic()
@@ -114,6 +122,8 @@ def _reserve_plan(
     hold: bool,
     idle_timeout: float,
     client_name: str,
+    tls: ClientTls | None,
+    token: str,
 ) -> Held:
     """Reserve each server's part; if one is refused, release the parts already made."""
     made: list[tuple[ControlConnection, ServerReservation]] = []
@@ -181,13 +191,12 @@ def _reserve_plan(
             except BitfusionError:
                 pass  # it ends with its connection anyway (held) or when idle
         raise
-    tls, token = configured_credentials()
     tls_files = {}
     if tls is not None:
         names = (("ca", tls.ca_file), ("cert", tls.cert_file), ("key", tls.key_file))
         tls_files = {name: str(path) for name, path in names if path}
     lease = ReservationFile(
-        [part for _, part in made], logline.timestamp(), client_name, token or "", tls_files
+        [part for _, part in made], logline.timestamp(), client_name, token, tls_files
     )
     return Held(lease, [connection for connection, _ in made])
 

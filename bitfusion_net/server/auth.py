@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 5
 FAILURE_WINDOW_S = 60.0
 MAX_TRACKED_HOSTS = 10_000  # addresses with recent failures kept; the oldest go first
-TOKEN_ENV = "BITFUSION_NET_TOKEN"  # where clients look for their token (documented, not read here)
-HOW_TO_GET_ONE = (
+HOW_TO_GET_ONE = (  # the client's ways of giving it: client.session and cli.config
     "this server requires a token: ask its operator for one (bitfusion-server token create) "
-    f"and give it to connect(token=...), ${TOKEN_ENV} or 'token:' in client.yaml"
+    "and give it to connect(token=...), $BITFUSION_NET_TOKEN or 'token:' in client.yaml"
 )
 
 

@@ -256,8 +256,16 @@ def check_contract(owners: list[RecordingOwner]) -> None:
 
 
 @asynccontextmanager
-async def tcp_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator[list[Pair]]:
-    """``count`` loopback TCP connections on uvloop: (client end, server end) each."""
+async def tcp_pairs(
+    count: int = 1,
+    read_size: int = READ_SIZE,
+    *,
+    server_tls: Any = None,
+    client_tls: Any = None,
+) -> AsyncIterator[list[Pair]]:
+    """``count`` loopback TCP connections on uvloop: (client end, server end) each; with
+    ``server_tls`` (a ``ServerTls``) and ``client_tls`` (a ``ClientTls``), over TLS."""
+    encrypted = server_tls is not None
     loop = asyncio.get_running_loop()
     assert type(loop).__module__.startswith("uvloop"), f"TCP runs on uvloop, not {loop!r}"
     made: list[RecordingOwner] = []
@@ -271,17 +279,20 @@ async def tcp_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator
         return made[-1]
 
     def server_owner(stream: Stream) -> RecordingOwner:
+        assert stream.encrypted == encrypted
         owner = new_owner(stream)
         accepted_from(stream.peer).set_result(owner)
         return owner
 
-    server = await listen(TcpAddress("127.0.0.1", 0), server_owner)
+    server = await listen(TcpAddress("127.0.0.1", 0), server_owner, tls=server_tls)
     try:
-        address = TcpAddress("127.0.0.1", server.sockets[0].getsockname()[1])
-        clients = await asyncio.gather(*(connect(address, new_owner) for _ in range(count)))
+        address = TcpAddress("127.0.0.1", server.sockets[0].getsockname()[1], tls=encrypted)
+        clients = await asyncio.gather(
+            *(connect(address, new_owner, tls=client_tls) for _ in range(count))
+        )
         pairs: list[Pair] = []
         for client in clients:
-            assert client.transport is not None
+            assert client.transport is not None and client.encrypted == encrypted
             host, port = client.transport.get_extra_info("sockname")[:2]
             pairs.append(
                 (cast(RecordingOwner, client.owner), await accepted_from(f"{host}:{port}"))

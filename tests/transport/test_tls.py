@@ -19,6 +19,7 @@ Certificates are made per module by ``tls_support`` (beside the integration test
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import ssl
@@ -36,12 +37,12 @@ from test_stream_conformance import (
     THREAD_TIMEOUT_S,
     Blocking,
     OpenPairs,
-    Pair,
     RecordingOwner,
     abort_all,
     check_contract,
     on_uvloop,
     poll_until,
+    tcp_pairs,
 )
 
 from bitfusion_net.transport import (
@@ -85,50 +86,15 @@ def port_of(server: Any) -> int:
 
 # == 1. the conformance suite over TLS ==========================================================
 def tls_pairs(pki: Pki, mutual: bool = False) -> OpenPairs:
-    """Like the suite's ``tcp_pairs``, with a TLS listener and TLS clients (on uvloop)."""
-
-    @asynccontextmanager
-    async def open_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator[list[Pair]]:
-        loop = asyncio.get_running_loop()
-        assert type(loop).__module__.startswith("uvloop"), f"TLS runs on uvloop, not {loop!r}"
-        made: list[RecordingOwner] = []
-        accepted: dict[str, asyncio.Future[RecordingOwner]] = {}
-
-        def accepted_from(peer: str) -> asyncio.Future[RecordingOwner]:
-            return accepted.setdefault(peer, loop.create_future())
-
-        def new_owner(stream: Stream) -> RecordingOwner:
-            made.append(RecordingOwner(stream, read_size))
-            return made[-1]
-
-        def server_owner(stream: Stream) -> RecordingOwner:
-            assert stream.encrypted
-            owner = new_owner(stream)
-            accepted_from(stream.peer).set_result(owner)
-            return owner
-
-        server = await listen(LOOPBACK, server_owner, tls=server_tls(pki, mutual))
-        try:
-            address = TcpAddress("127.0.0.1", port_of(server), tls=True)
-            tls = client_tls(pki, certificate=mutual)
-            clients = await asyncio.gather(
-                *(connect(address, new_owner, tls=tls) for _ in range(count))
-            )
-            pairs: list[Pair] = []
-            for client in clients:
-                assert client.transport is not None and client.encrypted
-                host, port = client.transport.get_extra_info("sockname")[:2]
-                pairs.append(
-                    (cast(RecordingOwner, client.owner), await accepted_from(f"{host}:{port}"))
-                )
-            yield pairs
-        finally:
-            await abort_all(made)
-            server.close()
-            await server.wait_closed()
-        check_contract(made)
-
-    return cast(OpenPairs, open_pairs)
+    """The suite's ``tcp_pairs`` with a TLS listener and TLS clients (on uvloop)."""
+    return cast(
+        OpenPairs,
+        functools.partial(
+            tcp_pairs,
+            server_tls=server_tls(pki, mutual),
+            client_tls=client_tls(pki, certificate=mutual),
+        ),
+    )
 
 
 def tls_blocking_clients(pki: Pki) -> Callable[..., Any]:
