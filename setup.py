@@ -16,9 +16,16 @@ setup(
         include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]
     ),
     # The CUDA C twins of the built-in kernels, compiled by nvcc on the GPU host at first use.
-    package_data={"executors": ["cuda/*.cu"]},
-    # PyYAML reads Bitfusion's servers.conf (YAML) unchanged.
-    install_requires=["numpy>=1.24", "pyyaml>=6", "uvloop>=0.17; sys_platform != 'win32'"],
+    package_data={"executors": ["cuda/*.cu"], "bitfusion_net.manage": ["static/*"]},
+    # PyYAML reads Bitfusion's servers.conf (YAML) unchanged; h11 and prometheus-client serve
+    # the management endpoint (docs/OBSERVABILITY.md).
+    install_requires=[
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "uvloop>=0.17; sys_platform != 'win32'",
+        "h11>=0.14",
+        "prometheus-client>=0.20",
+    ],
     extras_require={
         "dev": [
             "pytest>=8",

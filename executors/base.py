@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidHandle, InvalidValue
+from .histogram import HistogramSnapshot
 
 # struct codes a kernel argument may have; 'P' is a device pointer (an unsigned 64-bit address).
 ARG_TYPE_CODES = frozenset("bBhHiIqQfdP")
@@ -398,6 +399,14 @@ class Executor(ABC):
     @abstractmethod
     def busy_time(self) -> float:
         """Seconds of device time spent on any tenant's work since start (any thread)."""
+
+    @abstractmethod
+    def queue_waits(self) -> HistogramSnapshot:
+        """How long operations waited between submission and start, so far (any thread)."""
+
+    @abstractmethod
+    def alive(self) -> bool:
+        """Whether the device takes work (its worker runs; any thread)."""
 
     @abstractmethod
     def submit(

@@ -26,6 +26,7 @@ from .base import (
     TenantUsage,
 )
 from .errors import DeviceError, DeviceOutOfMemory, InvalidHandle, InvalidValue
+from .histogram import Histogram, HistogramSnapshot
 from .scheduler import Dispatch, Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class DeviceWorker:
         self._stopped = False
         self._running: tuple[Tenant, float] | None = None  # whose job is on the device, since when
         self._busy = 0.0  # seconds of device time all tenants' finished jobs took
+        self._waits = Histogram()  # how long each job waited to start (written by this thread)
         self._idle_task: tuple[float, Callable[[], None]] | None = None  # (due, what)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -171,6 +173,14 @@ class DeviceWorker:
             running = self._clock() - self._running[1] if self._running is not None else 0.0
             return self._busy + running
 
+    def queue_waits(self) -> HistogramSnapshot:
+        """How long jobs waited between submission and start, so far (any thread)."""
+        return self._waits.snapshot()
+
+    def alive(self) -> bool:
+        """Whether the worker thread runs and takes work."""
+        return self._thread.is_alive() and not self._stopping
+
     # -- work -----------------------------------------------------------------------------------
     def submit(
         self,
@@ -244,6 +254,7 @@ class DeviceWorker:
                     log.exception("idle house-keeping failed")
                 continue
             assert isinstance(choice, Dispatch)
+            self._waits.observe(choice.waited)
             op, wants_reply, tag, on_done = choice.job
             self._execute(tenant, op, wants_reply, tag, on_done)
             finished = clock()
@@ -347,6 +358,12 @@ class WorkerExecutor(Executor):
 
     def busy_time(self) -> float:
         return self._worker.busy_time()
+
+    def queue_waits(self) -> HistogramSnapshot:
+        return self._worker.queue_waits()
+
+    def alive(self) -> bool:
+        return self._worker.alive()
 
     def reweigh(self, tenant: Tenant, weight: float, cap: float | None = None) -> None:
         if not weight > 0:

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
             "clients over TCP. Prints 'listening on tcp://HOST:PORT' on stdout when ready; "
             "SIGINT or SIGTERM shut it down cleanly, releasing every lease; SIGUSR1 logs every "
             "tenant's lease (fraction, mode, weight) and usage (device time, queue wait, memory). "
-            "'bitfusion-server token --help' manages the tokens of users."
+            "With --manage it also serves health, Prometheus metrics, a JSON API and dashboards, "
+            "and prints 'management on http://HOST:PORT' next. "
+            "'bitfusion-server token --help' manages the tokens of users; "
+            "'bitfusion-server status --help' reads a running server's state."
         ),
     )
     parser.add_argument(
@@ -145,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="mutual TLS: clients must present a certificate signed by this CA",
     )
     parser.add_argument(
+        "--manage",
+        default=None,
+        metavar="http://HOST:PORT",
+        help="serve the management endpoint there: /healthz, /readyz, /metrics (Prometheus, "
+        "dcgm-exporter names), /api/v1/ (JSON) and the dashboards at /; it may be another "
+        "interface than --listen; port 0 picks a free port; https:// with --tls-cert "
+        "(docs/OBSERVABILITY.md)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="the management URL of another server of this pool, for the dashboards' cluster "
+        "view (repeat for each)",
+    )
+    parser.add_argument(
+        "--manage-open-metrics",
+        action="store_true",
+        help="serve /metrics without a token even when the server has tokens (the JSON API "
+        "and dashboards still need an operator's token)",
+    )
+    parser.add_argument(
         "--gil-switch-interval",
         type=float,
         default=GIL_SWITCH_INTERVAL_S,
@@ -190,6 +216,9 @@ async def serve(args: argparse.Namespace) -> None:
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         state_dir=args.state_dir or default_state_dir(),
         insecure=args.insecure,
+        manage=args.manage,
+        manage_pool=args.pool,
+        open_metrics=args.manage_open_metrics,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -198,6 +227,8 @@ async def serve(args: argparse.Namespace) -> None:
     async with server:
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("tenants:\n%s", server.report()))
         print(f"listening on {server.address}", flush=True)
+        if args.manage:
+            print(f"management on {server.manage_address}", flush=True)
         await stop.wait()
         log.info("shutting down")
 
@@ -208,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         from .token_admin import main as token_main
 
         return token_main(arguments[1:])
+    if arguments[:1] == ["status"]:  # bitfusion-server status --manage URL
+        from .status import main as status_main
+
+        return status_main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.gpus is not None and args.gpus < 1:
@@ -220,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.manage is None and (args.pool or args.manage_open_metrics):
+        parser.error("--pool and --manage-open-metrics need --manage")
     if not args.gil_switch_interval > 0:
         parser.error("--gil-switch-interval must be positive")
     sys.setswitchinterval(args.gil_switch_interval)

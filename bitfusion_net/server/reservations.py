@@ -23,12 +23,13 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
-from executors import Executor, MemoryBudget, Tenant
+from executors import Executor, MemoryBudget, Tenant, TenantUsage
 from executors.errors import DeviceError
 
 from ..protocol import (
@@ -46,6 +47,16 @@ log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
 ENDED_REMEMBERED = 4096  # ended reservations whose reason an ATTACH is still told
+
+
+class EndedBy(Enum):
+    """Why reservations end, as operators count them (``bitfusion_reservations_ended_total``)."""
+
+    RELEASED = "released"  # RELEASE, or release_gpus
+    IDLE_TIMEOUT = "idle_timeout"
+    HOLDER_CLOSED = "holder_closed"  # its holding connection (and last program) went
+    TOKEN_ENDED = "token_ended"  # its user's token was revoked or expired
+    SHUTDOWN = "shutdown"
 
 
 class Attachment(Protocol):
@@ -72,6 +83,23 @@ class Lease:
     tenant: Tenant
 
 
+@dataclass
+class DeviceAccount:
+    """What a reservation's programs have used of one of its GPUs, those gone included."""
+
+    gpu: int
+    device_time: float = 0.0  # seconds
+    queue_wait: float = 0.0  # seconds its operations waited to start
+    operations: int = 0
+    memory_high_water: int = 0  # the most one program held
+
+    def add(self, usage: TenantUsage) -> None:
+        self.device_time += usage.device_time
+        self.queue_wait += usage.queue_wait
+        self.operations += usage.operations
+        self.memory_high_water = max(self.memory_high_water, usage.memory_high_water)
+
+
 @dataclass(eq=False)
 class Reservation:
     id: int
@@ -92,6 +120,18 @@ class Reservation:
     closing: int = 0  # tenants of it still being closed (their memory is not yet free)
     settle_waiters: list[Callable[[], None]] = field(default_factory=list)  # until closing is 0
     returned: bool = False  # its placements are back in the pool
+    past: list[DeviceAccount] = field(default_factory=list)  # per GPU, programs that detached
+
+    def accounts(self) -> list[DeviceAccount]:
+        """Per GPU, what its programs have used so far, those attached now and those gone."""
+        totals = [
+            DeviceAccount(p.gpu, a.device_time, a.queue_wait, a.operations, a.memory_high_water)
+            for p, a in zip(self.placements, self.past, strict=True)
+        ]
+        for leases in self.attached.values():
+            for total, lease in zip(totals, leases, strict=True):
+                total.add(lease.executor.usage(lease.tenant))
+        return totals
 
     def grants(self, executors: list[Executor]) -> list[DeviceGrant]:
         return [
@@ -142,7 +182,7 @@ class ReservationTable:
         # Ended reservations: id -> (a hash of the secret, why it ended). Only a caller with the
         # secret hears why; anyone else learns nothing, not even that the id existed.
         self._ended: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
-        self.idle_releases = 0
+        self.ended_by: Counter[str] = Counter()  # reservations ended, by ``EndedBy`` kind
 
     def __iter__(self) -> Iterator[Reservation]:
         """A snapshot: ending reservations while iterating is fine."""
@@ -196,6 +236,7 @@ class ReservationTable:
             holder,
             implicit,
             user,
+            past=[DeviceAccount(p.gpu) for p in placements],
         )
         self._by_id[reservation.id] = reservation
         return reservation
@@ -306,22 +347,27 @@ class ReservationTable:
         self._close_tenants(reservation, leases)
         self._share_compute(reservation)
         if reservation.holder is _GONE and not reservation.attached:
-            self.end(reservation, "the connection holding it closed, then its last program")
+            self.end(
+                reservation,
+                "the connection holding it closed, then its last program",
+                EndedBy.HOLDER_CLOSED,
+            )
 
     def holder_gone(self, reservation: Reservation) -> None:
         """The connection holding ``reservation`` has gone: it ends now if no program is
         attached, else when the last one detaches."""
         reservation.holder = _GONE
         if not reservation.attached:
-            self.end(reservation, "the connection holding it closed")
+            self.end(reservation, "the connection holding it closed", EndedBy.HOLDER_CLOSED)
 
     # -- ending ---------------------------------------------------------------------------------
-    def end(self, reservation: Reservation, reason: str) -> None:
+    def end(self, reservation: Reservation, reason: str, kind: EndedBy) -> None:
         """End it: attached programs are told ``reason`` and closed, its GPUs go back to the
-        pool once their tenants' memory is free."""
+        pool once their tenants' memory is free. ``kind`` is what operators count it as."""
         if reservation.ended is not None:
             return
         reservation.ended = reason
+        self.ended_by[kind.value] += 1
         del self._by_id[reservation.id]
         self._ended[reservation.id] = (_digest(reservation.secret), reason)
         while len(self._ended) > ENDED_REMEMBERED:
@@ -358,7 +404,9 @@ class ReservationTable:
         def on_done() -> None:  # on the device's worker thread
             loop.call_soon_threadsafe(freed)
 
+        past = {account.gpu: account for account in reservation.past}
         for lease in leases:
+            past[lease.placement.gpu].add(lease.executor.usage(lease.tenant))  # queued: dropped
             reservation.closing += 1
             lease.executor.close_tenant(lease.tenant, on_done=on_done)
 
@@ -373,16 +421,16 @@ class ReservationTable:
         for reservation in self:
             timeout = reservation.idle_timeout
             if timeout and (idle := reservation.idle_for(now)) > timeout:
-                self.idle_releases += 1
                 self.end(
                     reservation,
                     f"idle for {idle:.1f} s, past its idle timeout of {timeout:g} s "
                     "(no call on any of its connections)",
+                    EndedBy.IDLE_TIMEOUT,
                 )
 
     def close(self) -> None:
         for reservation in self:
-            self.end(reservation, "the server shut down")
+            self.end(reservation, "the server shut down", EndedBy.SHUTDOWN)
 
 
 def _digest(secret: bytes) -> bytes:

@@ -12,9 +12,10 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executors import Executor, create_executors
+from executors.histogram import HistogramSnapshot
 
 from ..protocol import CLIENT_LIMITS, PROTOCOL_VERSION, ErrorCode, Limits
 from ..protocol import messages as m
@@ -23,8 +24,9 @@ from ..units import format_size, parse_size
 from .auth import Gatekeeper
 from .flow import PROBE_PERIOD_S
 from .leases import SHARE_UNITS, GpuPool, GpuSlot
-from .reservations import ReservationTable
+from .reservations import EndedBy, Reservation, ReservationTable
 from .session import ServerSession
+from .stats import ServerStats
 from .tokens import TOKEN_FILE, TokenStore
 
 DEFAULT_STALL_TIMEOUT = 30.0  # seconds a connection may stall mid-frame, or wait with no HELLO
@@ -34,6 +36,9 @@ DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_IDLE_TIMEOUT = 24 * 3600.0
 TOKEN_CHECK_EVERY = 4  # sweeps between looks for revoked tokens (about once a second)
 SHUTDOWN_NOTICE_S = 0.5  # how long a stopping server waits for its clients to hear why
+
+if TYPE_CHECKING:
+    from ..manage import ManagementEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,11 @@ class Server:
     ``address`` then says ``tls://``. A plaintext client is answered, in plaintext, with a
     ``PROTOCOL`` error saying so; a client that does not finish its handshake within
     ``stall_timeout`` is closed. ``listen`` may say ``tls://`` only with ``tls``.
+    ``manage``: also serve the management endpoint (health, metrics, JSON API, dashboards) on
+    ``http://HOST:PORT`` (or ``https://`` with ``tls``), then at ``manage_address``;
+    ``manage_pool``: the management URLs of the other servers of its pool (the cluster view);
+    ``open_metrics``: ``/metrics`` needs no token even when the server has tokens
+    (docs/OBSERVABILITY.md).
     """
 
     def __init__(
@@ -90,6 +100,9 @@ class Server:
         tls: ServerTls | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         insecure: bool = False,
+        manage: str | None = None,
+        manage_pool: list[str] | None = None,
+        open_metrics: bool = False,
     ) -> None:
         self._listen = parse_address(listen)
         store = TokenStore.existing(state_dir) if state_dir is not None else None
@@ -138,6 +151,14 @@ class Server:
         self._server: asyncio.Server | None = None
         self._sessions: set[ServerSession] = set()
         self._address: TcpAddress | None = None
+        self.stats = ServerStats()
+        self._manage: ManagementEndpoint | None = None
+        if manage is not None:
+            from ..manage import ManagementEndpoint
+
+            self._manage = ManagementEndpoint(
+                self, self._gate, manage, pool=manage_pool, open_metrics=open_metrics, tls=tls
+            )
 
     @property
     def address(self) -> str:
@@ -145,6 +166,21 @@ class Server:
         if self._address is None:
             raise RuntimeError("the server is not started")
         return str(self._address)
+
+    @property
+    def manage_address(self) -> str:
+        """The management endpoint's address, e.g. ``http://127.0.0.1:40124``."""
+        if self._manage is None or not self._manage.address:
+            raise RuntimeError("the server has no management endpoint (give manage=...)")
+        return self._manage.address
+
+    @property
+    def tokens_required(self) -> bool:
+        return self._gate.required
+
+    def token_count(self) -> int:
+        """Tokens in the store (0 without one); reads the store."""
+        return len(self._gate.store.records()) if self._gate.store is not None else 0
 
     async def start(self) -> None:
         self._executors = create_executors(
@@ -170,6 +206,13 @@ class Server:
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = TcpAddress(host, port, tls=self._tls is not None)
+        if self._manage is not None:
+            try:
+                await self._manage.start()
+            except BaseException:
+                self._server.close()
+                self._close_executors()
+                raise
         self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
         for index, executor in enumerate(self._executors):
             props = executor.properties
@@ -207,12 +250,16 @@ class Server:
             self.describe,
             self._sessions.discard,
             gate=self._gate,
+            stats=self.stats,
         )
         if len(self._sessions) >= self._max_connections:
             session.refuse(
                 ErrorCode.CAPACITY,
                 f"the server has {len(self._sessions)} connections, its limit; try again later",
+                "capacity",
             )
+        else:
+            self.stats.accepted += 1
         self._sessions.add(session)
         return session
 
@@ -222,6 +269,7 @@ class Server:
         session.refuse(
             ErrorCode.PROTOCOL,
             f"this server requires TLS: connect to {self.address} (tls://HOST:PORT, or --tls)",
+            "protocol",
         )
         return session
 
@@ -257,7 +305,7 @@ class Server:
                 session.token_ended(ended[session.user.id])
         for reservation in table.of_tokens(set(ended)):
             assert reservation.user is not None
-            table.end(reservation, ended[reservation.user.id])
+            table.end(reservation, ended[reservation.user.id], EndedBy.TOKEN_ENDED)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -265,6 +313,8 @@ class Server:
 
     async def close(self) -> None:
         """Stop listening, drop every client (their leases are released), stop the executors."""
+        if self._manage is not None:
+            await self._manage.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -346,26 +396,28 @@ class Server:
             )
         return out
 
+    def info(self) -> dict[str, Any]:
+        """This server, as SERVER_INFO's ``server`` object (docs/PROTOCOL.md, section 5.6)."""
+        from .. import __version__
+
+        return {
+            "id": self.id,
+            "hostname": socket.gethostname(),
+            "address": str(self._address),
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "started": self._started,
+            "time": time.time(),
+            "executor": self._executors[0].properties.executor if self._executors else "",
+            "scheduling": self._scheduling,
+            "max_idle_timeout": self._max_idle_timeout,
+            "min_fraction": self._min_share / SHARE_UNITS,
+        }
+
     def describe(self, detail: int = m.INFO_FULL) -> str:
         """What SERVER_INFO answers: this server, and with ``INFO_FULL`` its GPUs and
         reservations, as JSON (docs/PROTOCOL.md, section 5)."""
-        from .. import __version__
-
-        info: dict[str, Any] = {
-            "server": {
-                "id": self.id,
-                "hostname": socket.gethostname(),
-                "address": str(self._address),
-                "version": __version__,
-                "protocol": PROTOCOL_VERSION,
-                "started": self._started,
-                "time": time.time(),
-                "executor": self._executors[0].properties.executor if self._executors else "",
-                "scheduling": self._scheduling,
-                "max_idle_timeout": self._max_idle_timeout,
-                "min_fraction": self._min_share / SHARE_UNITS,
-            }
-        }
+        info: dict[str, Any] = {"server": self.info()}
         if detail == m.INFO_BRIEF:
             return json.dumps(info, separators=(",", ":"))
         info["gpus"] = self.gpus()
@@ -385,6 +437,54 @@ class Server:
     def sessions(self) -> list[dict[str, Any]]:
         """Every connected session with its leases: fraction, weight, mode and usage so far."""
         return [session.status() for session in self._sessions]
+
+    # -- what the management endpoint reads (docs/OBSERVABILITY.md) -----------------------------
+    def live_reservations(self) -> list[Reservation]:
+        return list(self._reservations or ())
+
+    def executors(self) -> list[Executor]:
+        return list(self._executors)
+
+    def connection_count(self) -> int:
+        return len(self._sessions)
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes received from and sent to clients since the server started."""
+        stats = self.stats
+        received, sent = stats.closed_received_bytes, stats.closed_sent_bytes
+        for session in self._sessions:
+            received += session.received_bytes
+            sent += session.sent_bytes
+        return received, sent
+
+    def reservations_ended(self) -> dict[str, int]:
+        return dict(self._reservations.ended_by) if self._reservations is not None else {}
+
+    def queue_waits(self, gpu: int) -> HistogramSnapshot:
+        return self._executors[gpu].queue_waits()
+
+    def gpu_uuid(self, gpu: int) -> str:
+        """A GPU's identity for monitoring, in NVIDIA's ``GPU-<uuid>`` form. A NumPy device is
+        made anew at each start, so it is named by the server's run and its index."""
+        return f"GPU-{uuid.uuid5(uuid.NAMESPACE_URL, f'bitfusion-net:{self.id}/{gpu}')}"
+
+    def entitlements(self) -> dict[tuple[int, int], float]:
+        """(reservation id, gpu) -> the share of the GPU's time the reservation is promised
+        when every tenant of the GPU is busy: its weight over the GPU's weights (at least 1,
+        the whole GPU), no more than its cap."""
+        reservations = self.live_reservations()
+        weights: dict[int, float] = {}
+        for r in reservations:
+            for p in r.placements:
+                weights[p.gpu] = weights.get(p.gpu, 0.0) + (r.weight or p.fraction)
+        shares = {}
+        for r in reservations:
+            for p in r.placements:
+                share = (r.weight or p.fraction) / max(1.0, weights[p.gpu])
+                if r.mode == m.MODE_CAP:
+                    share = min(share, p.fraction)
+                shares[r.id, p.gpu] = share
+        return shares
 
     def report(self) -> str:
         """A table of every GPU and every tenant's lease and usage, for operators' logs."""

@@ -49,7 +49,8 @@ from ..transport import Stream
 from .auth import HOW_TO_GET_ONE, Gatekeeper
 from .dispatch import DISPATCH, ToReply
 from .flow import BACKLOG_POLL_S, SessionFlow
-from .reservations import Lease, Reservation, ReservationTable
+from .reservations import EndedBy, Lease, Reservation, ReservationTable
+from .stats import ServerStats, refusal_reason
 from .tokens import TokenRecord
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,13 @@ class ServerSession:
         describe_server: Callable[[int], str],
         on_closed: Callable[[ServerSession], None],
         gate: Gatekeeper | None = None,
+        stats: ServerStats | None = None,
     ) -> None:
         self.stream = stream
         self.id = next(_session_ids)
+        self._stats = stats if stats is not None else ServerStats()
+        self.received_bytes = 0
+        self.sent_bytes = 0
         self._gate = gate if gate is not None else Gatekeeper(None)
         self.user: TokenRecord | None = None  # whose token it presented (servers with tokens)
         self.reservation: Reservation | None = None  # the one this session's GPUs are from
@@ -132,13 +137,30 @@ class ServerSession:
     # -- StreamOwner ----------------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
         self._last_data = time.monotonic()
+        self.received_bytes += nbytes
         self.connection.buffer_updated(nbytes)
         self._process()
 
-    def refuse(self, code: ErrorCode, text: str) -> None:
-        """Turn the connection away before anything was read from it (a fatal ERROR, id 0)."""
+    def refuse(self, code: ErrorCode, text: str, reason: str) -> None:
+        """Turn the connection away before anything was read from it (a fatal ERROR, id 0);
+        ``reason`` is what operators count it as (``stats.refusal_reason``)."""
         log.warning("connection from %s refused: %s", self.peer, text)
-        self._close_with(self.connection.refuse(0, code, text))
+        self._refuse(0, code, text, refused=reason)
+
+    def _refuse(
+        self, request_id: int, code: ErrorCode, text: str, *, refused: str | None = None
+    ) -> None:
+        """Answer with a fatal ERROR and close; ``refused``: this turns a greeting away, and
+        is counted as that reason."""
+        self._stats.errors[code] += 1
+        if refused is not None:
+            self._stats.refused[refused] += 1
+        self._close_with(self.connection.refuse(request_id, code, text))
+
+    def _error(self, request_id: int, code: ErrorCode, text: str, **deferred: int) -> bytes:
+        """An ERROR reply to one request (the connection goes on), counted."""
+        self._stats.errors[code] += 1
+        return self.connection.error(request_id, code, text, **deferred)
 
     def close_if_stalled(self, now: float, timeout: float) -> None:
         """Close a connection that has sat mid-frame with no byte arriving for ``timeout`` s, or
@@ -155,7 +177,7 @@ class ServerSession:
         if idle > timeout:
             text = f"{what} for {idle:.1f} s (the limit is {timeout:g} s); closing"
             log.info("session %d (%s): %s", self.id, self.peer, text)
-            self._close_with(self.connection.refuse(0, ErrorCode.PROTOCOL, text))
+            self._refuse(0, ErrorCode.PROTOCOL, text)
 
     def _process(self) -> None:
         """Handle decoded requests until none is left, flow control says stop, or this
@@ -180,6 +202,7 @@ class ServerSession:
             else:
                 assert isinstance(event, ProtocolViolation)
                 log.warning("session %d (%s): protocol error: %s", self.id, self.peer, event.error)
+                self._stats.errors[event.error.code] += 1
                 self._close_with(event.data)
                 return
 
@@ -193,9 +216,12 @@ class ServerSession:
 
     def _handle(self, event: RequestReceived) -> None:
         message = event.message
+        started = time.perf_counter()
+        opcode = message.OPCODE
+        self._stats.requests[opcode] += 1
         try:
             if message.RULE.phase is Phase.DEVICE:
-                self._submit(event)
+                self._submit(event, started)
             elif (
                 self.user is None
                 and self._gate.required
@@ -203,22 +229,20 @@ class ServerSession:
                 and not self._certified()
             ):
                 log.warning("session %d (%s): refused: no token", self.id, self.peer)
-                self._close_with(
-                    self.connection.refuse(event.request_id, ErrorCode.AUTH, HOW_TO_GET_ONE)
-                )
+                self._refuse(event.request_id, ErrorCode.AUTH, HOW_TO_GET_ONE, refused="auth")
             else:
                 _NOT_DEVICE[type(message)](self, event.request_id, message)
+                self._stats.replied(opcode, time.perf_counter() - started)
         except BitfusionError as exc:
-            self._write(self.connection.error(event.request_id, exc.code, exc.message))
+            self._write(self._error(event.request_id, exc.code, exc.message))
         except Exception:  # noqa: BLE001 - a server bug must cost one request, not the server
             log.exception("session %d: internal error handling %s", self.id, type(message).__name__)
-            self._write(
-                self.connection.error(event.request_id, ErrorCode.INTERNAL, "internal error")
-            )
+            self._write(self._error(event.request_id, ErrorCode.INTERNAL, "internal error"))
         self._update_flow()
 
     def _write(self, head: bytes, payload: memoryview | None = None, on_sent: Any = None) -> None:
         """Write a reply now: someone waits for it (everything queued before goes first)."""
+        self.sent_bytes += len(head) if payload is None else len(head) + len(payload)
         self.stream.write(head, payload, on_sent)
         self.stream.flush()
 
@@ -238,6 +262,8 @@ class ServerSession:
         if error is None and self.connection.in_frame:
             error = ConnectionResetError("the peer closed the connection in the middle of a frame")
         self.connection.discard_received()  # requests not yet handled will never be
+        self._stats.closed_received_bytes += self.received_bytes
+        self._stats.closed_sent_bytes += self.sent_bytes
         how = f"lost ({error})" if error else "closed"
         log.info(
             "session %d (%s) %s; releasing %d lease(s)", self.id, self.peer, how, len(self.leases)
@@ -270,7 +296,7 @@ class ServerSession:
         try:
             self.user = self._gate.authenticate(request.token, host)
         except BitfusionError as exc:
-            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            self._refuse(request_id, exc.code, exc.message, refused=refusal_reason(exc.code))
             return
         reply = m.AuthenticateReply(self.user.user if self.user is not None else "")
         self._write(self.connection.reply(m.Opcode.AUTHENTICATE, request_id, reply))
@@ -295,7 +321,7 @@ class ServerSession:
             leases = table.attach(reservation, self)
         except BitfusionError as exc:
             log.info("session %d (%s): refused: %s", self.id, self._who, exc)
-            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            self._refuse(request_id, exc.code, exc.message, refused=refusal_reason(exc.code))
             return
         self._attached(request_id, reservation, leases, "leased")
 
@@ -314,7 +340,7 @@ class ServerSession:
                 )
         except BitfusionError as exc:
             log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
-            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            self._refuse(request_id, exc.code, exc.message, refused=refusal_reason(exc.code))
             return
         # Nothing more is delivered until the ATTACH is answered (the connection negotiates).
         table.when_settled(reservation, lambda: self._attach_now(request_id, reservation))
@@ -330,7 +356,7 @@ class ServerSession:
             leases = self._reservations.attach(reservation, self)
         except BitfusionError as exc:
             log.info("session %d (%s): attach refused: %s", self.id, self._who, exc)
-            self._close_with(self.connection.refuse(request_id, exc.code, exc.message))
+            self._refuse(request_id, exc.code, exc.message, refused=refusal_reason(exc.code))
             return
         self._attached(
             request_id,
@@ -405,7 +431,7 @@ class ServerSession:
             raise InvalidValueError(
                 f"no reservation {request.reservation} with that secret on this server"
             )
-        table.end(reservation, f"released by {self._who}")
+        table.end(reservation, f"released by {self._who}", EndedBy.RELEASED)
         self._write(self.connection.reply(m.Opcode.RELEASE, request_id, m.Done()))
 
     def _server_info(self, request_id: int, request: m.ServerInfo) -> None:
@@ -419,20 +445,18 @@ class ServerSession:
         if self._closed or self.connection.state is ServerState.CLOSING:
             return
         log.info("session %d (%s): %s", self.id, self._who, reason)
-        self._close_with(self.connection.refuse(0, ErrorCode.LEASE_ENDED, reason))
+        self._refuse(0, ErrorCode.LEASE_ENDED, reason)
 
     def token_ended(self, reason: str) -> None:
         """The session's token was revoked or expired: tell the client (AUTH), then close."""
         if not self._closed and self.connection.state is not ServerState.CLOSING:
             log.info("session %d (%s): %s; ending it", self.id, self._who, reason)
-            self._close_with(
-                self.connection.refuse(0, ErrorCode.AUTH, f"{reason}; the session is over")
-            )
+            self._refuse(0, ErrorCode.AUTH, f"{reason}; the session is over")
 
     def shut_down(self, reason: str) -> None:
         """The server is stopping: tell the client why (LEASE_ENDED), then close."""
         if not self._closed and self.connection.state is not ServerState.CLOSING:
-            self._close_with(self.connection.refuse(0, ErrorCode.LEASE_ENDED, reason))
+            self._refuse(0, ErrorCode.LEASE_ENDED, reason)
 
     def last_request(self) -> float:
         return self._last_data
@@ -443,7 +467,7 @@ class ServerSession:
         )
 
     # -- device requests ------------------------------------------------------------------------
-    def _submit(self, event: RequestReceived) -> None:
+    def _submit(self, event: RequestReceived, started: float) -> None:
         message: Any = event.message  # a device request: every one has a ``device`` field
         request_id, payload = event.request_id, event.payload
         rule = message.RULE
@@ -451,7 +475,7 @@ class ServerSession:
         if device >= len(self.leases):
             text = f"device {device} is not in this session (it has {len(self.leases)})"
             if rule.reply is None:  # nobody waits to hear it; a client that sends this is broken
-                self._close_with(self.connection.refuse(request_id, ErrorCode.PROTOCOL, text))
+                self._refuse(request_id, ErrorCode.PROTOCOL, text)
                 return
             raise InvalidValueError(text)
         lease = self.leases[device]
@@ -485,7 +509,7 @@ class ServerSession:
             else:
                 error = None
             if ran:
-                self._complete(opcode, request_id, to_reply, result, error, 0, tenant)
+                self._complete(opcode, request_id, to_reply, result, error, 0, tenant, started)
                 return
         staged = message.nbytes if type(message) is m.MemcpyDtoH else 0
         self._flow.staged += staged
@@ -502,6 +526,7 @@ class ServerSession:
                 error,
                 staged,
                 tenant,
+                started,
             )
 
         self._replies_due[device] += 1
@@ -548,13 +573,16 @@ class ServerSession:
         error: BaseException | None,
         staged: int,
         tenant: Tenant,
+        started: float,
     ) -> None:
         """Write the reply of a finished request (on the event loop). ``staged``: its host
-        bytes; a payload is handed back to ``tenant`` for reuse once sent."""
+        bytes; a payload is handed back to ``tenant`` for reuse once sent. ``started``: when
+        the request was handled (``time.perf_counter``)."""
         if self._closed:
             if isinstance(result, memoryview):  # a copy's bytes nobody will read: reuse them
                 tenant.return_staging(result)
             return
+        self._stats.replied(opcode, time.perf_counter() - started)
         if error is not None:
             self._write(self._device_error(request_id, error))
             self._unstage(staged)
@@ -583,7 +611,7 @@ class ServerSession:
         if code is None:
             log.error("session %d: internal error", self.id, exc_info=error)
             code = ErrorCode.INTERNAL
-        return self.connection.error(
+        return self._error(
             request_id, code, str(error), deferred_from=deferred_from, later_failures=later
         )
 
@@ -638,6 +666,8 @@ class ServerSession:
             "peer": self.peer,
             "client": self.client_name,
             "reservation": self.reservation.id if self.reservation is not None else None,
+            "received_bytes": self.received_bytes,
+            "sent_bytes": self.sent_bytes,
             "leases": [
                 {
                     "gpu": lease.placement.gpu,

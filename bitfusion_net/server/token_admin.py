@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sum of the fractions of GPUs the user may hold, e.g. 1.5")  # fmt: skip
     create.add_argument("--expires", type=_duration, default=None, metavar="DURATION",
                         help="valid for this long, e.g. 90d (default: until revoked)")  # fmt: skip
+    create.add_argument("--operator", action="store_true",
+                        help="the token may also read the management endpoint's API, metrics "
+                        "and dashboards (docs/OBSERVABILITY.md)")  # fmt: skip
     create.add_argument("--bundle", default=None, metavar="FILE",
                         help="also write a client bundle (tar.gz: client.yaml with the token, "
                         "servers.conf, ca.crt) to unpack into the user's ~/.bitfusion-net/")  # fmt: skip
@@ -97,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_memory=args.max_memory,
                 max_fraction=args.max_fraction,
                 expires_in=args.expires,
+                operator=args.operator,
             )
             print(token)
             if args.bundle:
@@ -160,12 +164,15 @@ def _list(store: TokenStore, as_json: bool) -> None:
     def stamp(seconds: float | None) -> str:
         return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(seconds))
 
-    rows = [("ID", "USER", "STATE", "MAX GPUS", "MAX MEMORY", "MAX FRACTION", "CREATED", "EXPIRES")]
+    rows = [
+        ("ID", "USER", "ROLE", "STATE", "MAX GPUS", "MAX MEMORY", "MAX FRACTION", "CREATED", "EXPIRES")
+    ]
     for r in records:
         rows.append(
             (
                 r.id,
                 r.user,
+                "operator" if r.operator else "user",
                 r.state(now),
                 "-" if r.max_gpus is None else str(r.max_gpus),
                 "-" if r.max_memory is None else format_size(r.max_memory),

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TOKEN_FILE = "tokens.sqlite3"
 STATE_DIR_ENV = "BITFUSION_NET_STATE_DIR"
@@ -39,9 +40,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     max_fraction REAL,         -- sum of the user's fractions of GPUs; NULL: no limit
     created REAL NOT NULL,     -- unix seconds
     expires REAL,              -- unix seconds; NULL: never
-    revoked REAL               -- unix seconds; NULL: live
+    revoked REAL,              -- unix seconds; NULL: live
+    operator INTEGER NOT NULL DEFAULT 0  -- 1: may read the management endpoint's API
 );
 """
+# A record's columns, in ``TokenRecord``'s order.
+_COLUMNS = "id, user, max_gpus, max_memory, max_fraction, created, expires, revoked, operator"
 
 
 class TokenError(Exception):
@@ -69,6 +73,7 @@ class TokenRecord:
     created: float
     expires: float | None
     revoked: float | None
+    operator: bool = False  # may read the management endpoint
 
     def state(self, now: float) -> str:
         if self.revoked is not None:
@@ -103,6 +108,9 @@ class TokenStore:
             if fresh:
                 os.chmod(self.path, 0o600)  # hashes only, but who holds tokens is nobody's business
             db.execute(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(tokens)")}
+            if "operator" not in columns:  # a store made before operators existed
+                db.execute("ALTER TABLE tokens ADD COLUMN operator INTEGER NOT NULL DEFAULT 0")
             with db:  # one transaction
                 yield db
         finally:
@@ -116,9 +124,11 @@ class TokenStore:
         max_memory: int | None = None,
         max_fraction: float | None = None,
         expires_in: float | None = None,
+        operator: bool = False,
         now: float | None = None,
     ) -> tuple[str, TokenRecord]:
-        """Make a token for ``user``; returns its text (shown once) and its record."""
+        """Make a token for ``user``; returns its text (shown once) and its record.
+        ``operator``: it may also read the management endpoint (docs/OBSERVABILITY.md)."""
         if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", user):
             raise ValueError(f"a user name is 1-64 of letters, digits and ._@- (got {user!r})")
         for name, value in (("max_gpus", max_gpus), ("max_memory", max_memory)):
@@ -140,30 +150,30 @@ class TokenStore:
             created,
             None if expires_in is None else created + expires_in,
             None,
+            operator,
         )
         with self._db() as db:
             db.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                f"INSERT INTO tokens (secret_sha256, {_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 (
+                    _digest(secret),
                     record.id,
                     record.user,
-                    _digest(secret),
                     record.max_gpus,
                     record.max_memory,
                     record.max_fraction,
                     record.created,
                     record.expires,
+                    int(operator),
                 ),
             )
         return f"bfnet_{token_id}_{secret}", record
 
     def records(self) -> list[TokenRecord]:
         with self._db() as db:
-            rows = db.execute(
-                "SELECT id, user, max_gpus, max_memory, max_fraction, created, expires, revoked "
-                "FROM tokens ORDER BY created"
-            ).fetchall()
-        return [TokenRecord(*row) for row in rows]
+            rows = db.execute(f"SELECT {_COLUMNS} FROM tokens ORDER BY created").fetchall()
+        return [_record(row) for row in rows]
 
     def revoke(self, token_id: str, now: float | None = None) -> TokenRecord:
         """Revoke a token by its id (or the whole token text); ``TokenError`` if unknown."""
@@ -174,14 +184,10 @@ class TokenStore:
                 "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL",
                 (time.time() if now is None else now, token_id),
             ).rowcount
-            row = db.execute(
-                "SELECT id, user, max_gpus, max_memory, max_fraction, created, expires, revoked "
-                "FROM tokens WHERE id = ?",
-                (token_id,),
-            ).fetchone()
+            row = db.execute(f"SELECT {_COLUMNS} FROM tokens WHERE id = ?", (token_id,)).fetchone()
         if row is None:
             raise TokenError(f"no token {token_id!r} in {self.path}")
-        record = TokenRecord(*row)
+        record = _record(row)
         if not updated:
             raise TokenError(f"token {token_id} of {record.user} was already revoked")
         return record
@@ -196,19 +202,33 @@ class TokenStore:
         token_id, secret = match.groups()
         with self._db() as db:
             row = db.execute(
-                "SELECT id, user, max_gpus, max_memory, max_fraction, created, expires, revoked, "
-                "secret_sha256 FROM tokens WHERE id = ?",
-                (token_id,),
+                f"SELECT {_COLUMNS}, secret_sha256 FROM tokens WHERE id = ?", (token_id,)
             ).fetchone()
-        if row is None or not hmac.compare_digest(bytes(row[8]), _digest(secret)):
+        if row is None or not hmac.compare_digest(bytes(row[-1]), _digest(secret)):
             raise TokenError("unknown token")
-        record = TokenRecord(*row[:8])
+        record = _record(row[:-1])
         now = time.time() if now is None else now
         if record.revoked is not None:
             raise TokenError(f"the token of {record.user} was revoked at {_when(record.revoked)}")
         if record.expires is not None and now >= record.expires:
             raise TokenError(f"the token of {record.user} expired at {_when(record.expires)}")
         return record
+
+
+def _record(row: tuple[Any, ...]) -> TokenRecord:
+    """A record from a row of ``_COLUMNS``."""
+    token_id, user, max_gpus, max_memory, max_fraction, created, expires, revoked, operator = row
+    return TokenRecord(
+        token_id,
+        user,
+        max_gpus,
+        max_memory,
+        max_fraction,
+        created,
+        expires,
+        revoked,
+        bool(operator),
+    )
 
 
 def _when(seconds: float) -> str:
