@@ -96,7 +96,6 @@ class ManagementEndpoint:
         )
         self.history = History(server)
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ServerCollector(server, self.history))
         self._http = HttpServer(self._answer, context)
         self._checked: dict[str, tuple[float, TokenRecord | None]] = {}  # token -> (when, whose)
         self._api: Api | None = None
@@ -107,6 +106,7 @@ class ManagementEndpoint:
         shown = f"[{host}]" if ":" in host else host
         self.address = f"{self._scheme}://{shown}:{port}"
         self._api = Api(self._server, self.history, self.address, self._pool)
+        self._registry.register(ServerCollector(self._server, self.history))
         self.history.start()
         log.info("management endpoint on %s (dashboards at /, metrics at /metrics)", self.address)
 

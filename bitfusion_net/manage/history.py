@@ -65,7 +65,7 @@ class History:
 
     def since(self, after: float) -> list[dict[str, Any]]:
         """The samples taken after unix time ``after``, oldest first."""
-        return [s for s in self.samples if s["time"] > after]
+        return [_expanded(s) for s in self.samples if s["time"] > after]
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,7 +110,7 @@ class History:
             before = last.leases.get(lease_id, ([0.0] * len(times), memory))[0]
             used = [share(t0, t1) for t0, t1 in zip(before, times, strict=True)]
             self.lease_utilisation[lease_id] = used
-            leases.append({"id": lease_id, "utilisation": used, "memory_used": memory})
+            leases.append((lease_id, tuple(used), tuple(memory)))  # compact: 600 are kept
         self.samples.append(
             {
                 "time": round(now.time, 3),
@@ -125,3 +125,12 @@ class History:
                 "leases": leases,
             }
         )
+
+
+def _expanded(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample as the API documents it (leases are kept as tuples)."""
+    leases = [
+        {"id": lease, "utilisation": list(used), "memory_used": list(memory)}
+        for lease, used, memory in sample["leases"]
+    ]
+    return {**sample, "leases": leases}

@@ -29,6 +29,7 @@ from ..protocol import messages as m
 from .history import History
 
 if TYPE_CHECKING:
+    from ..server.reservations import Reservation
     from ..server.server import Server
 
 MIB = 2**20
@@ -55,39 +56,39 @@ class TenantLabels:
     """Which ``tenant`` label each lease's series go under, bounded.
 
     With users (a server with tokens) a lease counts under its user's name; without, the first
-    ``TENANT_SERIES_PER_GPU`` leases on a GPU to be seen keep a label of their own
-    (``lease-ID``) until they end, and the rest count under ``other``. When a lease ends, a label
-    it shared (a user's, ``other``) keeps its counts, so counters never go back; a label of its
-    own goes with it."""
+    ``TENANT_SERIES_PER_GPU`` leases on a GPU to be scraped keep a label of their own
+    (``lease-ID``) until they end, and the rest count under ``other``. When a lease ends
+    (``ended``, with its final totals), a label it shared (a user's, ``other``) keeps its
+    counts, so counters never go back; a label of its own goes with it."""
 
     def __init__(self) -> None:
         self._own: dict[int, set[int]] = {}  # gpu -> lease ids with a label of their own
-        self._last: dict[tuple[int, int], tuple[str, _Totals]] = {}  # (lease, gpu) -> last seen
+        self._shared: set[tuple[int, int]] = set()  # (lease, gpu) scraped under "other"
         self._carried: dict[tuple[str, int], _Totals] = {}  # (label, gpu) -> ended leases' totals
 
     def label(self, lease: int, gpu: int, user: str | None) -> str:
+        """The label of ``lease``'s series on ``gpu`` (from its first scrape to its end)."""
         if user is not None:
             return user
         own = self._own.setdefault(gpu, set())
         if lease in own:
             return f"lease-{lease}"
-        if (lease, gpu) not in self._last and len(own) < TENANT_SERIES_PER_GPU:
+        if (lease, gpu) not in self._shared and len(own) < TENANT_SERIES_PER_GPU:
             own.add(lease)
             return f"lease-{lease}"
+        self._shared.add((lease, gpu))
         return OTHER
 
-    def settle(self, seen: dict[tuple[int, int], tuple[str, _Totals]]) -> None:
-        """This scrape's leases: the ones gone since the last leave their totals to a shared
-        label, and their own label free."""
-        for key, (label, totals) in self._last.items():
-            if key in seen:
-                continue
-            lease, gpu = key
-            if label == f"lease-{lease}":
-                self._own.get(gpu, set()).discard(lease)
-            else:
-                self._carried.setdefault((label, gpu), _Totals()).add(totals)
-        self._last = seen
+    def ended(self, lease: int, gpu: int, user: str | None, totals: _Totals) -> None:
+        """``lease`` has ended with ``totals`` on ``gpu``: a shared label keeps them (one it
+        never was scraped under included: ``other``), a label of its own is freed."""
+        own = self._own.get(gpu, set())
+        if user is None and lease in own:
+            own.discard(lease)
+            return
+        self._shared.discard((lease, gpu))
+        label = user if user is not None else OTHER
+        self._carried.setdefault((label, gpu), _Totals()).add(totals)
 
     def carried(self, label: str, gpu: int) -> _Totals:
         return self._carried.get((label, gpu), _Totals())
@@ -101,6 +102,13 @@ class ServerCollector(Collector):
         self._history = history
         self._labels = TenantLabels()
         self._hostname = socket.gethostname()
+        server.watch_reservations_ending(self._reservation_ended)
+
+    def _reservation_ended(self, reservation: Reservation) -> None:
+        user = reservation.user.user if reservation.user is not None else None
+        for account in reservation.past:  # final: its programs have all detached
+            totals = _Totals(account.device_time, account.queue_wait, account.operations)
+            self._labels.ended(reservation.id, account.gpu, user, totals)
 
     def collect(self) -> Iterable[Metric]:
         yield from self._dcgm()
@@ -302,7 +310,6 @@ class ServerCollector(Collector):
         # (label, gpu) -> counters, gauges; summed over the leases that share a label.
         totals: dict[tuple[str, int], _Totals] = {}
         gauges: dict[tuple[str, int], list[float]] = {}
-        seen: dict[tuple[int, int], tuple[str, _Totals]] = {}
         entitled = self._server.entitlements()
         utilisation = self._history.lease_utilisation
         for reservation in self._server.live_reservations():
@@ -313,7 +320,6 @@ class ServerCollector(Collector):
                 gpu = account.gpu
                 label = self._labels.label(reservation.id, gpu, user)
                 mine = _Totals(account.device_time, account.queue_wait, account.operations)
-                seen[reservation.id, gpu] = (label, mine)
                 totals.setdefault((label, gpu), _Totals()).add(mine)
                 budget = reservation.budgets[index]
                 gauge = gauges.setdefault((label, gpu), [0.0, 0.0, 0.0, 0.0, 0.0])
@@ -322,7 +328,6 @@ class ServerCollector(Collector):
                 gauge[2] += budget.used
                 gauge[3] += budget.limit
                 gauge[4] = max(gauge[4], account.memory_high_water)
-        self._labels.settle(seen)
         for (label, gpu), mine in sorted(totals.items()):
             mine.add(self._labels.carried(label, gpu))
             values = [str(gpu), label]

@@ -183,6 +183,8 @@ class ReservationTable:
         # secret hears why; anyone else learns nothing, not even that the id existed.
         self._ended: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self.ended_by: Counter[str] = Counter()  # reservations ended, by ``EndedBy`` kind
+        # Told of each reservation once it has ended and its programs' accounts are final.
+        self.end_listeners: list[Callable[[Reservation], None]] = []
 
     def __iter__(self) -> Iterator[Reservation]:
         """A snapshot: ending reservations while iterating is fine."""
@@ -386,6 +388,8 @@ class ReservationTable:
         leases = [lease for session_leases in attached.values() for lease in session_leases]
         self._close_tenants(reservation, leases)
         self._give_back(reservation)
+        for listener in self.end_listeners:
+            listener(reservation)
 
     def _close_tenants(self, reservation: Reservation, leases: list[Lease]) -> None:
         """Close the tenants (their queued work is dropped); an ended reservation's GPUs go

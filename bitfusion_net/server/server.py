@@ -10,6 +10,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -456,6 +457,11 @@ class Server:
             received += session.received_bytes
             sent += session.sent_bytes
         return received, sent
+
+    def watch_reservations_ending(self, listener: Callable[[Reservation], None]) -> None:
+        """Call ``listener`` with each reservation once it has ended (its accounts final)."""
+        assert self._reservations is not None, "the server is not started"
+        self._reservations.end_listeners.append(listener)
 
     def reservations_ended(self) -> dict[str, int]:
         return dict(self._reservations.ended_by) if self._reservations is not None else {}

@@ -216,12 +216,11 @@ class ServerSession:
 
     def _handle(self, event: RequestReceived) -> None:
         message = event.message
-        started = time.perf_counter()
         opcode = message.OPCODE
         self._stats.requests[opcode] += 1
         try:
             if message.RULE.phase is Phase.DEVICE:
-                self._submit(event, started)
+                self._submit(event)
             elif (
                 self.user is None
                 and self._gate.required
@@ -231,6 +230,7 @@ class ServerSession:
                 log.warning("session %d (%s): refused: no token", self.id, self.peer)
                 self._refuse(event.request_id, ErrorCode.AUTH, HOW_TO_GET_ONE, refused="auth")
             else:
+                started = time.perf_counter()
                 _NOT_DEVICE[type(message)](self, event.request_id, message)
                 self._stats.replied(opcode, time.perf_counter() - started)
         except BitfusionError as exc:
@@ -467,10 +467,12 @@ class ServerSession:
         )
 
     # -- device requests ------------------------------------------------------------------------
-    def _submit(self, event: RequestReceived, started: float) -> None:
+    def _submit(self, event: RequestReceived) -> None:
         message: Any = event.message  # a device request: every one has a ``device`` field
         request_id, payload = event.request_id, event.payload
         rule = message.RULE
+        # When it was handled, for its latency; a request without a reply has none to time.
+        started = time.perf_counter() if rule.reply is not None else 0.0
         device: int = message.device
         if device >= len(self.leases):
             text = f"device {device} is not in this session (it has {len(self.leases)})"
