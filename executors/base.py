@@ -232,7 +232,17 @@ class Tenant(ABC):
 
     @abstractmethod
     def memset(self, ptr: int, value: int, itemsize: int, count: int, stream: int) -> None:
-        """Set ``count`` elements of ``itemsize`` bytes (1 or 4) to ``value``."""
+        """Set ``count`` elements of ``itemsize`` bytes (1, 2 or 4) to ``value``; ``ptr`` must
+        be aligned to ``itemsize`` (``InvalidValue`` otherwise)."""
+
+    # -- the device -----------------------------------------------------------------------------
+    @abstractmethod
+    def device_attributes(self) -> dict[int, int]:
+        """The device's CUDA attributes: ``CUdevice_attribute`` number -> value (a C int).
+
+        They never change. A query: it reads what the executor keeps, never the device, so it
+        may run on the caller's thread (``Executor.run_if_idle``).
+        """
 
     # -- code -----------------------------------------------------------------------------------
     @abstractmethod
@@ -244,6 +254,13 @@ class Tenant(ABC):
     @abstractmethod
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
         """Look up a kernel. For built-ins (module 0) ``arg_types`` may be None: they declare theirs."""
+
+    @abstractmethod
+    def module_get_global(self, module: int, name: str) -> tuple[int, int]:
+        """(device address, size in bytes) of global variable ``name`` of ``module``
+        (``cuModuleGetGlobal``); copies and kernels may then address that range.
+        ``InvalidHandle`` for a module that is not loaded, ``InvalidValue`` for a name the
+        module has no global of (the built-in library, module 0, has none)."""
 
     @abstractmethod
     def launch(
@@ -268,6 +285,16 @@ class Tenant(ABC):
     def stream_synchronize(self, stream: int) -> None: ...
 
     @abstractmethod
+    def stream_query(self, stream: int) -> bool:
+        """Whether all work submitted to ``stream`` has completed (a query, as
+        ``stream_synchronize`` is)."""
+
+    @abstractmethod
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        """Make work submitted to ``stream`` from now on wait until ``event`` has been reached
+        (an event never recorded has been)."""
+
+    @abstractmethod
     def event_create(self) -> int: ...
 
     @abstractmethod
@@ -281,6 +308,11 @@ class Tenant(ABC):
 
     @abstractmethod
     def event_elapsed_ms(self, start: int, end: int) -> float: ...
+
+    @abstractmethod
+    def event_query(self, event: int) -> bool:
+        """Whether ``event`` has been reached (True for an event never recorded, as in CUDA;
+        a query, as ``event_synchronize`` is)."""
 
     @abstractmethod
     def synchronize(self) -> None:
@@ -330,13 +362,14 @@ class SerialTenant(Tenant):
 
     @staticmethod
     def _check_memset(ptr: int, itemsize: int, count: int) -> None:
-        if itemsize not in (1, 4):
-            raise InvalidValue(f"memset: item size must be 1 or 4 bytes, got {itemsize}")
+        if itemsize not in (1, 2, 4):
+            raise InvalidValue(f"memset: item size must be 1, 2 or 4 bytes, got {itemsize}")
         if count < 0:
             raise InvalidValue(f"memset: count must not be negative, got {count}")
-        if itemsize == 4 and ptr % 4:
+        if ptr % itemsize:
             raise InvalidValue(
-                f"memset: a 32-bit memset needs a 4-byte-aligned pointer, got {ptr:#x}"
+                f"memset: a {8 * itemsize}-bit memset needs a {itemsize}-byte-aligned pointer, "
+                f"got {ptr:#x}"
             )
 
     def stream_create(self) -> int:
@@ -355,9 +388,26 @@ class SerialTenant(Tenant):
         self._check_stream(stream)
         self._check_alive()
 
+    def stream_query(self, stream: int) -> bool:
+        """Always done: what was submitted before finished before this runs."""
+        self.stream_synchronize(stream)
+        return True
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        """Already holds: the tenant's streams run as one FIFO, so everything recorded before
+        has been reached by the time later work starts. Only the handles are checked."""
+        self._check_stream(stream)
+        self._check_event(event)
+        self._check_alive()
+
     def event_synchronize(self, event: int) -> None:
         self._check_event(event)
         self._check_alive()
+
+    def event_query(self, event: int) -> bool:
+        """Always reached: an event completes as it is recorded (or was never recorded)."""
+        self.event_synchronize(event)
+        return True
 
     def synchronize(self) -> None:
         """Nothing to wait for: each operation finished on the worker before the next began."""

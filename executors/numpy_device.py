@@ -35,6 +35,7 @@ from .base import (
     check_launch,
 )
 from .builtins import Builtin, lookup
+from .device_attributes import reference_attributes
 from .errors import (
     DeviceOutOfMemory,
     InvalidHandle,
@@ -47,8 +48,19 @@ from .worker import WorkerExecutor
 
 __all__ = ["NumpyExecutor", "NumpyTenant"]
 
-_ADDRESS_BASE = 0x7000_0000_0000
+# Device addresses lie where no host pointer can ever be, so that a client (or a layer that takes
+# host and device pointers in one argument, as CUDA's unified addressing allows) can tell them
+# apart by value. User space ends below 2**47 on x86-64 with 4-level paging, below 2**56 with
+# 5-level paging (LA57), and below 2**52 on arm64 (52-bit VA); kernel addresses are the top half
+# (bit 63 set). 2**57 is above all of them. Device ``i`` spans [2**57 + i * 2**40, + 2**40), so
+# the addresses of every device (``_MAX_DEVICES`` of them) stay below 2**63 and read the same
+# to a signed 64-bit reader (a program that keeps a pointer in an int64). This holds for the
+# addresses the MMU translates; a *tagged* host pointer (arm64 TBI/MTE, x86 LAM) carries
+# metadata in its top bits and may take any value there, so a program that tags pointers must
+# strip the tag before comparing (as it must before handing one to CUDA).
+_ADDRESS_BASE = 0x0200_0000_0000_0000
 _ADDRESS_SPAN = 2**40
+_MAX_DEVICES = (2**63 - _ADDRESS_BASE) // _ADDRESS_SPAN
 
 
 class AddressSpace:
@@ -140,11 +152,13 @@ class NumpyTenant(SerialTenant):
         properties: DeviceProperties,
         staging: StagingPool,
         budget: MemoryBudget | None = None,
+        attributes: dict[int, int] | None = None,
     ) -> None:
         super().__init__(memory_limit, weight, cap, budget)
         self._staging = staging
         self._address_space = address_space
         self._properties = properties
+        self._attributes = attributes if attributes is not None else {}
         # Backed by uint8 arrays exactly nbytes long, so a range past nbytes is out of bounds.
         self._allocations: AllocationTable[np.ndarray] = AllocationTable()
         # self._events: handle -> perf_counter() when recorded, or None
@@ -241,8 +255,14 @@ class NumpyTenant(SerialTenant):
         target = self._device_bytes(ptr, count * itemsize, "memset")
         if itemsize == 1:
             target.fill(value & 0xFF)
+        elif itemsize == 2:
+            target.view(np.uint16).fill(value & 0xFFFF)
         else:
             target.view(np.uint32).fill(value & 0xFFFF_FFFF)
+
+    # -- the device -----------------------------------------------------------------------------
+    def device_attributes(self) -> dict[int, int]:
+        return dict(self._attributes)  # a copy: the executor's table is every tenant's
 
     # -- code -----------------------------------------------------------------------------------
     def module_load(self, image: bytes) -> int:
@@ -255,6 +275,13 @@ class NumpyTenant(SerialTenant):
         raise InvalidHandle(
             f"module {module} is not loaded (the NumPy reference device has only the built-ins, "
             "which cannot be unloaded)"
+        )
+
+    def module_get_global(self, module: int, name: str) -> tuple[int, int]:
+        if module != BUILTIN_MODULE:
+            raise InvalidHandle(f"module {module} is not loaded")
+        raise InvalidValue(
+            f"module 0 (the built-in kernel library) has no global {name!r}: it has no globals"
         )
 
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
@@ -345,13 +372,14 @@ class NumpyExecutor(WorkerExecutor):
         *,
         scheduling: str = "fair",
     ) -> None:
-        if index < 0:
-            raise ValueError(f"device index must not be negative, got {index}")
+        if not 0 <= index < _MAX_DEVICES:
+            raise ValueError(f"device index must be in 0..{_MAX_DEVICES - 1}, got {index}")
         if memory <= 0:
             raise ValueError(f"device memory must be positive, got {memory}")
         super().__init__(f"numpy-gpu{index}", scheduling)
         self.index = index
         self.properties = DeviceProperties(name, memory, "numpy")
+        self.attributes = reference_attributes(self.properties, index)
         # Each device gets its own 1 TiB range, so a pointer from another device is never valid.
         self._address_space = AddressSpace(_ADDRESS_BASE + index * _ADDRESS_SPAN, _ADDRESS_SPAN)
         self._staging = StagingPool(STAGING_POOL_BYTES)
@@ -371,7 +399,14 @@ class NumpyExecutor(WorkerExecutor):
     ) -> NumpyTenant:
         budget = self._admit(memory_limit, weight, cap, budget)
         tenant = NumpyTenant(
-            memory_limit, weight, cap, self._address_space, self.properties, self._staging, budget
+            memory_limit,
+            weight,
+            cap,
+            self._address_space,
+            self.properties,
+            self._staging,
+            budget,
+            self.attributes,
         )
         self._register(tenant)
         return tenant

@@ -12,8 +12,9 @@ free memory around their creation (``CUDA_MODULE_LOADING=EAGER`` is set before C
 module's code is resident, and paid for, from the moment it loads). What the driver adds beyond
 that (allocations mapped in 2 MiB pages, stacks a launch grows) is not charged: the memory the
 executor offers tenants leaves a headroom for it (3 % of the GPU, at least 256 MiB). Copies and
-built-in kernels are bounds-checked against the tenant's allocations before they reach the GPU,
-with the NumPy device's errors; user kernels run unchecked, inside their own context.
+built-in kernels are bounds-checked against the tenant's allocations (and the module globals it
+has looked up) before they reach the GPU, with the NumPy device's errors; user kernels run
+unchecked, inside their own context.
 
 Time-slicing: all device work goes through the executor's one worker thread, in the fair
 scheduler's order, and each operation runs to completion before the next starts: the worker
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,6 +134,10 @@ class PycudaTenant(SerialTenant):
         self._overhead = 0  # device memory of the context itself
         # Backed by PyCUDA DeviceAllocations: freed explicitly, never by the garbage collector.
         self._allocations: AllocationTable[Any] = AllocationTable()
+        # Modules' global variables the tenant has looked up, which its copies and kernels may
+        # then address like its allocations (backed by the module's handle; never freed alone).
+        self._globals: AllocationTable[int] = AllocationTable()
+        self._global_ranges: dict[tuple[int, str], tuple[int, int]] = {}
         self._modules: dict[int, _Module] = {}
         self._builtins_module: int | None = None
         self._functions: dict[int, Kernel] = {}
@@ -216,8 +222,16 @@ class PycudaTenant(SerialTenant):
         self._device.staging.give_back(buffer)
 
     # -- memory ---------------------------------------------------------------------------------
+    def _addressable(self, ptr: int, nbytes: int) -> bool:
+        """Whether [ptr, ptr + nbytes) lies inside one allocation or one looked-up global."""
+        return (
+            self._allocations.find(ptr, nbytes) is not None
+            or self._globals.find(ptr, nbytes) is not None
+        )
+
     def _check_range(self, ptr: int, nbytes: int, what: str) -> None:
-        self._allocations.check_range(ptr, nbytes, what)
+        if self._globals.find(ptr, nbytes) is None:
+            self._allocations.check_range(ptr, nbytes, what)
 
     def mem_alloc(self, nbytes: int) -> int:
         if nbytes <= 0:
@@ -301,10 +315,18 @@ class PycudaTenant(SerialTenant):
         cuda = self._device.cuda
         if itemsize == 1:
             self._on_device("memset", lambda s: cuda.memset_d8_async(ptr, value & 0xFF, count, s))
+        elif itemsize == 2:
+            self._on_device(
+                "memset", lambda s: cuda.memset_d16_async(ptr, value & 0xFFFF, count, s)
+            )
         else:
             self._on_device(
                 "memset", lambda s: cuda.memset_d32_async(ptr, value & 0xFFFF_FFFF, count, s)
             )
+
+    # -- the device -----------------------------------------------------------------------------
+    def device_attributes(self) -> dict[int, int]:
+        return dict(self._device.attributes)  # read at start-up: no CUDA call, any thread
 
     # -- code -----------------------------------------------------------------------------------
     def module_load(self, image: bytes) -> int:
@@ -356,6 +378,10 @@ class PycudaTenant(SerialTenant):
 
     def _unload(self, module: int) -> None:
         entry = self._modules.pop(module)
+        for key in [key for key in self._global_ranges if key[0] == module]:
+            del self._global_ranges[key]
+        for variable in [g for g in self._globals if g.backing == module]:
+            self._globals.remove(variable)
         for handle in [h for h, kernel in self._functions.items() if kernel.module == module]:
             del self._functions[handle]
         for key in [key for key in self._function_handles if key[0] == module]:
@@ -364,6 +390,33 @@ class PycudaTenant(SerialTenant):
         # others, so this is the unload.
         del entry.module
         self._uncharge(entry.charged)
+
+    def module_get_global(self, module: int, name: str) -> tuple[int, int]:
+        if module == BUILTIN_MODULE:
+            raise InvalidValue(
+                f"module 0 (the built-in kernel library) has no global {name!r}: it has no globals"
+            )
+        if module not in self._modules or module == self._builtins_module:
+            raise InvalidHandle(f"module {module} is not loaded")
+        known = self._global_ranges.get((module, name))
+        if known is not None:
+            return known
+        cuda = self._activate()
+        try:
+            ptr, nbytes = self._modules[module].module.get_global(name)
+        except cuda.Error as exc:
+            error, lost = classify_cuda_error(
+                "module_get_global", str(exc), isinstance(exc, cuda.MemoryError)
+            )
+            if lost:
+                with self._cuda_errors("module_get_global"):
+                    raise
+            raise InvalidValue(f"no global {name!r} in module {module} ({exc})") from None
+        found = (int(ptr), int(nbytes))
+        self._global_ranges[(module, name)] = found
+        if found[1] > 0 and self._globals.find(found[0], found[1]) is None:
+            self._globals.add(found[0], found[1], module)
+        return found
 
     def get_function(self, module: int, name: str, arg_types: str | None) -> FunctionInfo:
         builtin: Builtin | None = None
@@ -459,7 +512,7 @@ class PycudaTenant(SerialTenant):
         for ptr, nbytes in builtin.check(values):
             if ptr % 4:
                 raise KernelFault(f"misaligned address {ptr:#x} for 4-byte float32")
-            if self._allocations.find(ptr, nbytes) is None:
+            if not self._addressable(ptr, nbytes):
                 raise KernelFault(
                     f"illegal address: {builtin.name} would address {nbytes} bytes at {ptr:#x}, "
                     "which are not inside one of the tenant's allocations"
@@ -484,6 +537,17 @@ class PycudaTenant(SerialTenant):
         self._check_event(event)
         del self._events[event]
         self._recorded.discard(event)
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        self._check_stream(stream)
+        self._check_event(event)
+        cuda_event = self._events[event]
+        self._activate()
+        # All of a tenant's work runs on its one CUDA stream and has finished when the worker
+        # returns (see the module docstring), so the wait is already satisfied; it is still made,
+        # so the GPU is told what the program asked and the event is checked by the driver too.
+        with self._cuda_errors("stream_wait_event"):
+            self._stream.wait_for_event(cuda_event)
 
     def event_record(self, event: int, stream: int) -> None:
         self._check_event(event)
@@ -517,6 +581,8 @@ class PycudaTenant(SerialTenant):
             self._device.contexts.destroy(context)
         finally:
             self._allocations.clear()
+            self._globals.clear()
+            self._global_ranges.clear()
             self._functions.clear()
             self._function_handles.clear()
             self._modules.clear()
@@ -577,6 +643,14 @@ class PycudaExecutor(WorkerExecutor):
             ),
             max_shared_memory_per_block=get(attribute.MAX_SHARED_MEMORY_PER_BLOCK),
         )
+        # Every attribute the driver reports, by CUdevice_attribute number: constant, so read
+        # once (no context needed) and answered from here. PyCUDA warns for an attribute the
+        # driver refuses and leaves it out, which is what the client should see too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.attributes: dict[int, int] = {
+                int(key): int(value) for key, value in self.cuda_device.get_attributes().items()
+            }
         self.staging = self._staging_arena(cuda)
         self._jit_warned = False
         self._primary_lock = threading.Lock()  # close() releases the primary context under it

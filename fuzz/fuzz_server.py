@@ -14,7 +14,7 @@ Replay one input without fuzzing: ``python fuzz/fuzz_server.py FILE``.
 Each input gets its own event loop, its own two NumPy devices (``create_executors``), its own
 ``GpuPool`` and ``ReservationTable``, built as ``Server.start`` builds them, so that device
 pointers and handles are the same on every run of an input (the first allocation is always at
-0x7000_0000_0000). The session is one end of ``memory_stream_pair``; the harness is the other
+0x0200_0000_0000_0000). The session is one end of ``memory_stream_pair``; the harness is the other
 end. The input:
 
 - byte 0: bit 0 write the harness's greeting first (so the fuzzer starts past it); bit 1 linger:

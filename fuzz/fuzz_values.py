@@ -18,7 +18,7 @@ from bitfusion_net.protocol import RULES, Message, Request
 # Every request class, in opcode order so that a choice means the same class on every run.
 REQUEST_TYPES: list[type[Request]] = [RULES[opcode].request for opcode in sorted(RULES)]
 
-FIRST_POINTER = 0x7000_0000_0000  # where the NumPy device's first allocation lands
+FIRST_POINTER = 0x0200_0000_0000_0000  # where the NumPy device's first allocation lands
 _BITS = {"B": 8, "H": 16, "I": 32, "Q": 64}
 _FAVOURITES: dict[str, tuple[int, ...]] = {
     "B": (0, 1, 4, 255),

@@ -106,6 +106,18 @@ def decoder_seeds() -> dict[str, bytes]:
         m.StreamCreate(0), m.StreamDestroy(0, 2), m.StreamSynchronize(0, 0), m.EventCreate(0),
         m.EventDestroy(0, 3), m.EventRecord(0, 3), m.EventSynchronize(0, 3), m.EventElapsed(0, 3, 4),
     )  # fmt: skip
+    # Device attributes, module globals, stream and event queries, 16-bit memsets (PROTOCOL.md 6).
+    cuda_requests = frames(
+        m.DeviceAttributes(0), m.ModuleGetGlobal(0, 1, "table"), m.StreamQuery(0, 1),
+        m.StreamWaitEvent(0, 1, 3), m.EventQuery(0, 3), m.Memset(0, 2, 0xABCD, P0, 8),
+        first_id=1,
+    )  # fmt: skip
+    cuda_replies = (
+        encode_reply(Opcode.DEVICE_ATTRIBUTES, 1, m.DeviceAttributesReply.from_dict({1: 1024, 75: 8, 76: 0, 134: -1}))
+        + encode_reply(Opcode.MODULE_GET_GLOBAL, 2, m.ModuleGetGlobalReply(P0, 64))
+        + encode_reply(Opcode.STREAM_QUERY, 3, m.QueryReply(1))
+        + encode_reply(Opcode.EVENT_QUERY, 5, m.QueryReply(0))
+    )  # fmt: skip
     # The control plane (PROTOCOL.md 5.5, 5.6): its requests, and the replies that answer them.
     control_requests = frames(
         m.Reserve(2, 0.5, 0, 0.0, m.MODE_CAP, m.HOLD_BY_IDLE_TIMEOUT, 600.0, "fuzz"),
@@ -130,6 +142,10 @@ def decoder_seeds() -> dict[str, bytes]:
         + encode_reply(Opcode.ERROR, 0, m.ErrorReply(9, m.ERROR_FATAL, 0, 0, "released"))
     )
     return {
+        "requests-cuda-calls": seed(0b00000, cuda_requests),
+        "requests-cuda-calls-cut": seed(0b01100, cuda_requests, plan=b"\x03\x0b"),
+        "replies-cuda-calls": seed(0b00001, cuda_replies),
+        "replies-cuda-calls-bytewise": seed(0b11011, cuda_replies, plan=b"\x00"),
         "requests-control-plane": seed(0b00000, control_requests),
         "requests-control-plane-bytewise": seed(0b11010, control_requests, plan=b"\x00"),
         "replies-control-plane": seed(0b00001, control_replies),
@@ -282,6 +298,15 @@ def connection_seeds() -> dict[str, bytes]:
         .events("client").bytes(),
         "garbage-frames-to-server": Script(READY)
         .op("garbage").raw(len(garbage_requests)).raw(*garbage_requests).raw(0).events("server").bytes(),
+        "queries": Script(READY)
+        .round_trip(m.StreamQuery(0, 0), 0, reply=m.QueryReply(1))
+        .round_trip(m.EventQuery(0, 3), 0, reply=m.QueryReply(0))
+        .send(m.StreamWaitEvent(0, 1, 3)).send(m.StreamQuery(0, 1)).deliver("server").events("server")
+        .answer(5, 1, 0, 3, 2).deliver("client").events("client").bytes(),
+        "attributes-and-global": Script(READY)
+        .round_trip(m.DeviceAttributes(0), 0, reply=m.DeviceAttributesReply.from_dict({75: 8, 76: 0}))
+        .round_trip(m.ModuleGetGlobal(0, 1, "table"), 0, reply=m.ModuleGetGlobalReply(P0, 64))
+        .round_trip(m.ModuleGetGlobal(0, 0, "nope"), 5, 0, 2, 0).bytes(),
         "drain-at-end": Script(READY | 8).send(m.MemAlloc(0, 1)).send(m.StreamCreate(0)).bytes(),
         "small-server-limits": Script(READY | 1)
         .send(m.MemcpyHtoD(0, P0), payload=5).deliver("server").events("server").bytes(),
@@ -384,6 +409,11 @@ def server_seeds() -> dict[str, bytes]:
         "instant-copies": seed(35, frames(m.MemAlloc(0, 4096), (m.MemcpyHtoD(0, P0), b"12345678"), m.MemcpyDtoH(0, P0, 8), m.MemFree(0, P0))),
         "instant-flow-control": seed(35, frames(m.MemAlloc(0, 8192), m.MemcpyDtoH(0, P0, 256), m.MemcpyDtoH(0, P0, 256), m.MemcpyDtoH(0, P0, 256)), limit=1),
         "many-frames": seed(3, frames(*[m.Synchronize(0)] * 70)),
+        # Device attributes, stream and event queries and waits, module globals, 16-bit memsets.
+        "attributes-queries-waits": seed(3, frames(m.DeviceAttributes(0), m.StreamCreate(0), m.EventCreate(0), m.StreamQuery(0, 1), m.EventRecord(0, 2, 1), m.StreamWaitEvent(0, 0, 2), m.EventQuery(0, 2), m.StreamQuery(0, 0), m.DeviceAttributes(1), m.Synchronize(0)), hello=1),
+        "instant-queries": seed(35, frames(m.StreamCreate(0), m.EventCreate(0), m.StreamQuery(0, 1), m.EventQuery(0, 2), m.DeviceAttributes(0), m.StreamWaitEvent(0, 1, 2), m.StreamQuery(0, 1), m.Synchronize(0))),
+        "memset-d16": seed(3, frames(m.MemAlloc(0, 4096), m.Memset(0, 2, 0xABCD, P0, 16), m.MemcpyDtoH(0, P0, 32), m.Memset(0, 2, 1, P0 + 1, 1), m.Memset(0, 3, 1, P0, 1), m.Synchronize(0))),
+        "bad-handles-and-globals": seed(3, frames(m.ModuleGetGlobal(0, 0, "table"), m.ModuleGetGlobal(0, 5, "table"), m.StreamQuery(0, 9), m.EventQuery(0, 9), m.StreamWaitEvent(0, 9, 9), m.StreamWaitEvent(0, 0, 9), m.Synchronize(0), m.MemGetInfo(0))),
         # The control plane (PROTOCOL.md 5.5, 5.6). Bit 6: reservation 1 waits (its secret is
         # fuzz_server.WAITING_SECRET); bit 7: sweep as if long after; greeting 8: an ATTACH to it.
         "control-connection": seed(2, frames(m.Reserve(1, 0.5, 0, client_name="seed"), m.ServerInfo(m.INFO_FULL), m.Reserve(2, 1.0, 0), m.Release(1, b"wrong"), m.ServerInfo(m.INFO_BRIEF), first_id=1)),

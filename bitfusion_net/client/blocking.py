@@ -41,6 +41,12 @@ class SyncStream:
     def synchronize(self) -> None:
         self.device._run(self.device._stream_synchronize(self.handle))
 
+    def query(self) -> bool:
+        return self.device._run(self.device._stream_query(self.handle))
+
+    def wait_event(self, event: SyncEvent) -> None:
+        self.device._run(self.device._stream_wait_event(self.handle, event))
+
     def destroy(self) -> None:
         self.device._run(self.device._stream_destroy(self.handle))
 
@@ -60,6 +66,9 @@ class SyncEvent:
 
     def elapsed_ms(self, end: SyncEvent) -> float:
         return self.device._run(self.device._event_elapsed(self.handle, end.handle))
+
+    def query(self) -> bool:
+        return self.device._run(self.device._event_query(self.handle))
 
     def destroy(self) -> None:
         self.device._run(self.device._event_destroy(self.handle))
@@ -94,6 +103,9 @@ class SyncModule:
 
     def get_function(self, name: str, arg_types: str = "") -> SyncFunction:
         return self.device._function(self.handle, name, arg_types)
+
+    def get_global(self, name: str) -> tuple[DevicePtr, int]:
+        return self.device._run(self.device._module_get_global(self.handle, name))
 
     def unload(self) -> None:
         self.device._run(self.device._module_unload(self.handle))
@@ -140,6 +152,11 @@ class SyncRemoteDevice(DeviceCalls):
     ) -> None:
         self._run(self._memset(ptr, value, 1, nbytes, stream))
 
+    def memset_d16(
+        self, ptr: int, value: int, count: int, stream: SyncStream | None = None
+    ) -> None:
+        self._run(self._memset(ptr, value, 2, count, stream))
+
     def memset_d32(
         self, ptr: int, value: int, count: int, stream: SyncStream | None = None
     ) -> None:
@@ -150,6 +167,9 @@ class SyncRemoteDevice(DeviceCalls):
 
     def stats(self) -> TenantStats:
         return self._run(self._stats())
+
+    def attributes(self) -> dict[int, int]:
+        return self._run(self._device_attributes())
 
     def builtin(self, name: str) -> SyncFunction:
         function = self._builtins.get(kernel_name(name))

@@ -172,6 +172,7 @@ class DeviceCalls:
         self.weight = grant.weight  # compute weight in fair sharing
         self.mode = "cap" if grant.mode == m.MODE_CAP else "share"
         self.server_gpu = grant.server_gpu
+        self._attributes: dict[int, int] | None = None  # asked once: they never change
 
     def __repr__(self) -> str:
         return (
@@ -240,6 +241,12 @@ class DeviceCalls:
     def _synchronize(self) -> Plan[None]:
         return _one(m.Synchronize(self._wire_index))
 
+    def _device_attributes(self) -> Plan[dict[int, int]]:
+        if self._attributes is None:
+            reply = yield Call(m.DeviceAttributes(self._wire_index))
+            self._attributes = reply.as_dict()
+        return dict(self._attributes)  # the caller's to change; the cache stays as it came
+
     def _stats(self) -> Plan[TenantStats]:
         reply = yield Call(m.TenantStats(self._wire_index))
         return TenantStats(
@@ -270,6 +277,12 @@ class DeviceCalls:
     def _module_unload(self, module: int) -> Plan[None]:
         return _one(m.ModuleUnload(self._wire_index, module))
 
+    def _module_get_global(self, module: int, name: str) -> Plan[tuple[DevicePtr, int]]:
+        if not isinstance(name, str):
+            raise InvalidValueError(f"a global's name is a string, got {type(name).__name__}")
+        reply = yield Call(m.ModuleGetGlobal(self._wire_index, module, name))
+        return DevicePtr(reply.ptr), int(reply.nbytes)
+
     # -- streams and events ---------------------------------------------------------------------
     def _create_stream(self) -> Plan[int]:
         reply = yield Call(m.StreamCreate(self._wire_index))
@@ -285,6 +298,17 @@ class DeviceCalls:
     def _stream_destroy(self, handle: int) -> Plan[None]:
         return _one(m.StreamDestroy(self._wire_index, handle))
 
+    def _stream_query(self, handle: int) -> Plan[bool]:
+        reply = yield Call(m.StreamQuery(self._wire_index, handle))
+        return bool(reply.done)
+
+    def _stream_wait_event(self, handle: int, event: Any) -> Plan[None]:
+        if getattr(event, "device", None) is not self:
+            raise InvalidValueError(
+                "a stream can wait only for an event of its own device (create_event() on it)"
+            )
+        return _one(m.StreamWaitEvent(self._wire_index, handle, event.handle))
+
     def _event_record(self, handle: int, stream: Any) -> Plan[None]:
         return _one(m.EventRecord(self._wire_index, handle, stream_handle(stream)))
 
@@ -297,6 +321,10 @@ class DeviceCalls:
 
     def _event_destroy(self, handle: int) -> Plan[None]:
         return _one(m.EventDestroy(self._wire_index, handle))
+
+    def _event_query(self, handle: int) -> Plan[bool]:
+        reply = yield Call(m.EventQuery(self._wire_index, handle))
+        return bool(reply.done)
 
 
 class KernelCalls:

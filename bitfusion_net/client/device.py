@@ -29,6 +29,15 @@ class Stream:
     async def synchronize(self) -> None:
         await self.device._run(self.device._stream_synchronize(self.handle))
 
+    async def query(self) -> bool:
+        """Whether all work queued on this stream so far has completed (a round trip)."""
+        return await self.device._run(self.device._stream_query(self.handle))
+
+    async def wait_event(self, event: Event) -> None:
+        """Make work queued on this stream from now on wait until ``event`` has been reached
+        (no round trip). ``event`` must be of the same device."""
+        await self.device._run(self.device._stream_wait_event(self.handle, event))
+
     async def destroy(self) -> None:
         await self.device._run(self.device._stream_destroy(self.handle))
 
@@ -49,6 +58,10 @@ class Event:
     async def elapsed_ms(self, end: Event) -> float:
         """Device time in milliseconds from this event to ``end``."""
         return await self.device._run(self.device._event_elapsed(self.handle, end.handle))
+
+    async def query(self) -> bool:
+        """Whether the event has been reached (True if it was never recorded, as in CUDA)."""
+        return await self.device._run(self.device._event_query(self.handle))
 
     async def destroy(self) -> None:
         await self.device._run(self.device._event_destroy(self.handle))
@@ -84,6 +97,11 @@ class Module:
     async def get_function(self, name: str, arg_types: str = "") -> Function:
         """Look up kernel ``name``; ``arg_types`` declares its parameters (e.g. ``"PPi"``)."""
         return await self.device._function(self.handle, name, arg_types)
+
+    async def get_global(self, name: str) -> tuple[DevicePtr, int]:
+        """(device address, size in bytes) of the module's global variable ``name``
+        (``__device__`` or ``__constant__``): copy to and from it like an allocation."""
+        return await self.device._run(self.device._module_get_global(self.handle, name))
 
     async def unload(self) -> None:
         await self.device._run(self.device._module_unload(self.handle))
@@ -134,6 +152,12 @@ class RemoteDevice(DeviceCalls):
     ) -> None:
         await self._run(self._memset(ptr, value, 1, nbytes, stream))
 
+    async def memset_d16(
+        self, ptr: int, value: int, count: int, stream: Stream | None = None
+    ) -> None:
+        """Set ``count`` 16-bit items at ``ptr`` (2-byte aligned) to ``value``."""
+        await self._run(self._memset(ptr, value, 2, count, stream))
+
     async def memset_d32(
         self, ptr: int, value: int, count: int, stream: Stream | None = None
     ) -> None:
@@ -146,6 +170,11 @@ class RemoteDevice(DeviceCalls):
     async def stats(self) -> TenantStats:
         """Device time, queue wait, work done and memory of this lease (after earlier calls ran)."""
         return await self._run(self._stats())
+
+    async def attributes(self) -> dict[int, int]:
+        """The device's CUDA attributes, by ``CUdevice_attribute`` number (e.g. 75 and 76, the
+        compute capability). Asked of the server once, then answered here: they never change."""
+        return await self._run(self._device_attributes())
 
     # -- code -----------------------------------------------------------------------------------
     async def builtin(self, name: str) -> Function:

@@ -9,6 +9,7 @@ ERROR frame may answer any request instead.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,18 +38,23 @@ class Opcode(IntEnum):
     MEMSET = 0x16
     SYNCHRONIZE = 0x17
     TENANT_STATS = 0x18
+    DEVICE_ATTRIBUTES = 0x19
     MODULE_LOAD = 0x20
     MODULE_UNLOAD = 0x21
     GET_FUNCTION = 0x22
     LAUNCH = 0x23
+    MODULE_GET_GLOBAL = 0x24
     STREAM_CREATE = 0x30
     STREAM_DESTROY = 0x31
     STREAM_SYNCHRONIZE = 0x32
+    STREAM_QUERY = 0x33
+    STREAM_WAIT_EVENT = 0x34
     EVENT_CREATE = 0x38
     EVENT_DESTROY = 0x39
     EVENT_RECORD = 0x3A
     EVENT_SYNCHRONIZE = 0x3B
     EVENT_ELAPSED = 0x3C
+    EVENT_QUERY = 0x3D
 
 
 _LENGTH = struct.Struct("<I")
@@ -488,7 +494,7 @@ class Memset(Request):
         ("stream", "Q"),
     )
     device: int
-    itemsize: int  # 1 (memset_d8) or 4 (memset_d32)
+    itemsize: int  # 1 (memset_d8), 2 (memset_d16) or 4 (memset_d32); ptr aligned to it
     value: int
     ptr: int
     count: int
@@ -527,6 +533,55 @@ class TenantStatsReply(Reply):
     kernels: int  # kernels launched
     memory_used: int
     memory_high_water: int
+
+
+@dataclass(frozen=True)
+class DeviceAttributes(Request):
+    """The device's CUDA attributes (``cuDeviceGetAttribute``); they never change, so a client
+    asks once."""
+
+    OPCODE = Opcode.DEVICE_ATTRIBUTES
+    FIXED = (("device", "H"),)
+    device: int
+
+
+# One attribute of a DeviceAttributesReply: a CUDA ``CUdevice_attribute`` number and its value
+# (a C int in CUDA, so signed: a few attributes, such as HOST_NUMA_ID, may be -1).
+DEVICE_ATTRIBUTE_RECORD = struct.Struct("<Ii")
+
+
+@dataclass(frozen=True)
+class DeviceAttributesReply(Reply):
+    VARIABLE = (("attributes", "bytes"),)
+    attributes: bytes  # (u32 attribute, i32 value) records; use ``from_dict`` and ``as_dict``
+
+    @classmethod
+    def from_dict(cls, attributes: Mapping[int, int]) -> DeviceAttributesReply:
+        """The reply for ``attributes`` (CUDA attribute number -> value), in ascending order;
+        ``ValueError`` for a number or value that does not fit its field."""
+        try:
+            return cls(
+                b"".join(
+                    DEVICE_ATTRIBUTE_RECORD.pack(key, attributes[key]) for key in sorted(attributes)
+                )
+            )
+        except struct.error as exc:
+            raise ValueError(f"DeviceAttributesReply: {exc}") from None
+
+    def as_dict(self) -> dict[int, int]:
+        """The attributes by CUDA attribute number; ``ProtocolError`` if ``attributes`` is not
+        whole records, or names an attribute twice."""
+        if len(self.attributes) % DEVICE_ATTRIBUTE_RECORD.size:
+            raise ProtocolError(
+                f"device attributes of {len(self.attributes)} bytes are not whole "
+                f"{DEVICE_ATTRIBUTE_RECORD.size}-byte records"
+            )
+        out: dict[int, int] = {}
+        for key, value in DEVICE_ATTRIBUTE_RECORD.iter_unpack(self.attributes):
+            if key in out:
+                raise ProtocolError(f"device attribute {key} is given twice")
+            out[key] = value
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,6 +656,25 @@ class Launch(Request):
     args: bytes = field(default=b"")
 
 
+@dataclass(frozen=True)
+class ModuleGetGlobal(Request):
+    """Where a module's global variable (``__device__`` or ``__constant__``) is: ``cuModuleGetGlobal``."""
+
+    OPCODE = Opcode.MODULE_GET_GLOBAL
+    FIXED = (("device", "H"), ("module", "Q"))
+    VARIABLE = (("name", "str"),)
+    device: int
+    module: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ModuleGetGlobalReply(Reply):
+    FIXED = (("ptr", "Q"), ("nbytes", "Q"))
+    ptr: int  # its device address: copies and kernels may address [ptr, ptr + nbytes)
+    nbytes: int
+
+
 def kernel_args_format(arg_types: str) -> str:
     """The ``struct`` format of LAUNCH arguments: little-endian, unpadded, a pointer is a u64."""
     return "<" + arg_types.replace("P", "Q")  # struct knows 'P' only in native mode
@@ -639,6 +713,36 @@ class StreamSynchronize(Request):
     FIXED = (("device", "H"), ("stream", "Q"))
     device: int
     stream: int
+
+
+@dataclass(frozen=True)
+class StreamQuery(Request):
+    """Whether all work submitted to the stream has completed (``cuStreamQuery``)."""
+
+    OPCODE = Opcode.STREAM_QUERY
+    FIXED = (("device", "H"), ("stream", "Q"))
+    device: int
+    stream: int
+
+
+@dataclass(frozen=True)
+class QueryReply(Reply):
+    """The answer to a STREAM_QUERY or EVENT_QUERY."""
+
+    FIXED = (("done", "B"),)
+    done: int  # 1: completed; 0: work is still in flight
+
+
+@dataclass(frozen=True)
+class StreamWaitEvent(Request):
+    """Work submitted to ``stream`` after this waits until ``event`` has been reached
+    (``cuStreamWaitEvent``)."""
+
+    OPCODE = Opcode.STREAM_WAIT_EVENT
+    FIXED = (("device", "H"), ("stream", "Q"), ("event", "Q"))
+    device: int
+    stream: int
+    event: int
 
 
 @dataclass(frozen=True)
@@ -686,6 +790,16 @@ class EventElapsed(Request):
 class EventElapsedReply(Reply):
     FIXED = (("milliseconds", "d"),)
     milliseconds: float
+
+
+@dataclass(frozen=True)
+class EventQuery(Request):
+    """Whether the event has been reached (``cuEventQuery``; an event never recorded has)."""
+
+    OPCODE = Opcode.EVENT_QUERY
+    FIXED = (("device", "H"), ("event", "Q"))
+    device: int
+    event: int
 
 
 @dataclass(frozen=True)

@@ -70,18 +70,23 @@ RULES: dict[int, OpcodeRule] = {
         _rule(m.Memset, None),
         _rule(m.Synchronize, m.Done, query=True),
         _rule(m.TenantStats, m.TenantStatsReply, query=True),
+        _rule(m.DeviceAttributes, m.DeviceAttributesReply, query=True),
         _rule(m.ModuleLoad, m.ModuleLoadReply),
         _rule(m.ModuleUnload, None),
         _rule(m.GetFunction, m.GetFunctionReply),
         _rule(m.Launch, None),
+        _rule(m.ModuleGetGlobal, m.ModuleGetGlobalReply),
         _rule(m.StreamCreate, m.HandleReply),
         _rule(m.StreamDestroy, None),
         _rule(m.StreamSynchronize, m.Done, query=True),
+        _rule(m.StreamQuery, m.QueryReply, query=True),
+        _rule(m.StreamWaitEvent, None),
         _rule(m.EventCreate, m.HandleReply),
         _rule(m.EventDestroy, None),
         _rule(m.EventRecord, None),
         _rule(m.EventSynchronize, m.Done, query=True),
         _rule(m.EventElapsed, m.EventElapsedReply),
+        _rule(m.EventQuery, m.QueryReply, query=True),
     )
 }
 

@@ -30,6 +30,10 @@ def _handle(result: int) -> tuple[Reply, None]:
     return m.HandleReply(result), None
 
 
+def _query(done: bool) -> tuple[Reply, None]:
+    return m.QueryReply(1 if done else 0), None
+
+
 def _launch(e: Executor, t: Tenant, msg: m.Launch, payload: memoryview | None) -> Work:
     return (
         lambda: t.launch(msg.function, msg.grid, msg.block, msg.shared_mem, msg.stream, msg.args)
@@ -95,6 +99,10 @@ def _stats(e: Executor, t: Tenant, msg: m.TenantStats, payload: memoryview | Non
     return (lambda: e.usage(t)), reply
 
 
+def _attributes(e: Executor, t: Tenant, msg: m.DeviceAttributes, p: memoryview | None) -> Work:
+    return t.device_attributes, lambda r: (m.DeviceAttributesReply.from_dict(r), None)
+
+
 def _module_load(e: Executor, t: Tenant, msg: m.ModuleLoad, payload: memoryview | None) -> Work:
     image = bytes(payload) if payload is not None else b""
     return (lambda: t.module_load(image)), lambda r: (m.ModuleLoadReply(r), None)
@@ -113,6 +121,13 @@ def _get_function(e: Executor, t: Tenant, msg: m.GetFunction, payload: memoryvie
     )
 
 
+def _get_global(e: Executor, t: Tenant, msg: m.ModuleGetGlobal, p: memoryview | None) -> Work:
+    return (lambda: t.module_get_global(msg.module, msg.name)), lambda r: (
+        m.ModuleGetGlobalReply(*r),
+        None,
+    )
+
+
 def _stream_create(e: Executor, t: Tenant, msg: m.StreamCreate, p: memoryview | None) -> Work:
     return t.stream_create, _handle
 
@@ -123,6 +138,14 @@ def _stream_destroy(e: Executor, t: Tenant, msg: m.StreamDestroy, p: memoryview 
 
 def _stream_sync(e: Executor, t: Tenant, msg: m.StreamSynchronize, p: memoryview | None) -> Work:
     return (lambda: t.stream_synchronize(msg.stream)), _done
+
+
+def _stream_query(e: Executor, t: Tenant, msg: m.StreamQuery, p: memoryview | None) -> Work:
+    return (lambda: t.stream_query(msg.stream)), _query
+
+
+def _stream_wait(e: Executor, t: Tenant, msg: m.StreamWaitEvent, p: memoryview | None) -> Work:
+    return (lambda: t.stream_wait_event(msg.stream, msg.event)), None
 
 
 def _event_create(e: Executor, t: Tenant, msg: m.EventCreate, p: memoryview | None) -> Work:
@@ -148,6 +171,10 @@ def _event_elapsed(e: Executor, t: Tenant, msg: m.EventElapsed, p: memoryview | 
     )
 
 
+def _event_query(e: Executor, t: Tenant, msg: m.EventQuery, p: memoryview | None) -> Work:
+    return (lambda: t.event_query(msg.event)), _query
+
+
 DISPATCH: dict[type[Request], Handler] = {
     m.Launch: _launch,
     m.MemAlloc: _mem_alloc,
@@ -159,15 +186,20 @@ DISPATCH: dict[type[Request], Handler] = {
     m.Memset: _memset,
     m.Synchronize: _synchronize,
     m.TenantStats: _stats,
+    m.DeviceAttributes: _attributes,
     m.ModuleLoad: _module_load,
     m.ModuleUnload: _module_unload,
     m.GetFunction: _get_function,
+    m.ModuleGetGlobal: _get_global,
     m.StreamCreate: _stream_create,
     m.StreamDestroy: _stream_destroy,
     m.StreamSynchronize: _stream_sync,
+    m.StreamQuery: _stream_query,
+    m.StreamWaitEvent: _stream_wait,
     m.EventCreate: _event_create,
     m.EventDestroy: _event_destroy,
     m.EventRecord: _event_record,
     m.EventSynchronize: _event_sync,
     m.EventElapsed: _event_elapsed,
+    m.EventQuery: _event_query,
 }

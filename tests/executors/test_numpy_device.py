@@ -471,12 +471,33 @@ def test_memset(device: NumpyExecutor, tenant: NumpyTenant) -> None:
     assert download(device, tenant, ptr, 4)[1] == 1.0
     with pytest.raises(InvalidValue):
         call(device, tenant, lambda: tenant.memset(ptr + 2, 0, 4, 1, 0))
-    with pytest.raises(InvalidValue):
-        call(device, tenant, lambda: tenant.memset(ptr, 0, 2, 1, 0))
+    for itemsize in (0, 3, 8):
+        with pytest.raises(InvalidValue, match="1, 2 or 4"):
+            call(device, tenant, lambda itemsize=itemsize: tenant.memset(ptr, 0, itemsize, 1, 0))
     with pytest.raises(InvalidValue):
         call(device, tenant, lambda: tenant.memset(ptr, 0, 1, -1, 0))
     with pytest.raises(InvalidHandle):
         call(device, tenant, lambda: tenant.memset(ptr + 4, 0, 4, 4, 0))  # 4 bytes too many
+
+
+def test_memset_d16(device: NumpyExecutor, tenant: NumpyTenant) -> None:
+    ptr = call(device, tenant, lambda: tenant.mem_alloc(16))
+    call(device, tenant, lambda: tenant.memset(ptr, 0, 1, 16, 0))
+    post(device, tenant, lambda: tenant.memset(ptr + 2, 0x1_ABCD, 2, 3, 0))  # masked to 0xABCD
+    items = download(device, tenant, ptr, 8, np.uint16).tolist()
+    assert items == [0, 0xABCD, 0xABCD, 0xABCD, 0, 0, 0, 0]
+    # Little-endian items, as on a GPU: the low byte first.
+    assert download(device, tenant, ptr, 4, np.uint8).tolist() == [0, 0, 0xCD, 0xAB]
+    call(device, tenant, lambda: tenant.memset(ptr, 0x1234, 2, 8, 0))  # the whole allocation
+    assert download(device, tenant, ptr, 8, np.uint16).tolist() == [0x1234] * 8
+    call(device, tenant, lambda: tenant.memset(ptr + 16, 7, 2, 0, 0))  # nothing: no memory touched
+    with pytest.raises(InvalidValue, match="2-byte-aligned"):
+        call(device, tenant, lambda: tenant.memset(ptr + 1, 0, 2, 1, 0))
+    with pytest.raises(InvalidHandle):
+        call(device, tenant, lambda: tenant.memset(ptr + 2, 0, 2, 8, 0))  # 2 bytes too many
+    with pytest.raises(InvalidHandle):
+        call(device, tenant, lambda: tenant.memset(ptr, 0, 2, 1, 99))  # not one of its streams
+    assert download(device, tenant, ptr, 8, np.uint16).tolist() == [0x1234] * 8
 
 
 def test_dtod_copies(device: NumpyExecutor, tenant: NumpyTenant) -> None:
@@ -533,6 +554,118 @@ def test_events(device: NumpyExecutor, tenant: NumpyTenant) -> None:
         call(device, tenant, lambda: tenant.event_record(end, 99))
 
 
+def test_stream_and_event_queries(device: NumpyExecutor, tenant: NumpyTenant) -> None:
+    """Work has always finished before a query runs, so every query says done; handles that are
+    not the tenant's are refused as by the other stream and event calls."""
+    stream = call(device, tenant, tenant.stream_create)
+    event = call(device, tenant, tenant.event_create)
+    assert call(device, tenant, lambda: tenant.event_query(event)) is True  # never recorded
+    launch(device, tenant, "busy", 2_000)
+    post(device, tenant, lambda: tenant.event_record(event, stream))
+    assert call(device, tenant, lambda: tenant.stream_query(stream)) is True
+    assert call(device, tenant, lambda: tenant.stream_query(0)) is True
+    assert call(device, tenant, lambda: tenant.event_query(event)) is True
+    # Answered without the worker while the tenant is idle: they only read its tables.
+    assert device.run_if_idle(tenant, lambda: tenant.stream_query(stream)) == (True, True)
+    assert device.run_if_idle(tenant, lambda: tenant.event_query(event)) == (True, True)
+    for bad in (99, event):
+        with pytest.raises(InvalidHandle, match="stream"):
+            call(device, tenant, lambda bad=bad: tenant.stream_query(bad))
+    with pytest.raises(InvalidHandle, match="event"):
+        call(device, tenant, lambda: tenant.event_query(stream))
+    call(device, tenant, lambda: tenant.stream_destroy(stream))
+    call(device, tenant, lambda: tenant.event_destroy(event))
+    with pytest.raises(InvalidHandle):
+        call(device, tenant, lambda: tenant.stream_query(stream))
+    with pytest.raises(InvalidHandle):
+        call(device, tenant, lambda: tenant.event_query(event))
+
+
+def test_stream_wait_event_orders_streams(device: NumpyExecutor, tenant: NumpyTenant) -> None:
+    """Work after the wait sees what was done before the event; bad handles are sticky errors
+    (the call has no reply), reported at the next call that waits."""
+    first, second = (
+        call(device, tenant, tenant.stream_create),
+        call(device, tenant, tenant.stream_create),
+    )
+    event = call(device, tenant, tenant.event_create)
+    ptr = call(device, tenant, lambda: tenant.mem_alloc(64))
+    post(device, tenant, lambda: tenant.memset(ptr, 5, 4, 16, first))
+    post(device, tenant, lambda: tenant.event_record(event, first))
+    post(device, tenant, lambda: tenant.stream_wait_event(second, event))
+    post(device, tenant, lambda: tenant.memcpy_dtod(ptr + 32, ptr, 32, second))
+    assert download(device, tenant, ptr, 16, np.uint32).tolist() == [5] * 16
+    never = call(device, tenant, tenant.event_create)
+    call(device, tenant, lambda: tenant.stream_wait_event(0, never))  # a never-recorded event
+    for stream, event_handle, what in ((99, event, "stream 99"), (first, 99, "event 99")):
+        post(device, tenant, lambda s=stream, e=event_handle: tenant.stream_wait_event(s, e), tag=7)
+        with pytest.raises(DeferredError, match=what) as caught:
+            call(device, tenant, tenant.synchronize)
+        assert isinstance(caught.value.failure.error, InvalidHandle)
+        assert caught.value.failure.tag == 7
+
+
+def test_device_attributes_describe_the_device_it_is(device: NumpyExecutor) -> None:
+    """A plausible CUDA device (compute capability 8.0) whose limits are the ones the NumPy
+    device enforces, by CUDA's own attribute numbers (cuda.h)."""
+    tenant = device.open_tenant(MiB, 1.0)
+    attributes = call(device, tenant, tenant.device_attributes)
+    props = device.properties
+    assert attributes[1] == props.max_threads_per_block == 1024  # MAX_THREADS_PER_BLOCK
+    assert (attributes[2], attributes[3], attributes[4]) == props.max_block  # MAX_BLOCK_DIM_X/Y/Z
+    assert (attributes[5], attributes[6], attributes[7]) == props.max_grid  # MAX_GRID_DIM_X/Y/Z
+    assert attributes[8] == props.max_shared_memory_per_block  # MAX_SHARED_MEMORY_PER_BLOCK
+    assert attributes[97] == attributes[8]  # ..._OPTIN: a launch may not ask for more
+    assert (attributes[75], attributes[76]) == (8, 0)  # COMPUTE_CAPABILITY_MAJOR/MINOR
+    assert attributes[10] == 32  # WARP_SIZE
+    assert attributes[9] == 65536 and attributes[12] == 65536  # constant memory, registers
+    assert attributes[13] > 0 and attributes[16] > 0  # CLOCK_RATE, MULTIPROCESSOR_COUNT
+    assert attributes[39] >= attributes[1]  # MAX_THREADS_PER_MULTIPROCESSOR
+    assert attributes[31] == 0  # CONCURRENT_KERNELS: one operation at a time
+    assert attributes[41] == 1  # UNIFIED_ADDRESSING: its addresses are never host addresses
+    assert attributes[19] == 0  # CAN_MAP_HOST_MEMORY
+    assert (attributes[33], attributes[34]) == (device.index, 0)  # PCI bus and device ids
+    assert all(0 < key < 2**32 and -(2**31) <= value < 2**31 for key, value in attributes.items())
+    # A launch at every limit at once is one the device accepts (and one past any is not).
+    builtin = call(device, tenant, lambda: tenant.get_function(0, "fill", None))
+    ptr = call(device, tenant, lambda: tenant.mem_alloc(4))
+    args = struct.pack(arg_struct_format(builtin.arg_types), 1, 1.0, ptr)
+    block = (attributes[2], 1, 1)
+    call(
+        device,
+        tenant,
+        lambda: tenant.launch(builtin.handle, (1, 1, 1), block, attributes[8], 0, args),
+    )
+    with pytest.raises(InvalidValue):
+        call(
+            device,
+            tenant,
+            lambda: tenant.launch(builtin.handle, (1, 1, 1), block, attributes[8] + 1, 0, args),
+        )
+    # Answered from a table, without the worker; each caller gets its own copy.
+    ran, again = device.run_if_idle(tenant, tenant.device_attributes)
+    assert ran and again == attributes
+    again.clear()
+    assert call(device, tenant, tenant.device_attributes) == attributes
+    other = NumpyExecutor(index=3, memory=MiB)
+    try:
+        neighbour = other.open_tenant(MiB, 1.0)
+        theirs = call(other, neighbour, neighbour.device_attributes)
+        assert theirs[33] == 3 and {**theirs, 33: device.index} == attributes
+    finally:
+        other.close()
+
+
+def test_module_get_global(tenant: NumpyTenant) -> None:
+    """The built-in library has no globals (INVALID_VALUE, naming the global); any other module
+    is not loaded (INVALID_HANDLE)."""
+    with pytest.raises(InvalidValue, match="'counter'") as caught:
+        tenant.module_get_global(0, "counter")
+    assert "module 0" in str(caught.value)
+    with pytest.raises(InvalidHandle, match="module 7 is not loaded"):
+        tenant.module_get_global(7, "counter")
+
+
 # -- construction -------------------------------------------------------------------------------
 
 
@@ -557,6 +690,28 @@ def test_tenant_arguments_are_validated(device: NumpyExecutor) -> None:
         device.open_tenant(-1, 1.0)
     with pytest.raises(InvalidValue):
         device.open_tenant(MiB, 0.0)
+
+
+def test_device_addresses_lie_above_every_host_address() -> None:
+    """Above 2**56 (no x86-64 or arm64 user address, even with 5-level paging, reaches it), below
+    2**63 (a signed 64-bit reader sees the same number), each device in its own 1 TiB."""
+    devices = [NumpyExecutor(index, MiB) for index in (0, 1, 5)]
+    try:
+        starts = []
+        for device in devices:
+            tenant = device.open_tenant(MiB, 1.0)
+            ptr = call(device, tenant, lambda tenant=tenant: tenant.mem_alloc(MiB))
+            assert 2**56 < ptr and ptr + MiB < 2**63
+            starts.append(ptr)
+        assert starts == [2**57, 2**57 + 2**40, 2**57 + 5 * 2**40]
+    finally:
+        for device in devices:
+            device.close()
+    last = (2**63 - 2**57) // 2**40 - 1  # the last device whose whole span is below 2**63
+    assert 2**57 + (last + 1) * 2**40 <= 2**63
+    NumpyExecutor(last, MiB).close()
+    with pytest.raises(ValueError, match="device index"):
+        NumpyExecutor(last + 1, MiB)
 
 
 def test_address_space_roves_then_wraps_around() -> None:

@@ -8,8 +8,9 @@
   GPU, so a refused launch never costs a tenant its context.
 - Memory: the context's own cost is charged, limits hold exactly, tenants cannot reach each
   other's pointers, and closing a tenant gives its promise back.
-- User modules (PTX, cubin, fatbin, compiled here with nvcc), fault isolation between tenants'
-  contexts, streams and events, the server end to end, and weighted fair sharing of the GPU.
+- User modules (PTX, cubin, fatbin, compiled here with nvcc) and their globals, fault isolation
+  between tenants' contexts, streams and events (queries and waits too), device attributes,
+  16-bit memsets, the server end to end, and weighted fair sharing of the GPU.
 
 Every test skips, naming what is missing, where no usable GPU and PyCUDA are present. Device work
 goes through ``Executor.submit`` as the server drives it (``call`` waits for a reply, ``post`` does
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -118,6 +120,22 @@ extern "C" __global__ void write_to(int* p, int value) {
     *p = value;
 }
 """
+# A module with globals (MODULE_GET_GLOBAL): a __constant__ table the kernel reads and a
+# __device__ array it counts in. Variables at namespace scope keep their names unmangled.
+GLOBAL_KERNELS = r"""
+__constant__ float coefficients[8];
+__device__ int counter[4];
+
+// scaled: y[i] = coefficients[i % 8] * x[i], one multiplication, exact as NumPy's float32 one;
+// counter[0] counts the elements done.
+extern "C" __global__ void scaled(int n, const float* x, float* y) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        y[i] = coefficients[i % 8] * x[i];
+        atomicAdd(&counter[0], 1);
+    }
+}
+"""
+SCALED_ARG_TYPES = "iPP"
 AFFINE_ARG_TYPES = "idPPq"
 SMALL_ARGS_ARG_TYPES = "bhBfP"
 WRITE_TO_ARG_TYPES = "Pi"
@@ -367,6 +385,23 @@ def user_images(gpu: PycudaExecutor, tmp_path_factory: pytest.TempPathFactory) -
             "ptx": compile_cuda(source, "ptx", PORTABLE_PTX_ARCH, use_cache=False),
             "cubin": compile_cuda(source, "cubin", arch, use_cache=False),
             "fatbin": compile_fatbin(source, arch),
+        }
+    except NvccError as exc:
+        pytest.fail(f"nvcc is required for the GPU tests (it builds the built-ins too): {exc}")
+
+
+@pytest.fixture(scope="module")
+def global_images(
+    gpu: PycudaExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, bytes]:
+    """GLOBAL_KERNELS as portable PTX and as a cubin for this GPU."""
+    source = tmp_path_factory.mktemp("global-kernels") / "global_kernels.cu"
+    source.write_text(GLOBAL_KERNELS)
+    major, minor = gpu.compute_capability
+    try:
+        return {
+            "ptx": compile_cuda(source, "ptx", PORTABLE_PTX_ARCH, use_cache=False),
+            "cubin": compile_cuda(source, "cubin", f"sm_{major}{minor}", use_cache=False),
         }
     except NvccError as exc:
         pytest.fail(f"nvcc is required for the GPU tests (it builds the built-ins too): {exc}")
@@ -1051,6 +1086,55 @@ def test_ptx_declarations_are_checked_against_the_ptx(
         )  # 40 is CUDA's padded size, not the wire's 36
 
 
+@pytest.mark.parametrize("kind", ["ptx", "cubin"])
+def test_module_globals_are_addressable_until_the_module_goes(
+    gpu: PycudaExecutor,
+    tenants: Tenants,
+    global_images: dict[str, bytes],
+    rng: np.random.Generator,
+    kind: str,
+) -> None:
+    side, neighbour = tenants.open(), tenants.open()
+    t = side.tenant
+    module = side.call(lambda: t.module_load(global_images[kind]))
+    table, table_size = side.call(lambda: t.module_get_global(module, "coefficients"))
+    assert table != 0 and table_size == 8 * 4
+    assert side.call(lambda: t.module_get_global(module, "coefficients")) == (table, table_size)
+    counter, counter_size = side.call(lambda: t.module_get_global(module, "counter"))
+    assert counter_size == 4 * 4 and counter != table
+    # Copies and memsets reach a global like an allocation: exactly its bytes.
+    coefficients = np.arange(1, 9, dtype=F32)
+    side.call(lambda: t.memcpy_htod(table, memoryview(coefficients.tobytes()), 0))
+    side.call(lambda: t.memset(counter, 0, 4, 4, 0))
+    np.testing.assert_array_equal(side.download(table, 8), coefficients)
+    n = 1000
+    x = random_f32(rng, n)
+    x_ptr, y_ptr = side.upload(x), side.alloc(x.nbytes)
+    scaled = side.call(lambda: t.get_function(module, "scaled", SCALED_ARG_TYPES))
+    side.launch_function(scaled, n, x_ptr, y_ptr, grid=(4, 1, 1), block=(128, 1, 1))
+    np.testing.assert_array_equal(side.download(y_ptr, n), coefficients[np.arange(n) % 8] * x)
+    assert side.download(counter, 4, np.int32).tolist() == [n, 0, 0, 0]
+    with pytest.raises(InvalidHandle):  # one int past the end of the global
+        side.call(lambda: t.memset(counter, 0, 4, 5, 0))
+    with pytest.raises(InvalidHandle):  # a global is not an allocation: it cannot be freed
+        side.call(lambda: t.mem_free(counter))
+    with pytest.raises(InvalidHandle):  # another tenant's context knows nothing of it
+        neighbour.call(lambda: neighbour.tenant.memset(counter, 0, 4, 1, 0))
+    with pytest.raises(InvalidValue, match="no_such_global"):
+        side.call(lambda: t.module_get_global(module, "no_such_global"))
+    with pytest.raises(InvalidValue, match="module 0"):  # the built-ins have no globals
+        side.call(lambda: t.module_get_global(0, "counter"))
+    with pytest.raises(InvalidHandle):
+        side.call(lambda: t.module_get_global(module + 1000, "counter"))
+    side.call(lambda: t.module_unload(module))
+    with pytest.raises(InvalidHandle):  # its globals went with it
+        side.call(lambda: t.memset(counter, 0, 4, 1, 0))
+    with pytest.raises(InvalidHandle):
+        side.call(lambda: t.module_get_global(module, "counter"))
+    side.launch("fill", n, 1.0, y_ptr)  # the tenant carries on
+    np.testing.assert_array_equal(side.download(y_ptr, n), np.ones(n, F32))
+
+
 def test_bad_images_are_refused(gpu: PycudaExecutor, tenants: Tenants) -> None:
     side = tenants.open()
     t = side.tenant
@@ -1214,6 +1298,80 @@ def test_events(gpu: PycudaExecutor, tenants: Tenants) -> None:
     side.call(lambda: t.event_destroy(end))
 
 
+def test_stream_and_event_queries_and_waits(gpu: PycudaExecutor, tenants: Tenants) -> None:
+    side = tenants.open()
+    t = side.tenant
+    first, second = side.call(t.stream_create), side.call(t.stream_create)
+    event = side.call(t.event_create)
+    assert side.call(lambda: t.event_query(event)) is True  # never recorded: reached, as in CUDA
+    side.call(lambda: t.stream_wait_event(second, event))  # waiting on it is a no-op
+    ptr = side.alloc(1024 * 4)
+    side.launch("busy", 2_000, block=(1, 1, 1), stream=first)
+    side.post(lambda: t.event_record(event, first))
+    side.post(lambda: t.stream_wait_event(second, event))
+    side.launch("fill", 1024, 4.0, ptr, stream=second)
+    assert side.call(lambda: t.stream_query(second)) is True
+    assert side.call(lambda: t.stream_query(0)) is True
+    assert side.call(lambda: t.event_query(event)) is True
+    np.testing.assert_array_equal(side.download(ptr, 1024), np.full(1024, 4.0, F32))
+    # Queries read the tenant's tables only: answered on the caller's thread, where no CUDA
+    # context is current, while nothing of the tenant runs.
+    assert gpu.run_if_idle(t, lambda: t.stream_query(first)) == (True, True)
+    assert gpu.run_if_idle(t, lambda: t.event_query(event)) == (True, True)
+    with pytest.raises(InvalidHandle):
+        side.call(lambda: t.stream_query(99))
+    with pytest.raises(InvalidHandle):
+        side.call(lambda: t.event_query(99))
+    for stream, waited in ((99, event), (first, 99)):
+        side.post(lambda s=stream, e=waited: t.stream_wait_event(s, e), tag=5)
+        with pytest.raises(DeferredError) as caught:
+            side.call(t.synchronize)
+        assert isinstance(caught.value.failure.error, InvalidHandle)
+        assert caught.value.failure.tag == 5
+    side.call(lambda: t.event_destroy(event))
+    with pytest.raises(InvalidHandle):
+        side.call(lambda: t.event_query(event))
+
+
+def test_memset_d16(gpu: PycudaExecutor, tenants: Tenants) -> None:
+    side = tenants.open()
+    t = side.tenant
+    stream = side.call(t.stream_create)
+    ptr = side.alloc(64)
+    side.memset32(ptr, 0, 16)
+    side.call(lambda: t.memset(ptr + 2, 0x1_BEEF, 2, 30, stream))  # masked to 16 bits
+    assert side.download(ptr, 32, np.uint16).tolist() == [0] + [0xBEEF] * 30 + [0]
+    assert side.download(ptr, 4, np.uint8).tolist() == [0, 0, 0xEF, 0xBE]  # little-endian
+    with pytest.raises(InvalidValue, match="2-byte-aligned"):
+        side.call(lambda: t.memset(ptr + 1, 0, 2, 1, 0))
+    with pytest.raises(InvalidHandle):  # refused before the GPU sees it
+        side.call(lambda: t.memset(ptr + 2, 0, 2, 32, 0))
+    with pytest.raises(InvalidValue, match="1, 2 or 4"):
+        side.call(lambda: t.memset(ptr, 0, 3, 1, 0))
+    assert side.download(ptr, 32, np.uint16).tolist() == [0] + [0xBEEF] * 30 + [0]
+
+
+def test_device_attributes_are_the_gpus(gpu: PycudaExecutor, tenants: Tenants) -> None:
+    side = tenants.open()
+    t = side.tenant
+    attributes = side.call(t.device_attributes)
+    with warnings.catch_warnings():  # PyCUDA warns for attributes the driver refuses
+        warnings.simplefilter("ignore")
+        expected = {int(k): int(v) for k, v in gpu.cuda_device.get_attributes().items()}
+    assert attributes == expected
+    assert (attributes[75], attributes[76]) == gpu.compute_capability
+    props = gpu.properties
+    assert attributes[1] == props.max_threads_per_block
+    assert (attributes[2], attributes[3], attributes[4]) == props.max_block
+    assert (attributes[5], attributes[6], attributes[7]) == props.max_grid
+    assert attributes[8] == props.max_shared_memory_per_block
+    assert attributes[10] == 32
+    assert all(0 <= key < 2**32 and -(2**31) <= value < 2**31 for key, value in attributes.items())
+    # Read once when the executor started: answered without the worker or a CUDA call.
+    ran, again = gpu.run_if_idle(t, t.device_attributes)
+    assert ran and again == attributes
+
+
 # -- the server on the GPU, through the public API --------------------------------------------------
 async def upload_remote(device: bf.RemoteDevice, array: np.ndarray) -> bf.DevicePtr:
     ptr = await device.mem_alloc(array.nbytes)
@@ -1324,6 +1482,50 @@ def test_a_client_loads_and_runs_ptx_through_the_server(
 
     out = run(main(), SERVER_TEST_S)
     np.testing.assert_array_equal(out, (0.5 * x.astype(np.float64) + 3).astype(F32))
+
+
+def test_a_client_uses_globals_attributes_queries_and_memset_d16_through_the_server(
+    gpu: PycudaExecutor, global_images: dict[str, bytes], rng: np.random.Generator
+) -> None:
+    n = 4096
+    x = random_f32(rng, n)
+    coefficients = np.linspace(0.5, 4.0, 8, dtype=F32)
+
+    async def main() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
+        async with (
+            serve(executor="pycuda", gpus=1, gpu_memory="8GiB") as server,
+            bf.connect(server.address, fraction=0.25) as session,
+        ):
+            device = session.devices[0]
+            attributes = await device.attributes()
+            module = await device.module_load(global_images["ptx"])
+            table, size = await module.get_global("coefficients")
+            assert size == coefficients.nbytes
+            counter, _ = await module.get_global("counter")
+            await device.memcpy_htod(table, coefficients)
+            await device.memset_d32(counter, 0, 4)
+            scaled = await module.get_function("scaled", SCALED_ARG_TYPES)
+            x_ptr, y_ptr = await upload_remote(device, x), await device.mem_alloc(x.nbytes)
+            first, second = await device.create_stream(), await device.create_stream()
+            done = await device.create_event()
+            await scaled.launch(16, 128, [n, x_ptr, y_ptr], stream=first)
+            await done.record(first)
+            await second.wait_event(done)
+            half = await device.mem_alloc(8 * 2)
+            await device.memset_d16(half, 0xABCD, 8, stream=second)
+            assert await second.query() and await first.query() and await done.query()
+            y = await download_remote(device, y_ptr, n)
+            counted = await download_remote(device, counter, 4, np.int32)
+            halves = await download_remote(device, half, 8, np.uint16)
+            await module.unload()
+            await device.synchronize()
+            return y, counted, halves, attributes
+
+    y, counted, halves, attributes = run(main(), SERVER_TEST_S)
+    np.testing.assert_array_equal(y, coefficients[np.arange(n) % 8] * x)
+    assert counted.tolist() == [n, 0, 0, 0]
+    assert halves.tolist() == [0xABCD] * 8
+    assert (attributes[75], attributes[76]) == gpu.compute_capability
 
 
 def test_the_cli_server_picks_pycuda_when_a_gpu_is_present() -> None:

@@ -43,6 +43,10 @@ async def _memset_d8(b: bf.RemoteDevice, victim: bf.DevicePtr, own: bf.DevicePtr
     await b.memset_d8(victim, 0xFF, N)
 
 
+async def _memset_d16(b: bf.RemoteDevice, victim: bf.DevicePtr, own: bf.DevicePtr) -> None:
+    await b.memset_d16(victim, 0xFFFF, N // 2)
+
+
 async def _memset_d32(b: bf.RemoteDevice, victim: bf.DevicePtr, own: bf.DevicePtr) -> None:
     await b.memset_d32(victim, 0xFFFF_FFFF, N // 4)
 
@@ -55,8 +59,8 @@ async def _dtod_from_victim(b: bf.RemoteDevice, victim: bf.DevicePtr, own: bf.De
     await b.memcpy_dtod(own, victim, N)
 
 
-NO_REPLY_ATTACKS = [_free, _htod, _htod_interior, _htod_large, _memset_d8, _memset_d32,
-                    _dtod_into_victim, _dtod_from_victim]  # fmt: skip
+NO_REPLY_ATTACKS = [_free, _htod, _htod_interior, _htod_large, _memset_d8, _memset_d16,
+                    _memset_d32, _dtod_into_victim, _dtod_from_victim]  # fmt: skip
 
 
 async def _check_victim(a: bf.RemoteDevice, victim: bf.DevicePtr) -> None:

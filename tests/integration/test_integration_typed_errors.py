@@ -63,11 +63,13 @@ def calls(device: bf.SyncRemoteDevice, fill: bf.SyncFunction) -> dict[str, Calla
         "memcpy_dtoh": lambda a, b, c, d: device.memcpy_dtoh(b, a),
         "memcpy_dtod": lambda a, b, c, d: device.memcpy_dtod(a, b, c),
         "memset_d8": lambda a, b, c, d: device.memset_d8(a, b, c),
+        "memset_d16": lambda a, b, c, d: device.memset_d16(a, b, c),
         "memset_d32": lambda a, b, c, d: device.memset_d32(a, b, c),
         "launch": lambda a, b, c, d: fill.launch(a, b, c, shared_mem=d),
         "launch_args": lambda a, b, c, d: fill.launch(1, 1, [a, b, c]),
         "builtin": lambda a, b, c, d: device.builtin(a),
         "module_load": lambda a, b, c, d: device.module_load(a),
+        "get_global": lambda a, b, c, d: bf.SyncModule(device, 0).get_global(a),
     }
 
 
@@ -79,7 +81,8 @@ def calls(device: bf.SyncRemoteDevice, fill: bf.SyncFunction) -> dict[str, Calla
 @given(
     name=st.sampled_from(
         ["mem_alloc", "mem_free", "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "memset_d8",
-         "memset_d32", "launch", "launch_args", "builtin", "module_load"]
+         "memset_d16", "memset_d32", "launch", "launch_args", "builtin", "module_load",
+         "get_global"]
     ),  # fmt: skip
     args=st.tuples(anything, anything, anything, anything),
 )

@@ -597,3 +597,92 @@ def test_the_header_struct_is_24_bytes_little_endian() -> None:
     assert HEADER.format == "<4sBBHIIQ"
     assert HEADER.size == HEADER_SIZE == 24
     assert SMALL_LIMITS.max_payload < 2**64  # the test limits are representable on the wire
+
+
+# -- the CUDA calls of section 6: attributes, globals, queries, waits ---------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    attributes=st.dictionaries(st.integers(0, U32), st.integers(-(2**31), 2**31 - 1), max_size=40)
+)
+def test_device_attributes_are_u32_i32_records_in_ascending_order(
+    attributes: dict[int, int],
+) -> None:
+    """PROTOCOL.md 6.1: DEVICE_ATTRIBUTES' reply is one bytes field of (u32 attribute, i32 value)
+    records, ascending by attribute, each attribute once."""
+    reply = m.DeviceAttributesReply.from_dict(attributes)
+    assert reply.attributes == b"".join(
+        struct.pack("<Ii", key, attributes[key]) for key in sorted(attributes)
+    )
+    assert reply.encode() == struct.pack("<I", len(reply.attributes)) + reply.attributes
+    decoded = m.DeviceAttributesReply.decode(reply.encode())
+    assert isinstance(decoded, m.DeviceAttributesReply)
+    assert decoded.as_dict() == attributes
+    assert m.DeviceAttributes(3).encode() == struct.pack("<H", 3)
+
+
+@pytest.mark.parametrize(
+    "records",
+    [b"\x01\x00\x00\x00", struct.pack("<Ii", 1, 2) + b"\x00", struct.pack("<IiIi", 7, 1, 7, 2)],
+    ids=["half-a-record", "a-stray-byte", "an-attribute-twice"],
+)
+def test_malformed_device_attributes_are_protocol_errors(records: bytes) -> None:
+    """The codec carries any bytes; reading them as attributes refuses what the spec forbids."""
+    reply = m.DeviceAttributesReply.decode(m.DeviceAttributesReply(records).encode())
+    assert isinstance(reply, m.DeviceAttributesReply)
+    with pytest.raises(ProtocolError, match="attribute"):
+        reply.as_dict()
+
+
+@pytest.mark.parametrize("attributes", [{-1: 0}, {2**32: 0}, {1: 2**31}, {1: -(2**31) - 1}])
+def test_device_attributes_that_do_not_fit_are_refused_when_encoding(
+    attributes: dict[int, int],
+) -> None:
+    with pytest.raises(ValueError, match="DeviceAttributesReply"):
+        m.DeviceAttributesReply.from_dict(attributes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    device=fixed_values("H"),
+    handles=st.tuples(fixed_values("Q"), fixed_values("Q")),
+    name=texts,
+    done=st.integers(0, 1),
+)
+def test_the_layouts_of_queries_waits_and_globals(
+    device: int, handles: tuple[int, int], name: str, done: int
+) -> None:
+    """PROTOCOL.md 6.2 and 6.3, field by field."""
+    first, second = handles
+    raw = name.encode()
+    assert m.StreamQuery(device, first).encode() == struct.pack("<HQ", device, first)
+    assert m.EventQuery(device, first).encode() == struct.pack("<HQ", device, first)
+    assert m.StreamWaitEvent(device, first, second).encode() == struct.pack(
+        "<HQQ", device, first, second
+    )
+    assert (
+        m.ModuleGetGlobal(device, first, name).encode()
+        == struct.pack("<HQI", device, first, len(raw)) + raw
+    )
+    assert m.ModuleGetGlobalReply(first, second).encode() == struct.pack("<QQ", first, second)
+    assert m.QueryReply(done).encode() == bytes([done])
+
+
+def test_the_new_cuda_calls_have_their_documented_opcodes_and_rules() -> None:
+    """PROTOCOL.md section 6: the values, which have a reply, and which the server may answer
+    on its event loop while the lease is idle (they only read the lease's state)."""
+    expected = {
+        Opcode.DEVICE_ATTRIBUTES: (0x19, m.DeviceAttributesReply, True),
+        Opcode.MODULE_GET_GLOBAL: (0x24, m.ModuleGetGlobalReply, False),
+        Opcode.STREAM_QUERY: (0x33, m.QueryReply, True),
+        Opcode.STREAM_WAIT_EVENT: (0x34, None, False),
+        Opcode.EVENT_QUERY: (0x3D, m.QueryReply, True),
+    }
+    for opcode, (value, reply, query) in expected.items():
+        rule = RULES[opcode]
+        assert int(opcode) == value
+        assert rule.reply is reply and rule.query is query and rule.phase is Phase.DEVICE
+        assert not rule.request.HAS_PAYLOAD
+    assert RULES[Opcode.MEMSET].no_reply  # memset_d16 is MEMSET with itemsize 2, no new opcode
+    assert m.Memset(0, 2, 0xFFFF, 2, 1).encode()[2] == 2

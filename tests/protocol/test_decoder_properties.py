@@ -420,7 +420,7 @@ def test_direction_mismatch_messages() -> None:
         decoder_for(True).receive_data(request.encoded)
 
 
-@pytest.mark.parametrize("opcode", [Opcode.ERROR, 0x00, 0x03, 0x19, 0x24, 0x33, 0x3D, 0xFF])
+@pytest.mark.parametrize("opcode", [Opcode.ERROR, 0x00, 0x03, 0x1A, 0x25, 0x35, 0x3E, 0xFF])
 def test_unknown_request_opcodes_are_fatal(opcode: int) -> None:
     """ERROR is a reply-only opcode: a client never sends it."""
     decoder = decoder_for(False)

@@ -34,7 +34,7 @@ from bitfusion_net.protocol import messages as m
 from bitfusion_net.protocol.frames import HEADER
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
-TYPE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64", "d": "f64", "3I": "u32[3]"}
+TYPE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64", "i": "i32", "d": "f64", "3I": "u32[3]"}
 GiB = 2**30
 
 # The worked example of section 13, built with the real encoder.
@@ -55,8 +55,8 @@ EXAMPLES = {
         ),
     ),
     "mem-alloc-request": encode_request(m.MemAlloc(0, 4096), 2),
-    "mem-alloc-reply": encode_reply(Opcode.MEM_ALLOC, 2, m.MemAllocReply(0x7F00_0000_1000)),
-    "mem-free-request": encode_request(m.MemFree(0, 0x7F00_0000_2000), 3),
+    "mem-alloc-reply": encode_reply(Opcode.MEM_ALLOC, 2, m.MemAllocReply(0x0200_0000_0000_1000)),
+    "mem-free-request": encode_request(m.MemFree(0, 0x0200_0000_0000_2000), 3),
     "synchronize-request": encode_request(m.Synchronize(0), 4),
     "deferred-error-reply": encode_reply(
         Opcode.ERROR,
@@ -154,6 +154,13 @@ def _layouts() -> dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, 
     out["DeviceGrant"] = (
         tuple(zip(names, codes, strict=False)),
         tuple((name, "str") for name in names[len(codes) :]),
+    )
+    # The records of a DeviceAttributesReply (section 6.1).
+    out["DeviceAttribute"] = (
+        tuple(
+            zip(("attribute", "value"), m.DEVICE_ATTRIBUTE_RECORD.format.lstrip("<"), strict=True)
+        ),
+        (),
     )
     return out
 

@@ -110,6 +110,14 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "info": server_infos,
     "token": tokens,
     "user": users,
+    # DEVICE_ATTRIBUTES' (u32 attribute, i32 value) records; to the codec any bytes (the client
+    # refuses what is not whole records, PROTOCOL.md 6.1).
+    "attributes": st.one_of(
+        st.dictionaries(st.integers(0, U32), st.integers(-(2**31), 2**31 - 1), max_size=12).map(
+            lambda attributes: m.DeviceAttributesReply.from_dict(attributes).attributes
+        ),
+        st.binary(max_size=17),
+    ),
     # RESERVE's u16 GPU numbers; to the codec any bytes (an odd length is the server's to refuse).
     "only_gpus": st.one_of(
         st.lists(fixed_values("H"), max_size=8).map(m.Reserve.gpu_list), st.binary(max_size=17)
