@@ -16,7 +16,12 @@ setup(
         include=["bitfusion_net", "bitfusion_net.*", "executors", "executors.*"]
     ),
     # The CUDA C twins of the built-in kernels, compiled by nvcc on the GPU host at first use.
-    package_data={"executors": ["cuda/*.cu"], "bitfusion_net.manage": ["static/*"]},
+    package_data={
+        "executors": ["cuda/*.cu"],
+        "bitfusion_net.manage": ["static/*"],
+        # ``pycuda`` as bitfusion-net run shows it to programs (not a package of its own)
+        "bitfusion_net.pycuda_compat": ["shim/pycuda/*.py"],
+    },
     # PyYAML reads Bitfusion's servers.conf (YAML) unchanged; h11 and prometheus-client serve
     # the management endpoint (docs/OBSERVABILITY.md).
     install_requires=[

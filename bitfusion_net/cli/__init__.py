@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the server's maximum, 24h unless its operator set another)")  # fmt: skip
     run.add_argument("--reservation", "-f", metavar="FILE",
                      help="run on GPUs already reserved with request_gpus (not released after)")  # fmt: skip
+    run.add_argument("--pycuda", action=argparse.BooleanOptionalAction, default=True,
+                     help="let Python programs written for PyCUDA run unchanged: 'import pycuda' "
+                     "finds bitfusion-net's PyCUDA-compatible layer first (PYTHONPATH); "
+                     "--no-pycuda leaves PYTHONPATH alone (default: on)")  # fmt: skip
     run.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
     request = commands.add_parser(
@@ -354,7 +358,7 @@ def _run(args: argparse.Namespace) -> int:
         logline.info(
             f"Running client command '{child.describe(command)}' on {lease.gpus} GPUs of reservation '{args.reservation}'"
         )
-        return _start(command, {LEASE_ENV: str(Path(args.reservation).resolve())})
+        return _start(command, {LEASE_ENV: str(Path(args.reservation).resolve())}, args.pycuda)
     held = _reserve(args, hold=True, default_idle=0.0)
     path = _new_lease_path()
     try:
@@ -367,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
         for part in held.lease.servers:
             host, _, port = part.address.removeprefix("tcp://").rpartition(":")
             logline.info(f"{host} {port} {part.server_id} {part.server_version}")
-        return _start(command, {LEASE_ENV: path})
+        return _start(command, {LEASE_ENV: path}, args.pycuda)
     finally:
         logline.info(f"Releasing GPUs from config file '{path}'...")
         held.close()  # the reservations end with their connections (and their last program)
@@ -378,9 +382,13 @@ def _run(args: argparse.Namespace) -> int:
         )
 
 
-def _start(command: list[str], extra_env: dict[str, str]) -> int:
+def _start(command: list[str], extra_env: dict[str, str], pycuda: bool) -> int:
     from . import child
 
+    if pycuda:
+        from ..pycuda_compat import python_path
+
+        extra_env["PYTHONPATH"] = python_path(os.environ.get("PYTHONPATH", ""))
     try:
         return child.run_command(command, child.environment_with(extra_env))
     except OSError as exc:
