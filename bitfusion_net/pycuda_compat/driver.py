@@ -50,7 +50,9 @@ PAGE = 4096
 
 
 class device_attribute(IntEnum):  # noqa: N801 - PyCUDA's name
-    """``CUdevice_attribute``: the numbers are CUDA's (cuda.h), the names PyCUDA's."""
+    """``CUdevice_attribute``: the numbers are CUDA's (cuda.h), the names PyCUDA's. The server's
+    executors number them the same (``executors.device_attributes``, which this layer may not
+    import); tests/pycuda_compat/test_device_attributes.py holds both to cuda.h."""
 
     MAX_THREADS_PER_BLOCK = 1
     MAX_BLOCK_DIM_X = 2
@@ -94,6 +96,7 @@ class device_attribute(IntEnum):  # noqa: N801 - PyCUDA's name
     MANAGED_MEMORY = 83
     MULTI_GPU_BOARD = 84
     MULTI_GPU_BOARD_GROUP_ID = 85
+    SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO = 87
     CONCURRENT_MANAGED_ACCESS = 89
     COMPUTE_PREEMPTION_SUPPORTED = 90
     COOPERATIVE_LAUNCH = 95
