@@ -102,7 +102,12 @@ class ManagementEndpoint:
         self.address = ""
 
     async def start(self) -> None:
-        host, port = await self._http.start(self._host, self._port)
+        try:
+            host, port = await self._http.start(self._host, self._port)
+        except OSError as exc:
+            where = f"{self._scheme}://{self._host}:{self._port}"
+            reason = exc.strerror or str(exc)
+            raise OSError(f"cannot serve the management endpoint on {where}: {reason}") from None
         shown = f"[{host}]" if ":" in host else host
         self.address = f"{self._scheme}://{shown}:{port}"
         self._api = Api(self._server, self.history, self.address, self._pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -226,3 +227,17 @@ def test_management_options_without_an_endpoint_are_a_usage_error(flag: list[str
         timeout=30,
     )
     assert done.returncode == 2 and "need --manage" in done.stderr
+
+
+def test_a_management_port_in_use_is_named_and_the_server_does_not_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy",
+             "--manage", f"http://127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 1 and "listening on" not in done.stdout
+    assert f"cannot serve the management endpoint on http://127.0.0.1:{port}" in done.stderr
