@@ -44,6 +44,8 @@ from bitfusion_net.transport import (
     loop_factory,
     memory_stream_pair,
 )
+from bitfusion_net.transport.rdma import rdma_stream_pair
+from bitfusion_net.transport.verbs import Fabric, SimulatedProvider
 
 KiB = 2**10
 MiB = 2**20
@@ -323,16 +325,40 @@ async def memory_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncItera
     check_contract(made)
 
 
+@asynccontextmanager
+async def rdma_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator[list[Pair]]:
+    """``count`` RDMA pairs on one simulated fabric (two devices, as two hosts would be). The
+    simulator fails every RNR, access, length or overrun fault as hardware would; the transport
+    must meet none of them in any case of the suite."""
+    fabric = Fabric(devices=("sim0", "sim1"))
+    provider = SimulatedProvider(fabric)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        first, second = rdma_stream_pair(provider, ("sim0", "sim1"))
+        pair = RecordingOwner(first, read_size), RecordingOwner(second, read_size)
+        first.start(pair[0])
+        second.start(pair[1])
+        pairs.append(pair)
+    made = [owner for pair in pairs for owner in pair]
+    try:
+        yield pairs
+    finally:
+        await abort_all(made)
+    check_contract(made)
+    assert fabric.stats.faults == 0, (fabric.stats.as_dict(), fabric.fault_log[:5])
+
+
 class OpenPairs(Protocol):
     def __call__(
         self, count: int = 1, read_size: int = READ_SIZE
     ) -> AbstractAsyncContextManager[list[Pair]]: ...
 
 
-@pytest.fixture(params=["tcp", "memory"])
+@pytest.fixture(params=["tcp", "memory", "rdma"])
 def open_pairs(request: pytest.FixtureRequest) -> OpenPairs:
     """Opens connected ``Stream`` pairs of one transport: ``async with open_pairs() as [(a, b)]``."""
-    return cast(OpenPairs, {"tcp": tcp_pairs, "memory": memory_pairs}[request.param])
+    transports = {"tcp": tcp_pairs, "memory": memory_pairs, "rdma": rdma_pairs}
+    return cast(OpenPairs, transports[request.param])
 
 
 # == Stream: every event-loop transport =========================================================
