@@ -71,7 +71,12 @@ class RingConfig:
         return self.credit_batch + 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.slots <= _FIELD or self.control <= self.credit_batch + 1:
+        if not 1 <= self.slots <= _FIELD or self.slot_size < 1:
+            raise ValueError(f"a ring has 1..{_FIELD} slots of at least one byte")
+        if not 1 <= self.credit_batch <= self.slots:
+            # A sender blocked on a full ring is owed ``slots`` credits: at least a batch.
+            raise ValueError("the credit batch must be 1..slots, or a full ring is never repaid")
+        if self.control <= self.credit_batch + 1:
             raise ValueError("control receives must exceed the credit batch by more than one")
 
 

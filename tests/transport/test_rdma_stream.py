@@ -79,6 +79,8 @@ async def test_a_peer_that_dies_without_a_word_is_found_out() -> None:
     a.stream.abort()
 
 
-def test_a_configuration_without_room_for_control_messages_is_refused() -> None:
+def test_configurations_that_could_deadlock_are_refused() -> None:
     with pytest.raises(ValueError, match="control receives"):
         RingConfig(control=2, credit_batch=4)
+    with pytest.raises(ValueError, match="never repaid"):
+        RingConfig(slots=2, credit_batch=4, control=8)
