@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         default="tcp://127.0.0.1:0",
         metavar="tcp://HOST:PORT",
-        help="address to accept clients on; port 0 picks a free port (default: %(default)s)",
+        help="address to accept clients on: tcp://, tls:// (with --tls-cert) or rdma:// (RDMA "
+        "set up over TCP to that port; needs pyverbs and a device, docs/RDMA.md); port 0 picks "
+        "a free port (default: %(default)s)",
     )
     parser.add_argument(
         "--executor",

@@ -206,7 +206,7 @@ class Server:
             self._close_executors()
             raise
         host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = TcpAddress(host, port, tls=self._tls is not None)
+        self._address = TcpAddress(host, port, tls=self._tls is not None, rdma=self._listen.rdma)
         if self._manage is not None:
             try:
                 await self._manage.start()

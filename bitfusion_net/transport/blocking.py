@@ -69,6 +69,11 @@ class BlockingStream:
         TLS when the address says ``tls://`` or ``tls`` is given (``tls.client_settings``).
         Raises ``OSError`` if it cannot connect (``tls.TlsError``, a ``ConnectionError``, saying
         why when the TLS handshake fails), ``ValueError`` when the TLS files cannot be used."""
+        if address.rdma:
+            raise ConnectionRefusedError(
+                f"{address}: the blocking API does not speak RDMA yet; use the async API "
+                "(bitfusion_net.connect) or a tcp:// address of the server"
+            )
         settings = client_settings(address.tls, tls)
         context = settings.context() if settings is not None else None  # before connecting
         sock = socket.create_connection((address.host, address.port), timeout=timeout)

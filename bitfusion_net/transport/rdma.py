@@ -1,9 +1,11 @@
 """RDMA streams: the transport interface (``base.Stream``) over one RC queue pair.
 
-The stream engine, on the verbs interface (issue 16), with ``rdma_stream_pair`` connecting two
-ends in one process (the simulator's devices): it passes the transports' conformance suite.
-Not yet here: set-up over a TCP control connection, ``rdma://`` addresses, the blocking client's
-variant (docs/RDMA.md). How it works:
+The stream engine, on the verbs interface (issue 16): ``rdma_stream_pair`` connects two ends in
+one process; ``listen_rdma``/``connect_rdma`` (what ``transport.listen``/``connect`` do for an
+``rdma://`` address) set a connection up over TCP to the same port. Not yet here: the blocking
+client's variant (docs/RDMA.md). The provider is pyverbs, or, with ``BITFUSION_NET_RDMA=
+simulator``, this process's simulated fabric (tests, and trying it out without hardware). How
+it works:
 
 - Each end registers a ring of ``slots`` x ``slot_size`` bytes the peer writes into, and a send
   staging area of the same shape. A frame's bytes are copied into staging and written into the
@@ -20,15 +22,24 @@ variant (docs/RDMA.md). How it works:
 - A paused owner stops deliveries, hence reposts, hence the peer's credits: back-pressure. CLOSE
   is sent once everything queued is; the peer delivers what came before, then loses the
   connection with None. ABORT is a reset. A peer that vanished shows as a failed send
-  (``RETRY_EXC_ERR``), which ``peer_alive`` provokes with a zero-length RDMA WRITE.
+  (``RETRY_EXC_ERR``), which ``peer_alive`` provokes with a zero-length RDMA WRITE, or as the end
+  of the TCP connection the set-up went over, which stays open for that.
+- Set-up: the client sends a JSON hello line (its QP endpoint, its ring's address and rkey, the
+  ring's shape), the server creates its end, connects, posts its receives and answers with its
+  own hello; the client connects, posts its receives and says ``ready``; only then does either
+  write over RDMA. No rdma_cm: its calls block holding the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from .base import QueuedStream, StreamOwner
 from .verbs.api import (
@@ -43,6 +54,9 @@ from .verbs.api import (
 )
 
 DATA, CREDIT, CLOSE, ABORT = 0, 1, 2, 3
+PROVIDER_ENV = "BITFUSION_NET_RDMA"  # "simulator": this process's simulated fabric
+SETUP_TIMEOUT_S = 30.0
+MAX_HELLO = 4096
 _FIELD = (1 << 15) - 1
 DEFAULT_QUEUE_LIMIT = 8 * 2**20
 
@@ -144,6 +158,8 @@ class RdmaStream(QueuedStream):
         self._peer_closed = False  # CLOSE received: deliver what came before, then lose
         self._pumping = False
         self._fd: int | None = None  # the completion channel's, watched by the loop
+        self._control: asyncio.StreamWriter | None = None  # the set-up's TCP connection
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _join(self, remote_addr: int, remote_rkey: int) -> None:
@@ -397,6 +413,10 @@ class RdmaStream(QueuedStream):
         self._queue.clear()
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
+        if self._control is not None:
+            self._control.close()  # the peer's watcher sees its end
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         self._mark_closed()
         self._end.close()
         if self.owner is not None:
@@ -420,3 +440,146 @@ def rdma_stream_pair(
     a._join(second.ring.addr, second.ring.rkey)
     b._join(first.ring.addr, first.ring.rkey)
     return a, b
+
+
+# -- set-up over TCP ------------------------------------------------------------------------------
+_simulated: Any = None
+
+
+def default_provider() -> Provider:
+    """pyverbs (``RdmaUnavailable``, a ``ConnectionError``, says what is missing), or this
+    process's simulated fabric when ``BITFUSION_NET_RDMA=simulator``."""
+    global _simulated
+    if os.environ.get(PROVIDER_ENV) == "simulator":
+        from .verbs import Fabric, SimulatedProvider
+
+        if _simulated is None:
+            _simulated = SimulatedProvider(Fabric(devices=("sim0",)))
+        return _simulated  # type: ignore[no-any-return]
+    from .verbs.pyverbs_backend import PyverbsProvider
+
+    return PyverbsProvider()
+
+
+def _hello(end: _End, config: RingConfig, psn: int) -> bytes:
+    endpoint = end.qp.endpoint(psn)
+    document = {
+        "qpn": endpoint.qpn,
+        "psn": endpoint.psn,
+        "gid": endpoint.gid.hex(),
+        "lid": endpoint.lid,
+        "ring": [end.ring.addr, end.ring.rkey],
+        "config": asdict(config),
+    }
+    return json.dumps(document).encode() + b"\n"
+
+
+async def _read_hello(reader: asyncio.StreamReader, config: RingConfig) -> dict[str, Any]:
+    line = await reader.readline()
+    if not line.endswith(b"\n") or len(line) > MAX_HELLO:
+        raise ConnectionResetError("the peer closed (or sent garbage) during the RDMA set-up")
+    try:
+        hello: dict[str, Any] = json.loads(line)
+        if hello["config"] != asdict(config):
+            raise ConnectionRefusedError(
+                f"the peer's RDMA ring {hello['config']} differs from this side's {asdict(config)}"
+            )
+        return hello
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConnectionResetError(f"a malformed RDMA hello: {exc}") from None
+
+
+def _connect_to(end: _End, hello: dict[str, Any]) -> None:
+    from .verbs.api import QpEndpoint
+
+    remote = QpEndpoint(hello["qpn"], hello["psn"], bytes.fromhex(hello["gid"]), hello["lid"])
+    end.qp.connect(remote)
+
+
+def _watch(stream: RdmaStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep the set-up's TCP connection: its end is a dead peer's surest sign."""
+    stream._control = writer
+
+    async def watch() -> None:
+        try:
+            while await reader.read(4096):
+                pass  # nothing is sent on it after the set-up
+        except (ConnectionError, OSError):
+            pass
+        if not stream.closed:
+            stream._peer_failed(None)
+
+    stream._watcher = asyncio.get_running_loop().create_task(watch())
+
+
+async def connect_rdma(
+    address: Any,
+    owner_factory: Callable[[RdmaStream], StreamOwner],
+    provider: Provider | None = None,
+    config: RingConfig | None = None,
+) -> RdmaStream:
+    """Connect to ``rdma://HOST:PORT``: the set-up over TCP to that port, then the stream.
+    Raises ``ConnectionError`` (``RdmaUnavailable`` saying what is missing, a refusal, a
+    peer that went away during the set-up), ``OSError``, or ``TimeoutError``."""
+    provider = provider or default_provider()
+    config = config or RingConfig()
+    async with asyncio.timeout(SETUP_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        end = _End(provider, None, config)
+        try:
+            writer.write(_hello(end, config, secrets.randbelow(1 << 24)))
+            await writer.drain()
+            hello = await _read_hello(reader, config)
+            _connect_to(end, hello)
+            stream = RdmaStream(address.host_port, end, config)
+            stream._join(*hello["ring"])
+            writer.write(b"ready\n")
+            await writer.drain()
+        except BaseException:
+            end.close()
+            writer.close()
+            raise
+    stream.start(owner_factory(stream))
+    _watch(stream, reader, writer)
+    return stream
+
+
+async def listen_rdma(
+    address: Any,
+    owner_factory: Callable[[RdmaStream], StreamOwner],
+    *,
+    backlog: int = 1024,
+    provider: Provider | None = None,
+    config: RingConfig | None = None,
+) -> asyncio.Server:
+    """Accept ``rdma://`` connections: the TCP listener their set-up goes over (its sockets
+    name the port). Raises ``RdmaUnavailable`` at once where RDMA cannot be used."""
+    provider = provider or default_provider()
+    config = config or RingConfig()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        name = f"{peer[0]}:{peer[1]}" if peer else "?"
+        end: _End | None = None
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                hello = await _read_hello(reader, config)
+                end = _End(provider, None, config)
+                _connect_to(end, hello)
+                stream = RdmaStream(name, end, config)
+                stream._join(*hello["ring"])
+                writer.write(_hello(end, config, secrets.randbelow(1 << 24)))
+                await writer.drain()
+                if await reader.readline() != b"ready\n":
+                    raise ConnectionResetError("the client left during the RDMA set-up")
+        except (OSError, TimeoutError, VerbsError, ValueError):
+            if end is not None:
+                end.close()
+            writer.close()
+            return
+        stream.start(owner_factory(stream))
+        _watch(stream, reader, writer)
+
+    return await asyncio.start_server(
+        accept, address.host, address.port, backlog=backlog, reuse_address=True
+    )

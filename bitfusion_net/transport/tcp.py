@@ -35,14 +35,17 @@ DEFAULT_HANDSHAKE_TIMEOUT = 30.0  # seconds a TLS connection may take to finish 
 
 @dataclass(frozen=True)
 class TcpAddress:
-    """Where a server listens: ``tcp://HOST:PORT``, or ``tls://HOST:PORT`` for TLS on TCP."""
+    """Where a server listens: ``tcp://HOST:PORT``, ``tls://HOST:PORT`` for TLS on TCP, or
+    ``rdma://HOST:PORT`` for RDMA set up over a TCP connection to that port (``transport.rdma``)."""
 
     host: str
     port: int
     tls: bool = False
+    rdma: bool = False
 
     def __str__(self) -> str:
-        return f"{'tls' if self.tls else 'tcp'}://{self.host_port}"
+        scheme = "rdma" if self.rdma else "tls" if self.tls else "tcp"
+        return f"{scheme}://{self.host_port}"
 
     @property
     def host_port(self) -> str:
@@ -52,12 +55,13 @@ class TcpAddress:
 
 
 def parse_address(url: str) -> TcpAddress:
-    """Parse ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (IPv6 hosts in brackets). Raises
-    ValueError with the reason."""
+    """Parse ``tcp://HOST:PORT``, ``tls://HOST:PORT`` or ``rdma://HOST:PORT`` (IPv6 hosts in
+    brackets). Raises ValueError with the reason."""
     parts = urlsplit(url)
-    if parts.scheme not in ("tcp", "tls"):
+    if parts.scheme not in ("tcp", "tls", "rdma"):
         raise ValueError(
-            f"unsupported address {url!r}: expected tcp://HOST:PORT (or tls://HOST:PORT)"
+            f"unsupported address {url!r}: expected tcp://HOST:PORT (or tls://HOST:PORT, "
+            "rdma://HOST:PORT)"
         )
     if not parts.hostname:
         raise ValueError(f"address {url!r} has no host")
@@ -69,7 +73,7 @@ def parse_address(url: str) -> TcpAddress:
         raise ValueError(f"address {url!r} has no port (use :0 to pick a free one)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"address {url!r} has unexpected parts after the port")
-    return TcpAddress(parts.hostname, port, tls=parts.scheme == "tls")
+    return TcpAddress(parts.hostname, port, tls=parts.scheme == "tls", rdma=parts.scheme == "rdma")
 
 
 # TCP keepalive: a peer that vanished without a word (a host powered off, a cable pulled) is
@@ -301,6 +305,12 @@ async def listen(
     one it is closed at once. Raises ``OSError`` when the address cannot be bound, ``ValueError``
     when the TLS files cannot be used.
     """
+    if address.rdma:
+        if tls is not None:
+            raise ValueError("rdma:// does not carry TLS: serve tls:// beside it instead")
+        from .rdma import listen_rdma
+
+        return await listen_rdma(address, owner_factory, backlog=backlog)
     loop = asyncio.get_running_loop()
     factory: Callable[[], asyncio.BaseProtocol]
     if tls is None:
@@ -329,6 +339,10 @@ async def connect(
     cannot connect: ``tls.TlsError`` (a ``ConnectionError``) saying why when TLS fails,
     ``TimeoutError`` when the handshake takes over ``handshake_timeout`` s; ``ValueError`` when
     the TLS files cannot be used."""
+    if address.rdma:
+        from .rdma import connect_rdma
+
+        return await connect_rdma(address, owner_factory)  # type: ignore[return-value]
     loop = asyncio.get_running_loop()
     settings = client_settings(address.tls, tls)
     if settings is None:

@@ -84,3 +84,11 @@ def test_configurations_that_could_deadlock_are_refused() -> None:
         RingConfig(control=2, credit_batch=4)
     with pytest.raises(ValueError, match="never repaid"):
         RingConfig(slots=2, credit_batch=4, control=8)
+
+
+def test_rdma_addresses_parse_and_print_with_their_scheme() -> None:
+    from bitfusion_net.transport import parse_address
+
+    address = parse_address("rdma://[::1]:7000")
+    assert address.rdma and not address.tls and str(address) == "rdma://[::1]:7000"
+    assert not parse_address("tcp://h:1").rdma

@@ -56,8 +56,9 @@ INSTALL_PYVERBS = (
 _WC_WITH_IMM = 2  # IBV_WC_WITH_IMM in ibv_wc.wc_flags
 
 
-class RdmaUnavailable(RuntimeError):
-    """RDMA cannot be used on this machine; the message says what is missing."""
+class RdmaUnavailable(ConnectionError):
+    """RDMA cannot be used on this machine; the message says what is missing. A
+    ``ConnectionError``: an ``rdma://`` connection fails with it, as a refused one would."""
 
 
 def unavailable() -> str | None:

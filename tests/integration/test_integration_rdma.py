@@ -1,0 +1,114 @@
+"""A real server and the async client over ``rdma://``, on the verbs simulator
+(``BITFUSION_NET_RDMA=simulator``: the server and the client share this process's simulated
+fabric). The client's calls, copies from 0 B to 64 MiB, kernels and typed errors behave as over
+TCP, a client that vanishes gives its GPU back, and the simulator sees no RNR, access, length or
+overrun fault. Where RDMA cannot be used, the server and the client say which of pyverbs, its
+libraries or a device is missing; the blocking API says it does not speak RDMA yet."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from integration_support import MiB, pool_is_empty, run, wait_until
+
+import bitfusion_net as bf
+from bitfusion_net.transport import rdma
+
+
+@pytest.fixture
+def simulated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv(rdma.PROVIDER_ENV, "simulator")
+    monkeypatch.setattr(rdma, "_simulated", None)  # a fresh fabric for this test
+    yield
+    provider = rdma._simulated
+    if provider is not None:
+        stats = provider.fabric.stats
+        assert stats.faults == 0, (stats.as_dict(), provider.fabric.fault_log[:5])
+
+
+def test_the_async_client_works_over_rdma(simulated: None) -> None:
+    async def main() -> None:
+        async with bf.Server(listen="rdma://127.0.0.1:0", gpus=1, gpu_memory="1GiB") as server:
+            assert server.address.startswith("rdma://127.0.0.1:")
+            async with await bf.connect(server.address, fraction=0.25) as session:
+                device = session.devices[0]
+                for size in (0, 1, 4097, MiB, 64 * MiB):
+                    data = np.random.default_rng(size).integers(0, 255, size, np.uint8)
+                    ptr = await device.mem_alloc(max(1, size))
+                    await device.memcpy_htod(ptr, data)
+                    back = np.empty_like(data)
+                    await device.memcpy_dtoh(back, ptr)
+                    assert (back == data).all(), size
+                    await device.mem_free(ptr)
+                x = np.arange(4096, dtype=np.float32)
+                ptr = await device.mem_alloc(x.nbytes)
+                await device.memcpy_htod(ptr, x)
+                saxpy = await device.builtin("saxpy")
+                await saxpy.launch(16, 256, [x.size, 2.0, ptr, ptr])
+                await device.memcpy_dtoh(x, ptr)
+                assert np.allclose(x, 3 * np.arange(4096))
+                with pytest.raises(bf.OutOfMemoryError):
+                    await device.mem_alloc(2**30)
+                with pytest.raises(bf.InvalidHandleError):
+                    await device.mem_free(0x1234)
+                    await device.synchronize()
+            await wait_until(lambda: pool_is_empty(server), "the lease back after the close")
+
+    run(main())
+
+
+def test_a_client_that_vanishes_gives_its_gpu_back(simulated: None) -> None:
+    async def main() -> None:
+        async with bf.Server(listen="rdma://127.0.0.1:0", gpus=1, gpu_memory="1GiB") as server:
+            session = await bf.connect(server.address, fraction=0.5)
+            await session.devices[0].mem_alloc(MiB)
+            for driver in session._drivers:  # its process died: the connection just ends
+                driver.stream.abort()
+            await wait_until(lambda: pool_is_empty(server), "the lease back after the abort")
+            await asyncio.sleep(0)
+
+    run(main())
+
+
+def test_the_blocking_api_says_it_does_not_speak_rdma_yet(simulated: None) -> None:
+    async def main() -> None:
+        async with bf.Server(listen="rdma://127.0.0.1:0") as server:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(bf.BitfusionError, match="blocking API does not speak RDMA"):
+                await loop.run_in_executor(None, lambda: bf.connect_sync(server.address))
+
+    run(main())
+
+
+def _pyverbs_missing() -> None:
+    if importlib.util.find_spec("pyverbs") is not None:
+        pytest.skip("pyverbs is installed here: this case needs a machine without it")
+
+
+def test_without_rdma_the_server_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pyverbs_missing()
+    monkeypatch.delenv(rdma.PROVIDER_ENV, raising=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy",
+         "--listen", "rdma://127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "pyverbs is not installed" in done.stderr, done.stderr
+    assert "listening on" not in done.stdout
+
+
+def test_without_rdma_a_client_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pyverbs_missing()
+    monkeypatch.delenv(rdma.PROVIDER_ENV, raising=False)
+
+    async def main() -> None:
+        with pytest.raises(bf.BitfusionError, match="pyverbs is not installed"):
+            await bf.connect("rdma://127.0.0.1:9", fraction=0.25)
+
+    run(main())
