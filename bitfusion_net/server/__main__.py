@@ -46,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default="tcp://127.0.0.1:0",
+        action="append",
+        default=None,
         metavar="tcp://HOST:PORT",
         help="address to accept clients on: tcp://, tls:// (with --tls-cert) or rdma:// (RDMA "
-        "set up over TCP to that port; needs pyverbs and a device, docs/RDMA.md); port 0 picks "
-        "a free port (default: %(default)s)",
+        "set up over TCP to that port; needs pyverbs and a device, docs/RDMA.md); repeat it to "
+        "serve several at once (a 'listening on' line each); port 0 picks a free port "
+        "(default: tcp://127.0.0.1:0)",
     )
     parser.add_argument(
         "--executor",
@@ -204,8 +206,10 @@ def _size(text: str) -> int:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    listens = args.listen or ["tcp://127.0.0.1:0"]
     server = Server(
-        listen=args.listen,
+        listen=listens[0],
+        also_listen=listens[1:],
         executor=args.executor,
         gpus=args.gpus,
         gpu_memory=args.gpu_memory,
@@ -228,7 +232,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     async with server:
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("tenants:\n%s", server.report()))
-        print(f"listening on {server.address}", flush=True)
+        for address in server.addresses:
+            print(f"listening on {address}", flush=True)
         if args.manage:
             print(f"management on {server.manage_address}", flush=True)
         await stop.wait()

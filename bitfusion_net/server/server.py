@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -82,7 +82,9 @@ class Server:
     ``http://HOST:PORT`` (or ``https://`` with ``tls``), then at ``manage_address``;
     ``manage_pool``: the management URLs of the other servers of its pool (the cluster view);
     ``open_metrics``: ``/metrics`` needs no token even when the server has tokens
-    (docs/OBSERVABILITY.md).
+    (docs/OBSERVABILITY.md). ``also_listen``: more addresses to serve the same GPUs on, e.g.
+    ``rdma://`` beside ``tcp://`` (``addresses`` lists them all; with ``tls``, every TCP one
+    serves TLS).
     """
 
     def __init__(
@@ -104,23 +106,26 @@ class Server:
         manage: str | None = None,
         manage_pool: list[str] | None = None,
         open_metrics: bool = False,
+        also_listen: Sequence[str] = (),
     ) -> None:
         self._listen = parse_address(listen)
+        self._also = [parse_address(a) for a in also_listen]
         store = TokenStore.existing(state_dir) if state_dir is not None else None
-        if store is None and not insecure and not _is_loopback(self._listen.host):
-            where = f" (none in {Path(state_dir) / TOKEN_FILE})" if state_dir is not None else ""
-            raise ValueError(
-                f"listening on {self._listen} needs tokens{where}: create one with "
-                "'bitfusion-server token create --user NAME', or pass --insecure (insecure=True) "
-                "to let anyone who reaches the port use the GPUs"
-            )
+        for address in (self._listen, *self._also):
+            if store is None and not insecure and not _is_loopback(address.host):
+                where = f" (none in {Path(state_dir) / TOKEN_FILE})" if state_dir else ""
+                raise ValueError(
+                    f"listening on {address} needs tokens{where}: create one with "
+                    "'bitfusion-server token create --user NAME', or pass --insecure "
+                    "(insecure=True) to let anyone who reaches the port use the GPUs"
+                )
+            if address.tls and tls is None:
+                raise ValueError(
+                    f"{address} needs a certificate: give tls=ServerTls(cert_file, key_file)"
+                )
         self._gate = Gatekeeper(store)
         self._insecure = insecure
         self._sweeps = 0
-        if self._listen.tls and tls is None:
-            raise ValueError(
-                f"{listen} needs a certificate: give tls=ServerTls(cert_file, key_file)"
-            )
         self._tls = tls
         if gpus is not None and gpus < 1:
             raise ValueError("a server needs at least one GPU")
@@ -152,6 +157,8 @@ class Server:
         self._server: asyncio.Server | None = None
         self._sessions: set[ServerSession] = set()
         self._address: TcpAddress | None = None
+        self._also_servers: list[asyncio.Server] = []
+        self._also_addresses: list[TcpAddress] = []
         self.stats = ServerStats()
         self._manage: ManagementEndpoint | None = None
         if manage is not None:
@@ -167,6 +174,11 @@ class Server:
         if self._address is None:
             raise RuntimeError("the server is not started")
         return str(self._address)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every address the server accepts clients on, ``address`` first."""
+        return [self.address, *(str(a) for a in self._also_addresses)]
 
     @property
     def manage_address(self) -> str:
@@ -195,25 +207,20 @@ class Server:
             self._pool, self._executors, self.id, self._max_idle_timeout
         )
         try:
-            self._server = await listen(
-                self._listen,
-                self._new_session,
-                tls=self._tls,
-                plaintext_owner_factory=self._new_plaintext_session,
-                handshake_timeout=self._stall_timeout,
-            )
+            self._server, self._address = await self._listen_on(self._listen)
+            for address in self._also:
+                extra, bound = await self._listen_on(address)
+                self._also_servers.append(extra)
+                self._also_addresses.append(bound)
+            if self._manage is not None:
+                await self._manage.start()
         except BaseException:
+            for listener in [self._server, *self._also_servers]:
+                if listener is not None:
+                    listener.close()
+            self._server, self._also_servers = None, []
             self._close_executors()
             raise
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = TcpAddress(host, port, tls=self._tls is not None, rdma=self._listen.rdma)
-        if self._manage is not None:
-            try:
-                await self._manage.start()
-            except BaseException:
-                self._server.close()
-                self._close_executors()
-                raise
         self._sweeper = asyncio.get_running_loop().call_later(PROBE_PERIOD_S, self._sweep)
         for index, executor in enumerate(self._executors):
             props = executor.properties
@@ -228,7 +235,7 @@ class Server:
             "serving %d %s GPU(s) on %s (%s scheduling)",
             len(self._executors),
             self._executors[0].properties.executor,
-            self._address,
+            ", ".join(self.addresses),
             self._scheduling,
         )
         store = self._gate.store
@@ -241,6 +248,18 @@ class Server:
             )
         else:
             log.info("no token store: accepting unauthenticated clients (loopback only)")
+
+    async def _listen_on(self, address: TcpAddress) -> tuple[asyncio.Server, TcpAddress]:
+        tls = None if address.rdma else self._tls
+        server = await listen(
+            address,
+            self._new_session,
+            tls=tls,
+            plaintext_owner_factory=self._new_plaintext_session,
+            handshake_timeout=self._stall_timeout,
+        )
+        host, port = server.sockets[0].getsockname()[:2]
+        return server, TcpAddress(host, port, tls=tls is not None, rdma=address.rdma)
 
     def _new_session(self, stream: Stream) -> ServerSession:
         assert self._reservations is not None
@@ -319,6 +338,8 @@ class Server:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for extra in self._also_servers:
+            extra.close()
         if self._server is not None:
             self._server.close()
             reason = "the server shut down; its reservations are released (reserve again)"
@@ -332,8 +353,9 @@ class Server:
                 pass
             for session in list(self._sessions):
                 session.stream.abort()
-            await self._server.wait_closed()
-            self._server = None
+            for server in [self._server, *self._also_servers]:
+                await server.wait_closed()
+            self._server, self._also_servers = None, []
         await asyncio.get_running_loop().run_in_executor(None, self._close_executors)
 
     def _close_executors(self) -> None:

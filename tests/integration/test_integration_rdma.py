@@ -112,3 +112,41 @@ def test_without_rdma_a_client_says_what_is_missing(monkeypatch: pytest.MonkeyPa
             await bf.connect("rdma://127.0.0.1:9", fraction=0.25)
 
     run(main())
+
+
+def test_rdma_and_tcp_side_by_side_serve_the_same_gpus(simulated: None) -> None:
+    async def main() -> None:
+        async with bf.Server(
+            listen="tcp://127.0.0.1:0", also_listen=["rdma://127.0.0.1:0"], gpus=1
+        ) as server:
+            tcp, over_rdma = server.addresses
+            assert tcp.startswith("tcp://") and over_rdma.startswith("rdma://")
+            async with await bf.connect(over_rdma, fraction=0.5):
+                loop = asyncio.get_running_loop()
+
+                def blocking_beside() -> float:  # the blocking API over TCP, to the same GPU
+                    with bf.connect_sync(tcp, fraction=0.25) as session:
+                        return session.devices[0].fraction
+
+                assert await loop.run_in_executor(None, blocking_beside) == 0.25
+                with pytest.raises(bf.CapacityError):  # 0.5 + 0.75 > 1: one pool of GPUs
+                    await bf.connect(over_rdma, fraction=0.75)
+
+    run(main())
+
+
+def test_the_command_listens_on_every_address_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(rdma.PROVIDER_ENV, "simulator")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bitfusion_net.server", "--executor", "numpy",
+         "--listen", "tcp://127.0.0.1:0", "--listen", "rdma://127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        first, second = process.stdout.readline(), process.stdout.readline()
+        assert first.startswith("listening on tcp://127.0.0.1:"), first
+        assert second.startswith("listening on rdma://127.0.0.1:"), second
+    finally:
+        process.terminate()
+        process.wait(30)
