@@ -17,7 +17,7 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..protocol import BitfusionError
@@ -26,7 +26,7 @@ from ..transport import ServerTls
 from .api import Api, NotFound
 from .history import History
 from .http import HttpServer, Request, Response
-from .metrics import ServerCollector, exposition
+from .metrics import ServerCollector
 
 if TYPE_CHECKING:
     from ..server.auth import Gatekeeper
@@ -139,7 +139,7 @@ class ManagementEndpoint:
                 refused = self._authorise(request)
                 if refused is not None:
                     return refused
-            return Response(200, exposition(self._registry), CONTENT_TYPE_LATEST)
+            return Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
         if path.startswith("/api/v1/"):
             return self._json_api(request)
         return _json(404, {"error": f"nothing at {path}; the dashboards are at /"})

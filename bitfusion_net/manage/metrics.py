@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -358,7 +357,3 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], h: Histogra
 
 def _bound(value: float) -> str:
     return repr(float(value))
-
-
-def exposition(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)

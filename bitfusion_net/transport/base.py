@@ -125,6 +125,30 @@ class QueuedStream(Stream):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._closed_waiter: asyncio.Future[None] = loop.create_future()
+        self._closing = False  # close() or abort() was called: later writes are dropped
+        self._flush_scheduled = False
+
+    def write(
+        self,
+        head: bytes,
+        payload: memoryview | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        """``Stream.write``: queue it, and ``flush()`` once at the end of this loop iteration,
+        so that the writes of one iteration go out together."""
+        if self._closed or self._closing:
+            return
+        self._enqueue(head, payload, on_sent)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def _enqueue(
         self, head: bytes, payload: memoryview | None, on_sent: Callable[[], None] | None

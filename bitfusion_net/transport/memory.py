@@ -27,8 +27,7 @@ class MemoryStream(QueuedStream):
         self._init_queue(asyncio.get_running_loop(), queue_limit)
         self._chunk = chunk
         self._delivering = False
-        self._reading_paused = False
-        self._closing = False  # close() called: lose the connection once the queue is empty
+        self._reading_paused = False  # (``_closing``, from QueuedStream: lose once emptied)
 
     def start(self, owner: StreamOwner) -> None:
         self.owner = owner

@@ -39,7 +39,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import QueuedStream, StreamOwner
 from .verbs.api import (
@@ -52,6 +52,9 @@ from .verbs.api import (
     WorkCompletion,
     WrOpcode,
 )
+
+if TYPE_CHECKING:
+    from .tcp import TcpAddress  # tcp imports this module (lazily) for rdma:// addresses
 
 DATA, CREDIT, CLOSE, ABORT = 0, 1, 2, 3
 PROVIDER_ENV = "BITFUSION_NET_RDMA"  # "simulator": this process's simulated fabric
@@ -154,9 +157,7 @@ class RdmaStream(QueuedStream):
         self._owed_receives = 0
         self._owed_slots = 0
         self._paused = False
-        self._closing = False
         self._peer_closed = False  # CLOSE received: deliver what came before, then lose
-        self._pumping = False
         self._fd: int | None = None  # the completion channel's, watched by the loop
         self._control: asyncio.StreamWriter | None = None  # the set-up's TCP connection
         self._watcher: asyncio.Task[None] | None = None
@@ -174,20 +175,7 @@ class RdmaStream(QueuedStream):
         self._end.recv_cq.req_notify()
         self._service()
 
-    # -- Stream ---------------------------------------------------------------------------------
-    def write(
-        self,
-        head: bytes,
-        payload: memoryview | None = None,
-        on_sent: Callable[[], None] | None = None,
-    ) -> None:
-        if self._closed or self._closing:
-            return
-        self._enqueue(head, payload, on_sent)
-        if not self._pumping:
-            self._pumping = True
-            self._loop.call_soon(self._pump_soon)
-
+    # -- Stream (``write`` is QueuedStream's: queued, flushed once a loop iteration) ----------
     def flush(self) -> None:
         self._pump()
 
@@ -222,10 +210,6 @@ class RdmaStream(QueuedStream):
         return self._reap_sends()
 
     # -- sending --------------------------------------------------------------------------------
-    def _pump_soon(self) -> None:
-        self._pumping = False
-        self._pump()
-
     def _reap_sends(self) -> bool:
         """Poll send completions (freeing send-queue slots); False if one failed: the peer is
         gone or broke the connection, which is then lost (unless it had closed)."""
@@ -341,7 +325,7 @@ class RdmaStream(QueuedStream):
                         return False
                 completions = self._end.recv_cq.poll(64)
         except VerbsError as exc:  # this end's CQ is gone or overran: nothing more will come
-            self._lose(ConnectionResetError(f"the RDMA connection failed: {exc}"))
+            self._finish(ConnectionResetError(f"the RDMA connection failed: {exc}"))
             return False
         return not self._closed
 
@@ -361,7 +345,7 @@ class RdmaStream(QueuedStream):
         elif kind == CLOSE:
             self._peer_closed = True
         else:  # ABORT
-            self._lose(ConnectionResetError("the peer aborted the connection"))
+            self._finish(ConnectionResetError("the peer aborted the connection"))
 
     def _repost(self, data: bool) -> None:
         try:
@@ -391,7 +375,7 @@ class RdmaStream(QueuedStream):
             self._pending.popleft()
             self._repost(data=True)
         if self._peer_closed and not self._pending and not self._closed:
-            self._lose(None)
+            self._finish(None)
 
     # -- ending ---------------------------------------------------------------------------------
     def _peer_failed(self, status: WcStatus | None) -> None:
@@ -402,10 +386,7 @@ class RdmaStream(QueuedStream):
         if self._closed or self._peer_closed:  # it closed and tore down: failures follow
             return
         what = status.name if status is not None else "a verbs error"
-        self._lose(ConnectionResetError(f"the RDMA connection failed ({what}): the peer is gone"))
-
-    def _lose(self, error: BaseException | None) -> None:
-        self._finish(error)
+        self._finish(ConnectionResetError(f"the RDMA connection failed ({what}): the peer is gone"))
 
     def _finish(self, error: BaseException | None) -> None:
         if self._closed:
@@ -443,7 +424,7 @@ def rdma_stream_pair(
 
 
 # -- set-up over TCP ------------------------------------------------------------------------------
-_simulated: Any = None
+_simulated: Provider | None = None  # this process's simulated fabric, once asked for
 
 
 def default_provider() -> Provider:
@@ -455,7 +436,7 @@ def default_provider() -> Provider:
 
         if _simulated is None:
             _simulated = SimulatedProvider(Fabric(devices=("sim0",)))
-        return _simulated  # type: ignore[no-any-return]
+        return _simulated
     from .verbs.pyverbs_backend import PyverbsProvider
 
     return PyverbsProvider()
@@ -513,7 +494,7 @@ def _watch(stream: RdmaStream, reader: asyncio.StreamReader, writer: asyncio.Str
 
 
 async def connect_rdma(
-    address: Any,
+    address: TcpAddress,
     owner_factory: Callable[[RdmaStream], StreamOwner],
     provider: Provider | None = None,
     config: RingConfig | None = None,
@@ -545,7 +526,7 @@ async def connect_rdma(
 
 
 async def listen_rdma(
-    address: Any,
+    address: TcpAddress,
     owner_factory: Callable[[RdmaStream], StreamOwner],
     *,
     backlog: int = 1024,

@@ -119,11 +119,9 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self.transport: asyncio.Transport | None = None
         self._sink: Sink | None = None  # what flush() writes to, once connected
         self._init_queue(asyncio.get_running_loop(), queue_limit)
-        self._flush_scheduled = False
         self._transport_paused = False
         self._awaiting_drain: list[Callable[[], None]] = []  # on_sent waiting for the kernel
         self._reading_paused = False
-        self._closing = False  # close() or abort() was called: later writes are dropped
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,23 +168,6 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
         self.flush()
 
     # -- sending --------------------------------------------------------------------------------
-    def write(
-        self,
-        head: bytes,
-        payload: memoryview | None = None,
-        on_sent: Callable[[], None] | None = None,
-    ) -> None:
-        if self._closed or self._closing:
-            return
-        self._enqueue(head, payload, on_sent)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
-
     def flush(self) -> None:
         transport, sink = self.transport, self._sink
         if sink is None or transport is None or self._closed or transport.is_closing():
@@ -261,9 +242,7 @@ class TcpStream(asyncio.BufferedProtocol, QueuedStream):
             # Closed from a callback of the next loop step, not from inside resume_writing():
             # asyncio's own selector transport loses the connection twice if closed there.
             self._awaiting_drain.append(self._close_soon)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._scheduled_flush)
+            self._schedule_flush()
             return
         self._close_transport()
 
