@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -110,13 +110,14 @@ class ServerCollector(Collector):
             self._labels.ended(reservation.id, account.gpu, user, totals)
 
     def collect(self) -> Iterable[Metric]:
-        yield from self._dcgm()
+        gpus = self._server.gpus()  # once per scrape: both GPU sections read it
+        yield from self._dcgm(gpus)
         yield from self._server_families()
-        yield from self._gpu_families()
+        yield from self._gpu_families(gpus)
         yield from self._tenant_families()
 
     # -- dcgm-exporter ---------------------------------------------------------------------------
-    def _dcgm(self) -> Iterator[Metric]:
+    def _dcgm(self, gpus: list[dict[str, Any]]) -> Iterator[Metric]:
         families = {
             "DCGM_FI_DEV_GPU_UTIL": GaugeMetricFamily(
                 "DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=_DCGM_LABELS
@@ -132,7 +133,7 @@ class ServerCollector(Collector):
             ),
         }
         utilisation = self._history.gpu_utilisation
-        for gpu in self._server.gpus():
+        for gpu in gpus:
             index = gpu["gpu"]
             labels = [
                 str(index),
@@ -231,7 +232,7 @@ class ServerCollector(Collector):
         yield ended
 
     # -- GPUs ------------------------------------------------------------------------------------
-    def _gpu_families(self) -> Iterator[Metric]:
+    def _gpu_families(self, gpus: list[dict[str, Any]]) -> Iterator[Metric]:
         gpu_label = ["gpu"]
         busy = CounterMetricFamily(
             "bitfusion_gpu_busy_seconds",
@@ -258,7 +259,7 @@ class ServerCollector(Collector):
             "Seconds operations waited between submission and start.",
             labels=gpu_label,
         )
-        for gpu in self._server.gpus():
+        for gpu in gpus:
             label = [str(gpu["gpu"])]
             busy.add_metric(label, gpu["busy_time"])
             total.add_metric(label, gpu["total_memory"])
