@@ -54,7 +54,7 @@ POST_SIZE = 70  # one-way body: with the header, the size of a kernel-launch fra
 
 ROOT = Path(__file__).resolve().parent.parent
 C_SOURCE = ROOT / "native" / "tcp_baseline.c"
-LISTENING = re.compile(r"^listening on (tcp|tls)://(\S+):(\d+)\s*$")
+LISTENING = re.compile(r"^listening on (tcp|tls|rdma)://(\S+):(\d+)\s*$")
 SERVER_START_S = 30.0
 
 
@@ -100,6 +100,13 @@ def process_cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def server_process(argv: Sequence[str], what: str) -> Iterator[str]:
     """Run a server subprocess; yield its ``tcp://HOST:PORT`` once it prints that it listens."""
+    with server_addresses(argv, what, 1) as [address]:
+        yield address
+
+
+@contextlib.contextmanager
+def server_addresses(argv: Sequence[str], what: str, count: int) -> Iterator[list[str]]:
+    """Run a server subprocess; yield the ``count`` addresses it prints that it listens on."""
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
             list(argv), stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL
@@ -107,22 +114,26 @@ def server_process(argv: Sequence[str], what: str) -> Iterator[str]:
         try:
             assert process.stdout is not None
             deadline = time.monotonic() + SERVER_START_S
-            line = b""
-            while not line.endswith(b"\n"):
-                remaining = deadline - time.monotonic()
-                ready, _, _ = select.select([process.stdout], [], [], max(0.0, remaining))
-                chunk = os.read(process.stdout.fileno(), 1) if ready else b""
-                if not chunk:
-                    errors.seek(0)
-                    tail = errors.read()[-2000:].decode(errors="replace")
-                    raise RuntimeError(f"{what} did not start ({argv[0]} ...): {tail.strip()}")
-                line += chunk
-            match = LISTENING.match(line.decode())
-            if match is None:
-                raise RuntimeError(f"{what} printed {line!r}, not 'listening on tcp://HOST:PORT'")
-            address = f"{match.group(1)}://{match.group(2)}:{match.group(3)}"
-            SERVER_PIDS[address] = process.pid
-            yield address
+            addresses: list[str] = []
+            while len(addresses) < count:
+                line = b""
+                while not line.endswith(b"\n"):
+                    remaining = deadline - time.monotonic()
+                    ready, _, _ = select.select([process.stdout], [], [], max(0.0, remaining))
+                    chunk = os.read(process.stdout.fileno(), 1) if ready else b""
+                    if not chunk:
+                        errors.seek(0)
+                        tail = errors.read()[-2000:].decode(errors="replace")
+                        raise RuntimeError(f"{what} did not start ({argv[0]} ...): {tail.strip()}")
+                    line += chunk
+                match = LISTENING.match(line.decode())
+                if match is None:
+                    raise RuntimeError(
+                        f"{what} printed {line!r}, not 'listening on tcp://HOST:PORT'"
+                    )
+                addresses.append(f"{match.group(1)}://{match.group(2)}:{match.group(3)}")
+                SERVER_PIDS[addresses[-1]] = process.pid
+            yield addresses
         finally:
             stop_process(process)
 
@@ -610,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         choices=[
-            "uvloop-echo-server", "blocking-echo-server", "zmq-rep-server", "grpc-server",
-            "serve-all", "keep-awake",
+            "uvloop-echo-server",
+            "blocking-echo-server",
+            "zmq-rep-server",
+            "grpc-server",
+            "serve-all",
+            "keep-awake",
         ],  # fmt: skip
     )
     parser.add_argument(

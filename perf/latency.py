@@ -5,6 +5,7 @@
     python perf/latency.py --server tcp://HOST:PORT # measure a server started elsewhere
     python perf/latency.py --executor pycuda        # the server (and the in-process side) on a GPU
     python perf/latency.py --tls                    # and the cost of TLS, beside plain TCP
+    python perf/latency.py --transport rdma         # over rdma:// (perf/latency_rdma.py)
 
 Measures, side by side (perf/README.md explains each figure):
 
@@ -1105,7 +1106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         metavar="tcp://HOST:PORT",
-        help="measure this running server instead of starting one on loopback (the run leases "
+        help="measure this running server instead of starting one on loopback (rdma://HOST:PORT "
+        "with --transport rdma; the run leases "
         "384 MiB of device memory, 144 MiB with --quick, and 2 GiB more with --executor pycuda "
         "for the two tenants' CUDA contexts)",
     )
@@ -1159,12 +1161,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure a TLS server (a throwaway self-signed certificate, made with openssl) "
         "beside the plain one: round trips and 64 MiB copies of both APIs, and their ratio",
     )
+    parser.add_argument(
+        "--transport",
+        default="tcp",
+        choices=["tcp", "rdma"],
+        help="rdma: round trips, copies and launches of both APIs over rdma:// instead of the "
+        "whole TCP suite (perf/latency_rdma.py); on a real device beside TCP in the same run, "
+        "on the verbs simulator labelled simulated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rdma-provider",
+        default="auto",
+        choices=["auto", "pyverbs", "simulator"],
+        help="with --transport rdma: a real device through pyverbs, the in-process verbs "
+        "simulator, or auto (pyverbs when a device is usable, else the simulator, with a note)",
+    )
+    parser.add_argument(
+        "--tcp-server",
+        metavar="tcp://HOST:PORT",
+        help="with --transport rdma and --server: the same server's TCP address, measured beside",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.transport == "rdma":
+        import latency_rdma  # it builds on this module's measurements
+
+        results = latency_rdma.run(args)
+        latency_rdma.print_report(results)
+        return 0
     requested = args.executor
     try:
         args.executor = workload.resolve_executor(requested)

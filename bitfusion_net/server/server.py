@@ -427,6 +427,7 @@ class Server:
             "id": self.id,
             "hostname": socket.gethostname(),
             "address": str(self._address),
+            "addresses": self.addresses if self._address is not None else [],
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "started": self._started,

@@ -66,14 +66,16 @@ class BlockingStream:
         cls, address: TcpAddress, timeout: float | None, tls: ClientTls | None = None
     ) -> BlockingStream:
         """Connect to ``address`` within ``timeout`` seconds (the TLS handshake included): with
-        TLS when the address says ``tls://`` or ``tls`` is given (``tls.client_settings``).
+        TLS when the address says ``tls://`` or ``tls`` is given (``tls.client_settings``);
+        over RDMA for ``rdma://`` (``rdma_blocking``).
         Raises ``OSError`` if it cannot connect (``tls.TlsError``, a ``ConnectionError``, saying
         why when the TLS handshake fails), ``ValueError`` when the TLS files cannot be used."""
         if address.rdma:
-            raise ConnectionRefusedError(
-                f"{address}: the blocking API does not speak RDMA yet; use the async API "
-                "(bitfusion_net.connect) or a tcp:// address of the server"
-            )
+            if tls is not None:
+                raise ValueError("rdma:// does not carry TLS: connect to the server's tls://")
+            from .rdma_blocking import RdmaBlockingStream
+
+            return RdmaBlockingStream.open(address, timeout)
         settings = client_settings(address.tls, tls)
         context = settings.context() if settings is not None else None  # before connecting
         sock = socket.create_connection((address.host, address.port), timeout=timeout)

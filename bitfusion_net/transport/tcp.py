@@ -319,6 +319,8 @@ async def connect(
     ``TimeoutError`` when the handshake takes over ``handshake_timeout`` s; ``ValueError`` when
     the TLS files cannot be used."""
     if address.rdma:
+        if tls is not None:
+            raise ValueError("rdma:// does not carry TLS: connect to the server's tls://")
         from .rdma import connect_rdma
 
         return await connect_rdma(address, owner_factory)  # type: ignore[return-value]

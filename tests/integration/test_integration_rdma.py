@@ -1,9 +1,10 @@
-"""A real server and the async client over ``rdma://``, on the verbs simulator
+"""A real server and both clients over ``rdma://``, on the verbs simulator
 (``BITFUSION_NET_RDMA=simulator``: the server and the client share this process's simulated
-fabric). The client's calls, copies from 0 B to 64 MiB, kernels and typed errors behave as over
-TCP, a client that vanishes gives its GPU back, and the simulator sees no RNR, access, length or
-overrun fault. Where RDMA cannot be used, the server and the client say which of pyverbs, its
-libraries or a device is missing; the blocking API says it does not speak RDMA yet."""
+fabric). With the async and the blocking client alike, calls, copies from 0 B to 64 MiB, kernels,
+streams and events, and typed errors behave as over TCP; sessions share a GPU; a client that
+vanishes gives its GPU back; a server that goes away is a typed error for the next call; and the
+simulator sees no RNR, access, length or overrun fault. Where RDMA cannot be used, the server and
+the client say which of pyverbs, its libraries or a device is missing."""
 
 from __future__ import annotations
 
@@ -15,28 +16,28 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from integration_support import MiB, pool_is_empty, run, wait_until
+from integration_support import ClientApi, MiB, pool_is_empty, run, wait_until
 
 import bitfusion_net as bf
-from bitfusion_net.transport import rdma
+from bitfusion_net.transport import rdma, rdma_ring
 
 
 @pytest.fixture
 def simulated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv(rdma.PROVIDER_ENV, "simulator")
-    monkeypatch.setattr(rdma, "_simulated", None)  # a fresh fabric for this test
+    monkeypatch.setattr(rdma_ring, "_simulated", None)  # a fresh fabric for this test
     yield
-    provider = rdma._simulated
+    provider = rdma_ring._simulated
     if provider is not None:
         stats = provider.fabric.stats
         assert stats.faults == 0, (stats.as_dict(), provider.fabric.fault_log[:5])
 
 
-def test_the_async_client_works_over_rdma(simulated: None) -> None:
+def test_a_client_works_over_rdma(simulated: None, api: ClientApi) -> None:
     async def main() -> None:
         async with bf.Server(listen="rdma://127.0.0.1:0", gpus=1, gpu_memory="1GiB") as server:
             assert server.address.startswith("rdma://127.0.0.1:")
-            async with await bf.connect(server.address, fraction=0.25) as session:
+            async with await api.connect(server.address, fraction=0.25) as session:
                 device = session.devices[0]
                 for size in (0, 1, 4097, MiB, 64 * MiB):
                     data = np.random.default_rng(size).integers(0, 255, size, np.uint8)
@@ -53,12 +54,56 @@ def test_the_async_client_works_over_rdma(simulated: None) -> None:
                 await saxpy.launch(16, 256, [x.size, 2.0, ptr, ptr])
                 await device.memcpy_dtoh(x, ptr)
                 assert np.allclose(x, 3 * np.arange(4096))
+                stream, event = await device.create_stream(), await device.create_event()
+                await device.memset_d32(ptr, 7, x.size, stream=stream)
+                await event.record(stream)
+                await event.synchronize()
+                await device.memcpy_dtoh(x, ptr)
+                assert (x.view(np.uint32) == 7).all()
                 with pytest.raises(bf.OutOfMemoryError):
                     await device.mem_alloc(2**30)
                 with pytest.raises(bf.InvalidHandleError):
                     await device.mem_free(0x1234)
                     await device.synchronize()
+                free, total = await device.mem_get_info()
+                assert total == 256 * MiB and free < total
             await wait_until(lambda: pool_is_empty(server), "the lease back after the close")
+
+    run(main())
+
+
+def test_sessions_over_rdma_share_a_gpu(simulated: None, api: ClientApi) -> None:
+    async def main() -> None:
+        async with bf.Server(listen="rdma://127.0.0.1:0", gpus=1, gpu_memory="1GiB") as server:
+
+            async def tenant(seed: int) -> bool:
+                async with await api.connect(server.address, fraction=0.25) as session:
+                    device = session.devices[0]
+                    data = np.random.default_rng(seed).integers(0, 255, 3 * MiB, np.uint8)
+                    ptr = await device.mem_alloc(data.nbytes)
+                    back = np.empty_like(data)
+                    for _ in range(5):
+                        await device.memcpy_htod(ptr, data)
+                        await device.memcpy_dtoh(back, ptr)
+                    return bool((back == data).all())
+
+            assert all(await asyncio.gather(*(tenant(seed) for seed in range(4))))
+            await wait_until(lambda: pool_is_empty(server), "every lease back")
+
+    run(main())
+
+
+def test_a_server_that_goes_away_is_a_typed_error(simulated: None, api: ClientApi) -> None:
+    async def main() -> None:
+        server = bf.Server(listen="rdma://127.0.0.1:0", gpus=1, gpu_memory="1GiB")
+        await server.start()
+        session = await api.connect(server.address, fraction=0.25, call_timeout=20)
+        device = session.devices[0]
+        ptr = await device.mem_alloc(MiB)
+        await server.close()
+        with pytest.raises(bf.ConnectionLostError):
+            await device.memcpy_dtoh(np.empty(MiB, np.uint8), ptr)
+        await session.close()
 
     run(main())
 
@@ -72,16 +117,6 @@ def test_a_client_that_vanishes_gives_its_gpu_back(simulated: None) -> None:
                 driver.stream.abort()
             await wait_until(lambda: pool_is_empty(server), "the lease back after the abort")
             await asyncio.sleep(0)
-
-    run(main())
-
-
-def test_the_blocking_api_says_it_does_not_speak_rdma_yet(simulated: None) -> None:
-    async def main() -> None:
-        async with bf.Server(listen="rdma://127.0.0.1:0") as server:
-            loop = asyncio.get_running_loop()
-            with pytest.raises(bf.BitfusionError, match="blocking API does not speak RDMA"):
-                await loop.run_in_executor(None, lambda: bf.connect_sync(server.address))
 
     run(main())
 
@@ -150,3 +185,45 @@ def test_the_command_listens_on_every_address_it_is_given(monkeypatch: pytest.Mo
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_wrong_device_setting_is_refused_saying_which(
+    simulated: None, api: ClientApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with bf.Server(listen="rdma://127.0.0.1:0", gpus=1) as server:
+            monkeypatch.setenv(f"{rdma_ring.PROVIDER_ENV}_MTU", "1500")
+            with pytest.raises(bf.InvalidValueError, match="MTU must be one of"):
+                await api.connect(server.address, fraction=0.25)
+            monkeypatch.setenv(f"{rdma_ring.PROVIDER_ENV}_MTU", "4096")  # meets the server's 1024
+            async with await api.connect(server.address, fraction=0.25) as session:
+                assert await session.devices[0].mem_get_info()
+            monkeypatch.setenv(f"{rdma_ring.PROVIDER_ENV}_GID_INDEX", "5")
+            with pytest.raises(ConnectionError, match="GID index 5.*_GID_INDEX"):
+                await bf.Server(listen="rdma://127.0.0.1:0").start()
+
+    run(main())
+
+
+def test_the_cli_control_connection_works_over_rdma(simulated: None) -> None:
+    """What ``list_gpus`` and ``request_gpus`` open to a server: a blocking control connection,
+    here over rdma://; the server's info names every address it serves."""
+    from bitfusion_net.cli.control import ControlConnection
+
+    async def main() -> None:
+        async with bf.Server(
+            listen="tcp://127.0.0.1:0", also_listen=["rdma://127.0.0.1:0"], gpus=2
+        ) as server:
+
+            def ask() -> dict[str, object]:
+                control = ControlConnection(server.addresses[1], timeout=20)
+                try:
+                    return control.info()
+                finally:
+                    control.close()
+
+            info = await asyncio.to_thread(ask)
+            assert info["server"]["addresses"] == server.addresses  # type: ignore[index]
+            assert len(info["gpus"]) == 2  # type: ignore[arg-type]
+
+    run(main())

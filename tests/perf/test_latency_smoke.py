@@ -178,3 +178,27 @@ def test_quick_run_without_the_optional_packages(tmp_path: Path) -> None:
     assert "grpcio is not installed" in results["baselines"]["grpc"]["skipped"]
     assert not (tmp_path / "results" / "latency.png").exists()
     assert any("matplotlib is not installed" in note for note in results["notes"])
+
+
+def test_the_rdma_run_on_the_simulator_is_labelled_simulated(tmp_path: Path) -> None:
+    """``--transport rdma`` on the verbs simulator: every figure of both APIs, the results in
+    their own file labelled simulated, never set beside TCP's, and no simulator fault."""
+    output = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(HARNESS), "--transport", "rdma", "--rdma-provider", "simulator",
+         "--quick", "--no-progress", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"harness failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "SIMULATED" in done.stdout
+    assert not (output / "latency.json").exists()
+    results = json.loads((output / "latency-rdma-simulated.json").read_text(encoding="utf-8"))
+    assert results["meta"]["simulated"] is True and results["meta"]["provider"] == "simulator"
+    assert "tcp" not in results and "ratios" not in results
+    assert results["simulator"]["faults"] == 0 and results["simulator"]["writes"] > 0
+    for api in ("async", "blocking"):
+        positive(results, "rdma", api, "round_trip", "p50_us")
+        positive(results, "rdma", api, "launches", "per_second")
+        for direction in ("htod", "dtoh"):
+            copies = results["rdma"][api]["memcpy"][direction]
+            assert len(copies) == QUICK_SIZES and all(copy["gbps"] > 0 for copy in copies)

@@ -71,7 +71,7 @@ async def test_a_peer_that_dies_without_a_word_is_found_out() -> None:
     fabric, a, b = _pair()
     a.stream.write(b"hello")
     await b.wait_for_bytes(5)
-    fabric.crash(a.stream._end.ctx)  # its process died: nothing is sent, its QP is gone
+    fabric.crash(a.stream._ring.end.ctx)  # its process died: nothing is sent, its QP is gone
     await poll_until(lambda: peer_gone(b.stream), "peer_alive() False")
     await b.stream.wait_closed()
     assert isinstance(b.lost[0], ConnectionError) and "peer is gone" in str(b.lost[0])

@@ -1,8 +1,9 @@
 """The transport conformance suite (after trio's ``check_two_way_stream``).
 
 Every ``Stream`` implementation passes the same cases: TCP over loopback on uvloop and the
-in-memory pair, through the ``open_pairs`` fixture. ``BlockingStream`` passes the same cases in
-its own terms, as a blocking client talking to an event-loop TCP server end.
+in-memory pair and RDMA on the verbs simulator, through the ``open_pairs`` fixture.
+``BlockingStream`` passes the same cases in its own terms, as a blocking client talking to an
+event-loop server end, over TCP and over RDMA (``open_blocking``).
 
 1. ordering: thousands of small writes of varied sizes arrive intact and in order, both ways;
 2. 1-byte reads: an owner offering 1-byte buffers still receives everything;
@@ -43,6 +44,7 @@ from bitfusion_net.transport import (
     listen,
     loop_factory,
     memory_stream_pair,
+    rdma_ring,
 )
 from bitfusion_net.transport.rdma import rdma_stream_pair
 from bitfusion_net.transport.verbs import Fabric, SimulatedProvider
@@ -610,16 +612,18 @@ async def test_a_hundred_connections_at_once(open_pairs: OpenPairs) -> None:
             assert b.lost == [None]
 
 
-# == BlockingStream: a blocking client against an event-loop TCP server end =====================
+# == BlockingStream: a blocking client against an event-loop server end =========================
 Blocking = tuple[BlockingStream, RecordingOwner]  # the client, and the server end's owner
 
 
 @asynccontextmanager
 async def blocking_clients(
-    count: int = 1, read_size: int = READ_SIZE
+    count: int = 1, read_size: int = READ_SIZE, *, rdma: bool = False
 ) -> AsyncIterator[list[Blocking]]:
-    """``count`` blocking clients, each connected to a ``TcpStream`` server end on this loop. Call
-    the clients only through ``asyncio.to_thread``; their socket timeout bounds every call."""
+    """``count`` blocking clients, each connected to a server end on this loop (a ``TcpStream``,
+    or with ``rdma`` an ``RdmaStream`` on this process's simulated fabric). Call the clients only
+    through ``asyncio.to_thread``; their timeout bounds every call."""
+    fabric = rdma_ring.default_provider().fabric if rdma else None  # type: ignore[attr-defined]
     made: list[RecordingOwner] = []
     accepted: asyncio.Queue[RecordingOwner] = asyncio.Queue()
 
@@ -628,10 +632,10 @@ async def blocking_clients(
         accepted.put_nowait(made[-1])
         return made[-1]
 
-    server = await listen(TcpAddress("127.0.0.1", 0), server_owner)
+    server = await listen(TcpAddress("127.0.0.1", 0, rdma=rdma), server_owner)
     clients: list[BlockingStream] = []
     try:
-        address = TcpAddress("127.0.0.1", server.sockets[0].getsockname()[1])
+        address = TcpAddress("127.0.0.1", server.sockets[0].getsockname()[1], rdma=rdma)
         pairs: list[Blocking] = []
         for _ in range(count):  # one at a time, so the n-th accepted end is the n-th client's
             clients.append(
@@ -648,6 +652,24 @@ async def blocking_clients(
         server.close()
         await server.wait_closed()
     check_contract(made)
+    if fabric is not None:
+        assert fabric.stats.faults == 0, (fabric.stats.as_dict(), fabric.fault_log[:5])
+
+
+class OpenBlocking(Protocol):
+    def __call__(
+        self, count: int = 1, read_size: int = READ_SIZE
+    ) -> AbstractAsyncContextManager[list[Blocking]]: ...
+
+
+@pytest.fixture(params=["tcp", "rdma"])
+def open_blocking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> OpenBlocking:
+    """Opens blocking clients of one transport: ``async with open_blocking() as [(c, s)]``."""
+    if request.param == "tcp":
+        return cast(OpenBlocking, blocking_clients)
+    monkeypatch.setenv(rdma_ring.PROVIDER_ENV, "simulator")
+    monkeypatch.setattr(rdma_ring, "_simulated", None)  # a fresh fabric for this test
+    return cast(OpenBlocking, functools.partial(blocking_clients, rdma=True))
 
 
 def receive_exactly(stream: BlockingStream, receiver: RecordingOwner, total: int) -> None:
@@ -670,8 +692,8 @@ def send_chunks(stream: BlockingStream, chunks: list[bytes], seed: int) -> None:
 
 
 @on_uvloop
-async def test_blocking_small_sends_arrive_in_order_both_ways() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_small_sends_arrive_in_order_both_ways(open_blocking: OpenBlocking) -> None:
+    async with open_blocking() as [(client, server)]:
         up, down = small_chunks(11, 3000), small_chunks(12, 3000)
         receiver = RecordingOwner(None)
         sent_down = await write_chunks(server.stream, down, seed=13)
@@ -688,8 +710,8 @@ async def test_blocking_small_sends_arrive_in_order_both_ways() -> None:
 
 
 @on_uvloop
-async def test_blocking_one_byte_reads_receive_everything() -> None:
-    async with blocking_clients(read_size=1) as [(client, server)]:
+async def test_blocking_one_byte_reads_receive_everything(open_blocking: OpenBlocking) -> None:
+    async with open_blocking(read_size=1) as [(client, server)]:
         up, down = small_chunks(15, 300, largest=200), small_chunks(16, 300, largest=200)
         receiver = RecordingOwner(None, read_size=1)
         await write_chunks(server.stream, down, seed=17)
@@ -706,8 +728,10 @@ async def test_blocking_one_byte_reads_receive_everything() -> None:
 @pytest.mark.parametrize("direction", ["up", "down"])
 @pytest.mark.parametrize("size", PAYLOAD_SIZES)
 @on_uvloop
-async def test_blocking_payload_lands_bit_exact(size: int, direction: str) -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_payload_lands_bit_exact(
+    size: int, direction: str, open_blocking: OpenBlocking
+) -> None:
+    async with open_blocking() as [(client, server)]:
         payload = pattern(size, seed=size + 1)
         if direction == "up":  # the client sends
             head, sink = server.expect_frame(size)
@@ -724,8 +748,10 @@ async def test_blocking_payload_lands_bit_exact(size: int, direction: str) -> No
 
 
 @on_uvloop
-async def test_blocking_send_blocks_while_the_peer_does_not_read() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_send_blocks_while_the_peer_does_not_read(
+    open_blocking: OpenBlocking,
+) -> None:
+    async with open_blocking() as [(client, server)]:
         server.stream.pause_reading()
         block = pattern(MiB, seed=19).data
         client.settimeout(0.5)  # the documented way out of a send that cannot proceed
@@ -735,8 +761,10 @@ async def test_blocking_send_blocks_while_the_peer_does_not_read() -> None:
 
 
 @on_uvloop
-async def test_blocking_reader_that_does_not_read_makes_the_server_wait() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_reader_that_does_not_read_makes_the_server_wait(
+    open_blocking: OpenBlocking,
+) -> None:
+    async with open_blocking() as [(client, server)]:
         block = pattern(MiB, seed=20)
         writes = 0
         while server.stream.writable:
@@ -757,8 +785,8 @@ async def test_blocking_reader_that_does_not_read_makes_the_server_wait() -> Non
 
 
 @on_uvloop
-async def test_blocking_end_sees_eof_after_the_server_closes() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_end_sees_eof_after_the_server_closes(open_blocking: OpenBlocking) -> None:
+    async with open_blocking() as [(client, server)]:
         data = random_bytes(12 * MiB, seed=21)
         server.stream.write(data[:10], memoryview(data)[10:])
         server.stream.close()
@@ -770,8 +798,10 @@ async def test_blocking_end_sees_eof_after_the_server_closes() -> None:
 
 
 @on_uvloop
-async def test_blocking_end_sees_a_reset_after_the_server_aborts() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_end_sees_a_reset_after_the_server_aborts(
+    open_blocking: OpenBlocking,
+) -> None:
+    async with open_blocking() as [(client, server)]:
         data = random_bytes(4 * MiB, seed=22)
         server.stream.write(data)
         server.stream.flush()
@@ -784,8 +814,8 @@ async def test_blocking_end_sees_a_reset_after_the_server_aborts() -> None:
 
 
 @on_uvloop
-async def test_server_sees_everything_then_the_blocking_close() -> None:
-    async with blocking_clients(count=2) as [(client, server), (half_closer, server2)]:
+async def test_server_sees_everything_then_the_blocking_close(open_blocking: OpenBlocking) -> None:
+    async with open_blocking(count=2) as [(client, server), (half_closer, server2)]:
         data = random_bytes(12 * MiB, seed=23)
         await asyncio.to_thread(client.send, data[:10], memoryview(data)[10:])
         client.close()
@@ -804,8 +834,8 @@ async def test_server_sees_everything_then_the_blocking_close() -> None:
 
 
 @on_uvloop
-async def test_blocking_close_in_the_middle_of_a_frame() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_close_in_the_middle_of_a_frame(open_blocking: OpenBlocking) -> None:
+    async with open_blocking() as [(client, server)]:
         size, sent = 2 * MiB, MiB + 1
         payload = pattern(size, seed=24)
         head, sink = server.expect_frame(size)
@@ -817,8 +847,10 @@ async def test_blocking_close_in_the_middle_of_a_frame() -> None:
 
 
 @on_uvloop
-async def test_blocking_send_returns_once_the_payload_may_be_reused() -> None:
-    async with blocking_clients() as [(client, server)]:
+async def test_blocking_send_returns_once_the_payload_may_be_reused(
+    open_blocking: OpenBlocking,
+) -> None:
+    async with open_blocking() as [(client, server)]:
         size = 64 * MiB
         payload = pattern(size, seed=25)
         _head, sink = server.expect_frame(size)
@@ -833,8 +865,8 @@ async def test_blocking_send_returns_once_the_payload_may_be_reused() -> None:
 
 
 @on_uvloop
-async def test_a_hundred_blocking_clients_at_once() -> None:
-    async with blocking_clients(count=100) as pairs:
+async def test_a_hundred_blocking_clients_at_once(open_blocking: OpenBlocking) -> None:
+    async with open_blocking(count=100) as pairs:
         sent = [
             (random_bytes(20 * KiB, 2 * i), random_bytes(30 * KiB, 2 * i + 1)) for i in range(100)
         ]

@@ -3,8 +3,7 @@
 1. Every case of ``test_stream_conformance`` runs here once more with TLS ends: the event-loop
    cases through this module's ``open_pairs`` (``TlsStream`` ends of ``listen(tls=...)`` and
    ``connect(tls=...)`` on uvloop, with and without mutual TLS), the ``BlockingStream`` cases
-   with ``TlsBlockingStream`` clients (the suite's ``blocking_clients`` is swapped for a TLS one
-   while they run).
+   with ``TlsBlockingStream`` clients through this module's ``open_blocking``.
 2. Addresses (``tls://``), settings (files that cannot be used are named) and what a stream
    says of its peer: encrypted, and the verified certificate's commonName under mutual TLS.
 3. A TLS server's connections: a plaintext client reaches the plaintext owner with its bytes
@@ -36,6 +35,7 @@ from test_stream_conformance import (
     READ_SIZE,
     THREAD_TIMEOUT_S,
     Blocking,
+    OpenBlocking,
     OpenPairs,
     RecordingOwner,
     abort_all,
@@ -143,10 +143,10 @@ def open_pairs(request: pytest.FixtureRequest, pki: Pki) -> OpenPairs:
     return tls_pairs(pki, mutual=request.param == "mutual-tls")
 
 
-@pytest.fixture(autouse=True)
-def blocking_ends_over_tls(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
-    """The suite's blocking cases look ``blocking_clients`` up in their module when they run."""
-    monkeypatch.setattr(conformance, "blocking_clients", tls_blocking_clients(pki))
+@pytest.fixture
+def open_blocking(pki: Pki) -> OpenBlocking:
+    """This module's ends for the suite's blocking cases: TLS clients of a TLS listener."""
+    return cast(OpenBlocking, tls_blocking_clients(pki))
 
 
 CONFORMANCE_CASES = [name for name in dir(conformance) if name.startswith("test_")]

@@ -718,6 +718,7 @@ class SimulatedQueuePair(_Closable, QueuePair):
         self._qpn = next(self._fabric._qpns) & 0xFFFFFF
         self._address = (self._device.gid, self._qpn)
         self._state = QpState.RESET
+        self.path_mtu: int | None = None  # what ``connect`` was given
         self._sq_psn = 0
         self._rq_psn = 0
         self._remote: tuple[bytes, int] | None = None
@@ -776,6 +777,7 @@ class SimulatedQueuePair(_Closable, QueuePair):
             self._remote = address
             self._rq_psn = remote.psn
             self._access = access
+            self.path_mtu = path_mtu  # kept for tests to read; packets are not modelled
             self._state = QpState.RTS
 
     def post_recv(self, wr_id: int, sge: Sge | None) -> None:
