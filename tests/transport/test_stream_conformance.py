@@ -48,6 +48,8 @@ from bitfusion_net.transport import (
 )
 from bitfusion_net.transport.rdma import rdma_stream_pair
 from bitfusion_net.transport.verbs import Fabric, SimulatedProvider
+from bitfusion_net.transport.verbs.api import Provider
+from bitfusion_net.transport.verbs.pyverbs_backend import PyverbsProvider, unavailable
 
 KiB = 2**10
 MiB = 2**20
@@ -327,16 +329,28 @@ async def memory_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncItera
     check_contract(made)
 
 
+def rdma_device() -> Provider:
+    """pyverbs on this host's RDMA device, or a skip saying what is missing."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(f"no RDMA here: {reason}")
+    return PyverbsProvider()
+
+
 @asynccontextmanager
-async def rdma_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator[list[Pair]]:
-    """``count`` RDMA pairs on one simulated fabric (two devices, as two hosts would be). The
-    simulator fails every RNR, access, length or overrun fault as hardware would; the transport
-    must meet none of them in any case of the suite."""
-    fabric = Fabric(devices=("sim0", "sim1"))
-    provider = SimulatedProvider(fabric)
+async def rdma_pairs(
+    count: int = 1, read_size: int = READ_SIZE, *, device: Provider | None = None
+) -> AsyncIterator[list[Pair]]:
+    """``count`` RDMA pairs on one simulated fabric (two devices, as two hosts would be), or
+    with ``device`` two QPs of one real device (loopback). The simulator fails every RNR,
+    access, length or overrun fault as hardware would; the transport must meet none of them in
+    any case of the suite."""
+    fabric = Fabric(devices=("sim0", "sim1")) if device is None else None
+    provider = device or SimulatedProvider(fabric)  # type: ignore[arg-type]
+    names: tuple[str | None, str | None] = ("sim0", "sim1") if device is None else (None, None)
     pairs: list[Pair] = []
     for _ in range(count):
-        first, second = rdma_stream_pair(provider, ("sim0", "sim1"))
+        first, second = rdma_stream_pair(provider, names)
         pair = RecordingOwner(first, read_size), RecordingOwner(second, read_size)
         first.start(pair[0])
         second.start(pair[1])
@@ -347,7 +361,8 @@ async def rdma_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterato
     finally:
         await abort_all(made)
     check_contract(made)
-    assert fabric.stats.faults == 0, (fabric.stats.as_dict(), fabric.fault_log[:5])
+    if fabric is not None:
+        assert fabric.stats.faults == 0, (fabric.stats.as_dict(), fabric.fault_log[:5])
 
 
 class OpenPairs(Protocol):
@@ -356,9 +371,14 @@ class OpenPairs(Protocol):
     ) -> AbstractAsyncContextManager[list[Pair]]: ...
 
 
-@pytest.fixture(params=["tcp", "memory", "rdma"])
+@pytest.fixture(
+    params=["tcp", "memory", "rdma", pytest.param("rdma-device", marks=pytest.mark.rdma)]
+)
 def open_pairs(request: pytest.FixtureRequest) -> OpenPairs:
-    """Opens connected ``Stream`` pairs of one transport: ``async with open_pairs() as [(a, b)]``."""
+    """Opens connected ``Stream`` pairs of one transport: ``async with open_pairs() as [(a, b)]``
+    (``rdma``: on the verbs simulator; ``rdma-device``: on this host's device, else skipped)."""
+    if request.param == "rdma-device":
+        return cast(OpenPairs, functools.partial(rdma_pairs, device=rdma_device()))
     transports = {"tcp": tcp_pairs, "memory": memory_pairs, "rdma": rdma_pairs}
     return cast(OpenPairs, transports[request.param])
 
@@ -618,12 +638,13 @@ Blocking = tuple[BlockingStream, RecordingOwner]  # the client, and the server e
 
 @asynccontextmanager
 async def blocking_clients(
-    count: int = 1, read_size: int = READ_SIZE, *, rdma: bool = False
+    count: int = 1, read_size: int = READ_SIZE, *, rdma: bool = False, simulated: bool = True
 ) -> AsyncIterator[list[Blocking]]:
     """``count`` blocking clients, each connected to a server end on this loop (a ``TcpStream``,
     or with ``rdma`` an ``RdmaStream`` on this process's simulated fabric). Call the clients only
     through ``asyncio.to_thread``; their timeout bounds every call."""
-    fabric = rdma_ring.default_provider().fabric if rdma else None  # type: ignore[attr-defined]
+    simulator = rdma and simulated
+    fabric = rdma_ring.default_provider().fabric if simulator else None  # type: ignore[attr-defined]
     made: list[RecordingOwner] = []
     accepted: asyncio.Queue[RecordingOwner] = asyncio.Queue()
 
@@ -662,11 +683,16 @@ class OpenBlocking(Protocol):
     ) -> AbstractAsyncContextManager[list[Blocking]]: ...
 
 
-@pytest.fixture(params=["tcp", "rdma"])
+@pytest.fixture(params=["tcp", "rdma", pytest.param("rdma-device", marks=pytest.mark.rdma)])
 def open_blocking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> OpenBlocking:
-    """Opens blocking clients of one transport: ``async with open_blocking() as [(c, s)]``."""
+    """Opens blocking clients of one transport: ``async with open_blocking() as [(c, s)]``
+    (``rdma``: on the verbs simulator; ``rdma-device``: on this host's device, else skipped)."""
     if request.param == "tcp":
         return cast(OpenBlocking, blocking_clients)
+    if request.param == "rdma-device":
+        rdma_device()
+        monkeypatch.delenv(rdma_ring.PROVIDER_ENV, raising=False)
+        return cast(OpenBlocking, functools.partial(blocking_clients, rdma=True, simulated=False))
     monkeypatch.setenv(rdma_ring.PROVIDER_ENV, "simulator")
     monkeypatch.setattr(rdma_ring, "_simulated", None)  # a fresh fabric for this test
     return cast(OpenBlocking, functools.partial(blocking_clients, rdma=True))
