@@ -239,15 +239,28 @@ class Session:
     ) -> None:
         """Copy ``nbytes`` from ``src`` on device ``src_device`` to ``dst`` on ``dst_device``.
         Within one device this is ``memcpy_dtod``. Between devices (on one server or on two)
-        the bytes come to this client and go out again, in chunks of up to ``max_payload``:
-        it costs two network transfers of the data, not a device-to-device copy."""
+        the bytes come to this client and go out again, in chunks of up to ``max_payload``
+        (8 MiB at most), each read while the one before is sent: it costs two network
+        transfers of the data, not a device-to-device copy."""
         source, target = self.devices[src_device], self.devices[dst_device]
         if source is target:
             await source.memcpy_dtod(dst, src, nbytes)
             return
-        for offset, view in peer_chunks(nbytes, self.max_payload):
-            await source.memcpy_dtoh(view, src + offset)
-            await target.memcpy_htod(dst + offset, view)
+        # Two host buffers, so that chunk i goes out while chunk i + 1 comes in.
+        sending: asyncio.Task[None] | None = None
+        try:
+            for offset, view in peer_chunks(nbytes, self.max_payload, buffers=2):
+                await source.memcpy_dtoh(view, src + offset)  # this buffer's last send is done
+                if sending is not None:
+                    await sending
+                sending = asyncio.ensure_future(target.memcpy_htod(dst + offset, view))
+            if sending is not None:
+                await sending
+        finally:
+            if sending is not None and not sending.done():
+                # A read failed: the error raised is the read's; the send ends on its own.
+                sending.add_done_callback(lambda task: task.cancelled() or task.exception())
+                await asyncio.wait([sending])
 
     async def __aenter__(self) -> Session:
         return self
@@ -279,12 +292,16 @@ def number_devices(
     return devices
 
 
-def peer_chunks(nbytes: int, max_payload: int) -> Iterator[tuple[int, memoryview]]:
-    """(offset, host buffer) of each chunk of a copy between devices through this client; one
-    buffer serves every chunk (each is sent before the next is read)."""
-    chunk = bytearray(min(max(nbytes, 0), max_payload, PEER_CHUNK))
-    for offset in range(0, nbytes, len(chunk) or 1):
-        yield offset, memoryview(chunk)[: min(len(chunk), nbytes - offset)]
+def peer_chunks(
+    nbytes: int, max_payload: int, buffers: int = 1
+) -> Iterator[tuple[int, memoryview]]:
+    """(offset, host buffer) of each chunk of a copy between devices through this client, the
+    chunks taking ``buffers`` buffers in turn (one: each chunk is sent before the next is read;
+    two: a chunk may be read while the one before it is sent)."""
+    size = min(max(nbytes, 0), max_payload, PEER_CHUNK)
+    pool = [bytearray(size) for _ in range(buffers if nbytes > size else 1)]
+    for number, offset in enumerate(range(0, nbytes, size or 1)):
+        yield offset, memoryview(pool[number % len(pool)])[: min(size, nbytes - offset)]
 
 
 async def _close_driver(driver: AsyncDriver, timeout: float) -> None:

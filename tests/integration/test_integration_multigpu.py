@@ -87,3 +87,28 @@ def test_asking_for_more_gpus_than_the_server_has_is_an_invalid_value(api: Clien
             await wait_released(server)
 
     run(main())
+
+
+def test_memcpy_peer_moves_many_chunks_exactly_and_reports_a_bad_source(api: ClientApi) -> None:
+    """Between two GPUs the bytes pass through the client in 8 MiB chunks (the async API reads
+    one while it sends the one before): every byte lands, and a source range past its
+    allocation is the read's typed error."""
+
+    async def main() -> None:
+        async with serve(gpus=2, gpu_memory="1GiB") as server:
+            async with api.connect(server.address, gpus=2, fraction=0.5) as session:
+                a, b = session.devices
+                size = 3 * 8 * 2**20 + 5
+                data = np.random.default_rng(7).integers(0, 255, size, np.uint8)
+                src, dst = await a.mem_alloc(size), await b.mem_alloc(size)
+                await a.memcpy_htod(src, data)
+                await session.memcpy_peer(1, dst, 0, src, size)
+                out = np.empty_like(data)
+                await b.memcpy_dtoh(out, dst)
+                assert (out == data).all()
+                with pytest.raises(bf.InvalidHandleError, match="not inside one of"):
+                    await session.memcpy_peer(1, dst, 0, src + 2**20, size)
+                await b.memcpy_dtoh(out, dst)  # the session goes on
+                assert (out[: 2**20] == data[2**20 : 2**21]).all()
+
+    run(main())
