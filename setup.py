@@ -4,6 +4,16 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The sources of the libcuda.so.1 stand-in (docs/AGENT.md). They are installed as data, not
+# built here: `bitfusion-net run` builds the library on first use into a cache directory, with
+# the CUDA headers of the machine it runs on (a wheel built elsewhere would carry another
+# toolkit's entry points), and a build failure there costs only the agent, never the install.
+AGENT_SOURCES = sorted(
+    str(path)
+    for path in Path(__file__).parent.joinpath("native", "libcuda").glob("*")
+    if path.is_file() and (path.suffix in {".c", ".h", ".py"} or path.name == "Makefile")
+)
+
 setup(
     name="bitfusion-net",
     version="0.1.0",
@@ -22,6 +32,12 @@ setup(
         # ``pycuda`` as bitfusion-net run shows it to programs (not a package of its own)
         "bitfusion_net.pycuda_compat": ["shim/pycuda/*.py"],
     },
+    data_files=[
+        (
+            "share/bitfusion-net/native/libcuda",
+            [str(Path(p).relative_to(Path(__file__).parent)) for p in AGENT_SOURCES],
+        )
+    ],
     # PyYAML reads Bitfusion's servers.conf (YAML) unchanged; h11 and prometheus-client serve
     # the management endpoint (docs/OBSERVABILITY.md).
     install_requires=[
@@ -40,6 +56,8 @@ setup(
             "mypy==2.4.1",
             # coverage-guided fuzzing of the protocol and the server (fuzz/); Linux wheels only
             "atheris>=2.3; platform_system == 'Linux'",
+            # NVIDIA's driver-API bindings, which tests/native runs through the agent
+            "cuda-bindings>=13; platform_system == 'Linux'",
         ],
         "bench": ["pyzmq>=25", "grpcio>=1.60", "matplotlib>=3.7", "tqdm>=4.66"],
         "gpu": ["pycuda>=2024.1"],

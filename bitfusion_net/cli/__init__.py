@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let Python programs written for PyCUDA run unchanged: 'import pycuda' "
                      "finds bitfusion-net's PyCUDA-compatible layer first (PYTHONPATH); "
                      "--no-pycuda leaves PYTHONPATH alone (default: on)")  # fmt: skip
+    run.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True,
+                     help="let CUDA driver-API programs (cuda-python, C with cuda.h) run "
+                     "unchanged: libcuda.so.1 is bitfusion-net's agent (LD_LIBRARY_PATH; built "
+                     "on first use, docs/AGENT.md); --no-agent leaves it alone (default: on)")  # fmt: skip
     run.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
     request = commands.add_parser(
@@ -358,7 +362,9 @@ def _run(args: argparse.Namespace) -> int:
         logline.info(
             f"Running client command '{child.describe(command)}' on {lease.gpus} GPUs of reservation '{args.reservation}'"
         )
-        return _start(command, {LEASE_ENV: str(Path(args.reservation).resolve())}, args.pycuda)
+        return _start(
+            command, {LEASE_ENV: str(Path(args.reservation).resolve())}, args.pycuda, args.agent
+        )
     held = _reserve(args, hold=True, default_idle=0.0)
     path = _new_lease_path()
     try:
@@ -371,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
         for part in held.lease.servers:
             host, _, port = part.address.removeprefix("tcp://").rpartition(":")
             logline.info(f"{host} {port} {part.server_id} {part.server_version}")
-        return _start(command, {LEASE_ENV: path}, args.pycuda)
+        return _start(command, {LEASE_ENV: path}, args.pycuda, args.agent)
     finally:
         logline.info(f"Releasing GPUs from config file '{path}'...")
         held.close()  # the reservations end with their connections (and their last program)
@@ -382,13 +388,22 @@ def _run(args: argparse.Namespace) -> int:
         )
 
 
-def _start(command: list[str], extra_env: dict[str, str], pycuda: bool) -> int:
+def _start(command: list[str], extra_env: dict[str, str], pycuda: bool, agent: bool) -> int:
     from . import child
 
     if pycuda:
         from ..pycuda_compat import python_path
 
         extra_env["PYTHONPATH"] = python_path(os.environ.get("PYTHONPATH", ""))
+    if agent:
+        from . import agent as cuda_agent
+
+        try:
+            extra_env.update(
+                cuda_agent.agent_environment(cuda_agent.agent_library_dir(), os.environ)
+            )
+        except cuda_agent.AgentUnavailable as exc:  # Python-level layers still work without it
+            logline.warn(f"CUDA driver-API programs will not reach the GPUs: {exc}")
     try:
         return child.run_command(command, child.environment_with(extra_env))
     except OSError as exc:
