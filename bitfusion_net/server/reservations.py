@@ -68,7 +68,7 @@ class Attachment(Protocol):
         """End the session: its reservation is gone (tell the client why, then close)."""
 
     def last_request(self) -> float:
-        """``time.monotonic()`` of the last request received."""
+        """When the last request was received, on the table's clock (``time.monotonic()``)."""
 
     def busy(self) -> bool:
         """Whether work of the session is queued, running or owed a reply."""
@@ -172,8 +172,13 @@ class ReservationTable:
         executors: list[Executor],
         server_id: str,
         max_idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` stamps when reservations are made and last active; a simulation passes its
+        own (``perf/utilisation.py`` runs a week of a cluster on it). ``sweep`` takes ``now`` on
+        the same clock."""
         self.pool = pool
+        self.clock = clock
         self.executors = executors
         self.server_id = server_id
         self.max_idle_timeout = max_idle_timeout  # 0: no bound
@@ -226,6 +231,7 @@ class ReservationTable:
                 for placement in placements:
                     self.pool.release(placement)
                 raise
+        now = self.clock()
         reservation = Reservation(
             next(self._ids),
             secrets.token_bytes(SECRET_BYTES),
@@ -238,6 +244,8 @@ class ReservationTable:
             holder,
             implicit,
             user,
+            created=now,
+            last_active=now,
             past=[DeviceAccount(p.gpu) for p in placements],
         )
         self._by_id[reservation.id] = reservation
@@ -345,7 +353,7 @@ class ReservationTable:
         leases = reservation.attached.pop(session, None)
         if leases is None:
             return
-        reservation.last_active = time.monotonic()
+        reservation.last_active = self.clock()
         self._close_tenants(reservation, leases)
         self._share_compute(reservation)
         if reservation.holder is _GONE and not reservation.attached:
@@ -394,7 +402,10 @@ class ReservationTable:
     def _close_tenants(self, reservation: Reservation, leases: list[Lease]) -> None:
         """Close the tenants (their queued work is dropped); an ended reservation's GPUs go
         back to the pool once every one's memory is free (else the executor could refuse the
-        next lease placed there)."""
+        next lease placed there). With no tenant to close (a reservation no program attached
+        to) nothing waits on a device, so no event loop is needed."""
+        if not leases:
+            return
         loop = asyncio.get_running_loop()
 
         def freed() -> None:
