@@ -72,7 +72,10 @@ FILTER_KEYS: dict[str, tuple[Callable[[dict[str, Any], dict[str, Any]], Any], bo
     ),
     "server.hostname": (lambda s, g: s.get("hostname", ""), False),
     "server.executor": (lambda s, g: s.get("executor", ""), False),
-    "server.has-rdma": (lambda s, g: "false", False),  # no RDMA transport yet
+    "server.has-rdma": (  # it serves rdma:// (SERVER_INFO's addresses)
+        lambda s, g: str(any(a.startswith("rdma://") for a in s.get("addresses", []))).lower(),
+        False,
+    ),
     "device.id": (lambda s, g: g.get("gpu", -1), True),
     "device.name": (lambda s, g: g.get("name", ""), False),
     "device.phy-memory": (lambda s, g: int(g.get("total_memory", 0)) // MiB, True),  # MiB

@@ -92,3 +92,18 @@ def test_filtered_out_gpus_are_not_used_and_the_refusal_says_so() -> None:
     info = server("a:1", gpu(0, name="V100"))
     with pytest.raises(NoRoom, match="no GPU matches the filters"):
         choose(Ask(1, 0.5), [("a", info)], [Filter.parse("device.name=A100")])
+
+
+def test_has_rdma_is_true_for_a_server_that_also_serves_rdma() -> None:
+    plain = server("a:1", gpu(0))
+    both = server("b:1", gpu(0))
+    both["server"]["addresses"] = ["tcp://b:1", "rdma://b:2"]
+    wants, refuses = Filter.parse("server.has-rdma=true"), Filter.parse("server.has-rdma=false")
+    assert [rule.accepts(plain["server"], plain["gpus"][0]) for rule in (wants, refuses)] == [
+        False,
+        True,
+    ]
+    assert [rule.accepts(both["server"], both["gpus"][0]) for rule in (wants, refuses)] == [
+        True,
+        False,
+    ]
