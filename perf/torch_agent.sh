@@ -4,7 +4,8 @@
 #
 #   perf/torch_agent.sh                  against a NumPy-device server it starts on loopback
 #   EXECUTOR=pycuda perf/torch_agent.sh  against a GPU server on this host (real kernels)
-#   TORCH_VENV=DIR                       the environment to use or make (default perf/build/torch-venv)
+#   TORCH_VENV=DIR                       the environment to use or make (default perf/build/torch-venv;
+#                                        unset, a python3 that has torch is used as it is)
 #
 # It runs, under `bitfusion-net run -n 1 -p 0.5`, torch.cuda.is_available(), get_device_name(),
 # mem_get_info() (the lease's memory), torch.tensor(...).cuda().cpu() (copies only) and
@@ -21,11 +22,19 @@ VENV=${TORCH_VENV:-$REPO/perf/build/torch-venv}
 RESULTS=$REPO/perf/results
 mkdir -p "$RESULTS" "$(dirname "$VENV")"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+# A Python that already has torch (a GPU host's, often offline) is used as it is, with the
+# repository on PYTHONPATH; otherwise torch goes into a virtual environment of its own.
+if [ -z "${TORCH_VENV:-}" ] && python3 -c "import torch, numpy, h11, prometheus_client, yaml" 2>/dev/null; then
+    PY=$(command -v python3)
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet torch numpy
+    "$VENV/bin/python" -m pip install --quiet -e "$REPO"
+    PY=$VENV/bin/python
 fi
-"$VENV/bin/python" -m pip install --quiet torch numpy
-"$VENV/bin/python" -m pip install --quiet -e "$REPO"
 
 WORK=$(mktemp -d)
 SERVER_PID=
@@ -35,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$VENV/bin/python" -m bitfusion_net.server --listen tcp://127.0.0.1:0 --executor "$EXECUTOR" \
+"$PY" -m bitfusion_net.server --listen tcp://127.0.0.1:0 --executor "$EXECUTOR" \
     --log-level WARNING >"$WORK/server.out" 2>"$WORK/server.err" &
 SERVER_PID=$!
 for _ in $(seq 100); do
@@ -75,11 +84,11 @@ json.dump(results, sys.stdout, indent=2)
 PY
 
 set +e
-BITFUSION_NET_AGENT_LOG=4 "$VENV/bin/bitfusion-net" run -n 1 -p 0.5 --server_list "$ADDRESS" -- \
-    "$VENV/bin/python" "$WORK/torch_steps.py" >"$WORK/steps.json" 2>"$RESULTS/torch_agent-$EXECUTOR.log"
+BITFUSION_NET_AGENT_LOG=4 "$PY" -m bitfusion_net run -n 1 -p 0.5 --server_list "$ADDRESS" -- \
+    "$PY" "$WORK/torch_steps.py" >"$WORK/steps.json" 2>"$RESULTS/torch_agent-$EXECUTOR.log"
 STATUS=$?
 set -e
-"$VENV/bin/python" - "$WORK/steps.json" "$RESULTS/torch_agent-$EXECUTOR.json" "$EXECUTOR" "$STATUS" <<'PY'
+"$PY" - "$WORK/steps.json" "$RESULTS/torch_agent-$EXECUTOR.json" "$EXECUTOR" "$STATUS" <<'PY'
 import json
 import sys
 
