@@ -49,6 +49,9 @@ DATA, CREDIT, CLOSE, ABORT = 0, 1, 2, 3
 PROVIDER_ENV = "BITFUSION_NET_RDMA"  # "simulator": this process's simulated fabric
 SETUP_TIMEOUT_S = 30.0
 LINGER_S = 1.0  # at the end, how long posted writes may take to complete before tear-down
+# One send in this many asks for a completion (and CREDIT, CLOSE, ABORT and probes always do):
+# a completion frees the send-queue slots of the sends before it, so fewer are polled.
+SIGNAL_EVERY = 8
 MAX_HELLO = 4096
 READY = b"ready\n"
 _FIELD = (1 << 15) - 1
@@ -155,7 +158,10 @@ class RingEnd:
         self.pd = self.ctx.alloc_pd()
         self.channel = self.ctx.create_comp_channel()
         self.recv_cq = self.ctx.create_cq(config.receives, self.channel)
-        self.send_cq = self.ctx.create_cq(config.receives + 4)
+        # Sends in flight: at most ``receives`` await the peer (each takes a credit), and up to
+        # SIGNAL_EVERY - 1 done ones await the next signaled completion to be freed.
+        send_depth = config.receives + SIGNAL_EVERY + 4
+        self.send_cq = self.ctx.create_cq(send_depth)
         size = config.slots * config.slot_size
         self.ring_memory, self.stage_memory = bytearray(size), bytearray(size)
         self.ring = self.pd.register(self.ring_memory, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
@@ -163,7 +169,7 @@ class RingEnd:
         self.qp = self.pd.create_qp(
             self.send_cq,
             self.recv_cq,
-            max_send_wr=config.receives + 4,
+            max_send_wr=send_depth,
             max_recv_wr=config.receives,
             port=settings.port,
             gid_index=settings.gid_index,
@@ -214,7 +220,9 @@ class Ring:
         self._pending: deque[list[int]] = deque()
         self._owed_receives = 0
         self._owed_slots = 0
-        self._in_flight = 0  # posted sends whose completions were not polled yet
+        self._in_flight = 0  # posted sends not freed yet by a polled completion
+        self._unsignaled = 0  # sends posted since the last signaled one
+        self._batches: deque[int] = deque()  # per signaled send in flight: the sends it frees
         self.peer_closed = False  # CLOSE received: deliver what came before, then end
         self.aborted = False  # ABORT received
 
@@ -264,11 +272,12 @@ class Ring:
         return self._credits >= 1
 
     def _post(self, kind: int, slot: int, length: int) -> None:
-        if self._in_flight >= self.config.receives:  # the send queue holds receives + 4
+        if self._in_flight >= self.config.receives:  # see RingEnd's send_depth
             self.reap_sends()
         receives, slots = min(self._owed_receives, _FIELD), min(self._owed_slots, _FIELD)
         size = self.config.slot_size
         sge = self.end.stage.sge(slot * size, length) if length else None
+        signaled = kind != DATA or self._unsignaled + 1 >= SIGNAL_EVERY
         try:
             self.end.qp.post_send(
                 0,
@@ -277,23 +286,32 @@ class Ring:
                 remote_addr=self._remote_addr + (slot * size if kind == DATA else 0),
                 rkey=self._remote_rkey,
                 imm_data=_imm(kind, receives, slots),
+                signaled=signaled,
             )
         except VerbsError as exc:
             raise RingFailed(None, str(exc)) from None
-        self._in_flight += 1
+        self._posted(signaled)
         self._credits -= 1
         self._owed_receives -= receives
         self._owed_slots -= slots
 
+    def _posted(self, signaled: bool) -> None:
+        self._in_flight += 1
+        self._unsignaled += 1
+        if signaled:  # its completion frees it and the unsignaled sends before it
+            self._batches.append(self._unsignaled)
+            self._unsignaled = 0
+
     def reap_sends(self) -> None:
-        """Poll send completions, freeing send-queue slots (call before each batch of posts)."""
+        """Poll send completions, freeing send-queue slots (call before each batch of posts).
+        A failed send completes whether signaled or not: the QP is then in error."""
         try:
             completions = self.end.send_cq.poll(64)
             while completions:
-                self._in_flight -= len(completions)
                 for wc in completions:
                     if not wc.ok:
                         raise RingFailed(wc.status, wc.status.name)
+                    self._in_flight -= self._batches.popleft()
                 completions = self.end.send_cq.poll(64)
         except VerbsError as exc:
             raise RingFailed(None, str(exc)) from None
@@ -305,18 +323,20 @@ class Ring:
             self.end.qp.post_send(0, WrOpcode.RDMA_WRITE, None, remote_addr=self._remote_addr)
         except VerbsError as exc:
             raise RingFailed(None, str(exc)) from None
-        self._in_flight += 1
+        self._posted(signaled=True)
         self.reap_sends()
 
     @property
     def sending(self) -> bool:
-        """Posted writes not completed yet: the device may still be reading their staging
-        slots, so the end must not be torn down before they complete (or fail)."""
+        """A signaled write (a CLOSE or ABORT, say) not completed yet: the device may still be
+        reading staging slots, so the end must not be torn down before it completes (or
+        fails). Unsignaled writes after the last signaled one are not waited for: they are
+        only left when no CLOSE or ABORT went out, because the peer closed or failed first."""
         try:
             self.reap_sends()
         except RingFailed:
             return False  # the QP failed: what it had posted is flushed
-        return self._in_flight > 0 and self.connected
+        return bool(self._batches) and self.connected
 
     # -- receiving ------------------------------------------------------------------------------
     def take_receives(self) -> bool:

@@ -20,6 +20,7 @@ from test_stream_conformance import (
 )
 
 from bitfusion_net.transport.rdma import RingConfig, rdma_stream_pair
+from bitfusion_net.transport.rdma_ring import SIGNAL_EVERY
 from bitfusion_net.transport.verbs import Fabric, SimulatedProvider
 
 MiB = 2**20
@@ -49,6 +50,28 @@ async def test_both_ends_writing_and_reading_at_once_never_deadlock_on_credits()
     a.stream.close()
     await b.stream.wait_closed()
     assert b.lost == [None] and a.lost == [None]
+
+
+@on_uvloop
+async def test_one_send_in_signal_every_asks_for_a_completion() -> None:
+    """A bulk stream polls one send completion per SIGNAL_EVERY writes (the CLOSE's too), and
+    the unsignaled writes still free their send-queue slots: the simulator, which refuses a post
+    to a full send queue, sees no fault."""
+    fabric, a, b = _pair(RingConfig(slots=4, slot_size=4096, control=6, credit_batch=2))
+    cq = a.stream._ring.end.send_cq
+    polled: list[int] = []
+    poll = cq.poll
+    cq.poll = lambda n=16: polled.append(len(found := poll(n))) or found  # type: ignore[method-assign]
+    size = 4 * MiB  # 1024 writes of a slot
+    _, sink = b.expect_frame(size)
+    a.stream.write(HEAD.pack(size), pattern(size, seed=3).data)
+    await b.wait_for_bytes(HEAD.size + size)
+    a.stream.close()
+    await b.stream.wait_closed()
+    # a's slot writes, one in SIGNAL_EVERY signaled; then its CLOSE (and any CREDIT it owed b)
+    signaled = (HEAD.size + size + 4095) // 4096 // SIGNAL_EVERY
+    assert signaled + 1 <= sum(polled) <= signaled + 8, (sum(polled), signaled)
+    assert fabric.stats.faults == 0 and same_bytes(sink, pattern(size, seed=3))
 
 
 @on_uvloop
