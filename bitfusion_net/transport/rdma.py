@@ -20,6 +20,7 @@ without hardware).
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from .rdma_ring import (
     CLOSE,
     CREDIT,
     LINGER_S,
+    MAX_PENDING_SETUPS,
     PROVIDER_ENV,
     READY,
     SETUP_TIMEOUT_S,
@@ -47,6 +49,8 @@ from .verbs.api import Provider, VerbsError
 
 if TYPE_CHECKING:
     from .tcp import TcpAddress  # tcp imports this module (lazily) for rdma:// addresses
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PROVIDER_ENV", "RdmaStream", "RingConfig", "connect_rdma", "default_provider",
@@ -310,32 +314,47 @@ async def listen_rdma(
     backlog: int = 1024,
     provider: Provider | None = None,
     config: RingConfig | None = None,
+    max_pending: int = MAX_PENDING_SETUPS,
 ) -> asyncio.Server:
     """Accept ``rdma://`` connections: the TCP listener their set-up goes over (its sockets
-    name the port). Raises ``RdmaUnavailable`` at once where RDMA cannot be used."""
+    name the port). At most ``max_pending`` set-ups hold a registered end at once (from the
+    client's hello to its ``ready``); a hello beyond them is refused (the connection closed).
+    Raises
+    ``RdmaUnavailable`` at once where RDMA cannot be used."""
     provider = provider or default_provider()
     config = config or RingConfig()
     settings = DeviceSettings.from_environment()
     settings.check(provider)
+    holding = 0  # set-ups holding a registered end
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal holding
         peer = writer.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if peer else "?"
         end: RingEnd | None = None
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 document = read_hello(await reader.readline(), config)
+                if holding >= max_pending:
+                    log.warning("refused an RDMA set-up from %s: %d under way", name, holding)
+                    raise ConnectionRefusedError("too many RDMA set-ups under way")
                 end = RingEnd(provider, settings, config)
+                holding += 1
                 ring = connect_to(end, config, document)
                 writer.write(hello(end, config, secrets.randbelow(1 << 24)))
                 await writer.drain()
                 if await reader.readline() != READY:
                     raise ConnectionResetError("the client left during the RDMA set-up")
-        except (OSError, TimeoutError, VerbsError, ValueError):
+        except BaseException as exc:  # a cancelled accept (the server closing) frees it too
             if end is not None:
                 end.close()
             writer.close()
-            return
+            if isinstance(exc, OSError | TimeoutError | VerbsError | ValueError):
+                return
+            raise
+        finally:
+            if end is not None:
+                holding -= 1
         stream = RdmaStream(name, ring)
         stream.start(owner_factory(stream))
         _watch(stream, reader, writer)

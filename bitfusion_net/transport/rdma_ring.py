@@ -47,7 +47,10 @@ from .verbs.api import (
 
 DATA, CREDIT, CLOSE, ABORT = 0, 1, 2, 3
 PROVIDER_ENV = "BITFUSION_NET_RDMA"  # "simulator": this process's simulated fabric
-SETUP_TIMEOUT_S = 30.0
+SETUP_TIMEOUT_S = 10.0  # a set-up is two round trips over TCP and a few verbs calls
+# Set-ups a listener carries at once: each holds a registered end (2 MiB by default) until the
+# client says ``ready``, so a flood of hellos that never finish must not pin memory unbounded.
+MAX_PENDING_SETUPS = 64
 LINGER_S = 1.0  # at the end, how long posted writes may take to complete before tear-down
 # One send in this many asks for a completion (and CREDIT, CLOSE, ABORT and probes always do):
 # a completion frees the send-queue slots of the sends before it, so fewer are polled.

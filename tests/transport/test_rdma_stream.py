@@ -115,3 +115,54 @@ def test_rdma_addresses_parse_and_print_with_their_scheme() -> None:
     address = parse_address("rdma://[::1]:7000")
     assert address.rdma and not address.tls and str(address) == "rdma://[::1]:7000"
     assert not parse_address("tcp://h:1").rdma
+
+
+@on_uvloop
+async def test_set_ups_that_never_finish_hold_at_most_max_pending_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends its hello and never says ``ready`` holds a registered end on the
+    server until the set-up times out; hellos beyond ``max_pending`` are refused at once, and a
+    finished or timed-out set-up makes room again."""
+    from bitfusion_net.transport import TcpAddress, rdma, rdma_ring
+
+    monkeypatch.setattr(rdma, "SETUP_TIMEOUT_S", 1.0)
+    fabric = Fabric(devices=("sim0", "sim1"))
+    provider, config = (
+        SimulatedProvider(fabric),
+        RingConfig(slots=2, slot_size=1024, credit_batch=1),
+    )
+    accepted: list[RecordingOwner] = []
+    server = await rdma.listen_rdma(
+        TcpAddress("127.0.0.1", 0),
+        lambda stream: accepted.append(RecordingOwner(stream)) or accepted[-1],
+        provider=provider,
+        config=config,
+        max_pending=2,
+    )
+    port = server.sockets[0].getsockname()[1]
+    ends = []
+
+    async def hello() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        end = rdma_ring.RingEnd(provider, rdma_ring.DeviceSettings("sim1"), config)
+        ends.append(end)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(rdma_ring.hello(end, config, 1))
+        await writer.drain()
+        return reader, writer, await asyncio.wait_for(reader.readline(), 5)
+
+    try:
+        first, second, third = [await hello() for _ in range(3)]
+        assert first[2].startswith(b"{") and second[2].startswith(b"{")
+        assert third[2] == b""  # refused: closed without a hello
+        await asyncio.sleep(1.5)  # the two time out, their ends freed
+        assert await first[0].read() == b"" and await second[0].read() == b""
+        fourth = await hello()
+        assert fourth[2].startswith(b"{")  # room again
+        fourth[1].close()
+        assert not accepted and fabric.stats.faults == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+        for end in ends:
+            end.close()
