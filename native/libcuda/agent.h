@@ -62,9 +62,14 @@ uint64_t in_u64(bf_in *i);
 double in_f64(bf_in *i);
 const uint8_t *in_bytes(bf_in *i, uint32_t *n);
 
-/* One leased GPU, as the HELLO/ATTACH reply grants it. */
+#define BF_MAX_SERVERS 16
+
+/* One leased GPU, as the HELLO/ATTACH reply grants it. The program's device number is its place
+   in bf_s.grants (the first server's GPUs, then the next server's, as the Python client numbers
+   them); `index` is its number on its own server's connection (the `device` of requests). */
 typedef struct {
     uint16_t index, server_gpu;
+    int conn; /* which of bf_s.conns it is reached through */
     uint64_t total_memory, memory_limit;
     double fraction;
     char name[256];
@@ -73,17 +78,36 @@ typedef struct {
     int attributes[160]; /* by CUdevice_attribute number; -1: not reported by the server */
 } bf_grant;
 
+/* The opcodes of recent no-reply requests on one connection (request ids are per connection). */
+#define BF_RECENT 4096
+typedef struct {
+    uint32_t id;
+    uint8_t op;
+} bf_recent;
+
+/* One server's connection: its own lock, request ids, sticky errors and fate. Calls on the
+   devices of different servers run in parallel; calls on one connection one at a time. */
 typedef struct {
     pthread_mutex_t lock; /* one call on the connection at a time (the blocking client's rule) */
     int fd;
     int connected; /* the session is open */
-    int lost;      /* the connection has gone: every call answers CUDA_ERROR_DEVICE_UNAVAILABLE */
+    int lost;      /* gone: calls on its devices answer CUDA_ERROR_DEVICE_UNAVAILABLE (atomic) */
     uint32_t next_id;
     uint64_t max_payload;
+    int first_device, device_count; /* its devices are first_device .. first_device+count-1 */
+    char address[512];
+    char server_id[128];
+    char lost_reason[512];
+    bf_recent *recent; /* BF_RECENT entries */
+    uint8_t *meta;     /* BF_MAX_METADATA: the reply being read */
+} bf_conn;
+
+typedef struct {
+    pthread_mutex_t lock; /* held while cuInit opens the connections */
+    int conn_count;
+    bf_conn conns[BF_MAX_SERVERS];
     int device_count;
     bf_grant grants[BF_MAX_DEVICES];
-    char server_id[64];
-    char lost_reason[512];
 } bf_session;
 
 extern bf_session bf_s;
@@ -92,14 +116,35 @@ extern bf_session bf_s;
 extern int bf_log_level;
 void bf_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* The session: connect (once, from cuInit), calls with and without replies. All take bf_s.lock. */
+/* The session: connect (once, from cuInit), calls with and without replies. A call goes to the
+   connection of device `dev` (a program's device number) and takes that connection's lock; its
+   metadata names the device with out_device(), which writes the device's number on its server. */
 CUresult bf_connect(void);
+void out_device(bf_out *o, int dev);
 /* A request with a reply: its metadata is copied to reply[0..*reply_n) (cap BF_MAX_METADATA);
    a reply payload lands in `into` (exactly into_n bytes). */
-CUresult bf_call(uint8_t op, const bf_out *meta, const void *payload, uint64_t payload_n,
+CUresult bf_call(int dev, uint8_t op, const bf_out *meta, const void *payload, uint64_t payload_n,
                  void *into, uint64_t into_n, uint8_t *reply, size_t *reply_n);
 /* A no-reply request (pipelined: nothing is read; its failure surfaces at a later call). */
-CUresult bf_post(uint8_t op, const bf_out *meta, const void *payload, uint64_t payload_n);
+CUresult bf_post(int dev, uint8_t op, const bf_out *meta, const void *payload,
+                 uint64_t payload_n);
+/* Device addresses as the program sees them and as device `dev`'s server does (wire.c): the
+   k-th server's are moved up by k << BF_ADDRESS_SHIFT. bf_from_server fails (-1) for a server
+   address that cannot be moved so; bf_address_server is the server an address's window is. */
+#define BF_ADDRESS_SHIFT 58
+uint64_t bf_to_server(int dev, uint64_t address);
+int bf_from_server(int dev, uint64_t address, uint64_t *visible);
+int bf_address_server(uint64_t address);
+void out_dptr(bf_out *o, int dev, uint64_t address);
+const char *bf_server_address(int dev);
+/* Whether device `dev`'s server has gone; whether every server has. */
+int bf_device_lost(int dev);
+int bf_all_lost(void);
+/* The largest payload one frame to device `dev`'s server may carry. */
+uint64_t bf_max_payload(int dev);
+/* The server a device is on (its instance id; its place in the lease, from 0). */
+const char *bf_server_id(int dev);
+int bf_server_of(int dev);
 /* The server's text for the last failed call on this thread (for logs). */
 const char *bf_last_error_text(void);
 

@@ -226,8 +226,8 @@ CUresult bfpfn_cuCtxGetDevice_v13000(CUdevice *device, CUcontext ctx) {
 CUresult synchronize(int dev) {
     uint8_t buf[8];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
-    return bf_call(OP_SYNCHRONIZE, &o, NULL, 0, NULL, 0, NULL, NULL);
+    out_device(&o, dev);
+    return bf_call(dev, OP_SYNCHRONIZE, &o, NULL, 0, NULL, 0, NULL, NULL);
 }
 
 CUresult bfpfn_cuCtxSynchronize_v2000(void) {

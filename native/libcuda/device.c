@@ -114,8 +114,8 @@ CUresult load_attributes(int dev) {
     if (!reply)
         return CUDA_ERROR_OUT_OF_MEMORY;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
-    CUresult r = bf_call(OP_DEVICE_ATTRIBUTES, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    out_device(&o, dev);
+    CUresult r = bf_call(dev, OP_DEVICE_ATTRIBUTES, &o, NULL, 0, NULL, 0, reply, &reply_n);
     pthread_mutex_lock(&state_lock); /* two threads may have asked: one fills the table */
     if (r == CUDA_SUCCESS && !g->attributes_known) {
         bf_in in = {reply, reply_n, 0, 0};
@@ -132,6 +132,10 @@ CUresult load_attributes(int dev) {
             if (attribute < (uint32_t)count)
                 g->attributes[attribute] = value;
         }
+        /* GPUs of different servers may sit at the same PCI address on their own hosts: the
+           k-th server's (from 0) are moved to PCI domain + 0x10000 * k, so no two leased GPUs
+           share a bus id (cuDeviceGetByPCIBusId, cudart's device table) */
+        g->attributes[CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID] += 0x10000 * bf_server_of(dev);
         g->attributes_known = 1;
     }
     pthread_mutex_unlock(&state_lock);
@@ -191,12 +195,13 @@ CUresult bfpfn_cuDeviceGetProperties_v2000(CUdevprop_v1 *p, CUdevice_v1 dev) {
     return CUDA_SUCCESS;
 }
 
-/* A stable UUID per leased GPU: the server's instance id and GPU number, hashed (FNV-1a). The
-   server has no UUID query; this one is the same for every call and process of the lease. */
+/* A stable UUID per leased GPU: its server's instance id and GPU number, hashed (FNV-1a). The
+   server has no UUID query; this one is the same for every call and process of the lease, and
+   differs between the GPUs of different servers. */
 void device_uuid(int dev, CUuuid *uuid) {
     uint64_t h[2] = {0xcbf29ce484222325ull, 0x84222325cbf29ce4ull};
     for (int k = 0; k < 2; k++) {
-        for (const char *p = bf_s.server_id; *p; p++)
+        for (const char *p = bf_server_id(dev); *p; p++)
             h[k] = (h[k] ^ (uint8_t)*p) * 0x100000001b3ull;
         h[k] = (h[k] ^ bf_s.grants[dev].server_gpu ^ (uint64_t)k << 32) * 0x100000001b3ull;
     }
@@ -237,7 +242,8 @@ CUresult bfpfn_cuDeviceGetByPCIBusId_v4010(CUdevice_v1 *dev, const char *bus) {
         return r;
     for (int d = 0; d < bf_s.device_count; d++) {
         char mine[32];
-        bfpfn_cuDeviceGetPCIBusId_v4010(mine, sizeof mine, d);
+        if (bfpfn_cuDeviceGetPCIBusId_v4010(mine, sizeof mine, d) != CUDA_SUCCESS)
+            continue; /* a device whose server has gone */
         unsigned a, b, c, x, y, z;
         if (sscanf(bus, "%x:%x:%x", &a, &b, &c) == 3 && sscanf(mine, "%x:%x:%x", &x, &y, &z) == 3 &&
             a == x && b == y && c == z) {

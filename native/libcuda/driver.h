@@ -115,6 +115,7 @@ void bury(int kind, void *handle);
 void *new_handle(int kind, size_t size);
 struct CUctx_st *current(void);
 CUresult ready(void);
+CUresult device_alive(int dev);
 int live_ctx(struct CUctx_st *c);
 CUresult current_device(int *device);
 CUresult valid_device(CUdevice dev);
@@ -124,7 +125,7 @@ void alloc_add(uint64_t base, uint64_t size, int device, struct CUctx_st *ctx,
                       struct CUmod_st *module);
 int alloc_find(uint64_t p, uint64_t n, bf_alloc *out);
 int alloc_remove(uint64_t base, bf_alloc *out);
-void post_free(int device, uint64_t ptr);
+CUresult post_free(int device, uint64_t ptr);
 void free_owned_by(struct CUctx_st *ctx, struct CUmod_st *module);
 bf_host *host_find(const void *p);
 CUresult load_attributes(int dev);
@@ -145,6 +146,8 @@ CUresult copy_stream(CUstream s, int device, uint64_t *handle);
 CUresult htod(CUdeviceptr_v2 dst, const void *src, size_t n, CUstream s);
 CUresult dtoh(void *dst, CUdeviceptr_v2 src, size_t n, CUstream s);
 CUresult dtod(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n, CUstream s);
+CUresult peer_copy(CUdeviceptr_v2 dst, int ddev, CUdeviceptr_v2 src, int sdev, size_t n,
+                   CUstream s);
 CUresult unified_copy(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n, CUstream s);
 CUresult memset_items(CUdeviceptr_v2 p, unsigned value, size_t count, int itemsize,
                              CUstream s);

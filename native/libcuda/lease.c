@@ -1,6 +1,6 @@
 /* The reservation file `bitfusion-net run` and `request_gpus` write (BITFUSION_NET_LEASE;
  * bitfusion_net/client/lease.py): the agent reads the address, server id, reservation id and
- * secret of its first server, and the token, from it, so the secret travels in a file only its
+ * secret of each of its servers, and the token, from it, so the secret travels in a file only its
  * owner can read and never in the environment.
  *
  * A small strict JSON reader: it walks the whole document (strings with their escapes, numbers,
@@ -102,6 +102,26 @@ static void object(reader *r, int depth, const char *path) {
         r->bad = 1;
 }
 
+/* The server entry a path is a field of ("/servers/N/FIELD"): N, with *field pointing at FIELD;
+   -1 if it is no such path. */
+static int server_field(reader *r, const char *path, const char **field) {
+    if (strncmp(path, "/servers/", 9) != 0)
+        return -1;
+    char *end;
+    long n = strtol(path + 9, &end, 10);
+    if (end == path + 9 || *end != '/' || n < 0 || strchr(end + 1, '/'))
+        return -1;
+    bf_lease *l = r->out;
+    if (n >= BF_MAX_SERVERS) {
+        l->too_many = 1;
+        return -1;
+    }
+    if (n + 1 > l->servers)
+        l->servers = (int)n + 1;
+    *field = end + 1;
+    return (int)n;
+}
+
 static void value(reader *r, int depth, const char *path) {
     bf_lease *l = r->out;
     space(r);
@@ -127,16 +147,18 @@ static void value(reader *r, int depth, const char *path) {
     } else if (c == '"') {
         char *dst = NULL;
         size_t cap = 0;
+        const char *field = NULL;
+        int k = server_field(r, path, &field);
         if (strcmp(path, "/format") == 0)
             dst = l->format, cap = sizeof l->format;
         else if (strcmp(path, "/token") == 0)
             dst = l->token, cap = sizeof l->token;
-        else if (strcmp(path, "/servers/0/address") == 0)
-            dst = l->address, cap = sizeof l->address;
-        else if (strcmp(path, "/servers/0/server_id") == 0)
-            dst = l->server_id, cap = sizeof l->server_id;
-        else if (strcmp(path, "/servers/0/secret") == 0)
-            dst = l->secret, cap = sizeof l->secret;
+        else if (k >= 0 && strcmp(field, "address") == 0)
+            dst = l->server[k].address, cap = sizeof l->server[k].address;
+        else if (k >= 0 && strcmp(field, "server_id") == 0)
+            dst = l->server[k].server_id, cap = sizeof l->server[k].server_id;
+        else if (k >= 0 && strcmp(field, "secret") == 0)
+            dst = l->server[k].secret, cap = sizeof l->server[k].secret;
         string(r, dst, cap);
     } else {
         const char *start = r->p;
@@ -146,14 +168,13 @@ static void value(reader *r, int depth, const char *path) {
             r->bad = 1;
             return;
         }
-        if (strcmp(path, "/servers/0/reservation") == 0) {
+        const char *field = NULL;
+        int k = server_field(r, path, &field);
+        if (k >= 0 && strcmp(field, "reservation") == 0) {
             char number[32];
             snprintf(number, sizeof number, "%.*s", (int)(r->p - start), start);
-            l->reservation = strtoull(number, NULL, 10);
+            l->server[k].reservation = strtoull(number, NULL, 10);
         }
-        if (strncmp(path, "/servers/", 9) == 0 && strchr(path + 9, '/') &&
-            strcmp(strchr(path + 9, '/'), "/reservation") == 0)
-            l->servers++;
     }
 }
 
@@ -170,9 +191,17 @@ int bf_read_lease(const char *path, bf_lease *out, char *why, size_t why_n) {
     reader r = {text, text + n, 0, out};
     value(&r, 0, "");
     space(&r);
+    int complete = out->servers > 0;
+    for (int k = 0; k < out->servers && k < BF_MAX_SERVERS; k++)
+        complete &= out->server[k].address[0] && out->server[k].reservation;
     if (r.bad || r.p != r.end || strcmp(out->format, "bitfusion-net reservation 1") != 0 ||
-        !out->address[0] || !out->reservation) {
+        !complete) {
         snprintf(why, why_n, "%s is not a bitfusion-net reservation file", path);
+        return -1;
+    }
+    if (out->too_many) {
+        snprintf(why, why_n, "%s: the reservation spans more than %d servers, the most the agent "
+                 "can use", path, BF_MAX_SERVERS);
         return -1;
     }
     return 0;

@@ -4,14 +4,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "agent.h"
+
+/* The part of the reservation on one server (bitfusion_net/client/lease.py ServerReservation). */
 typedef struct {
-    char format[64];
-    char token[1024];
     char address[512];
     char server_id[128];
     char secret[256]; /* hex */
     uint64_t reservation;
-    int servers; /* how many servers the reservation spans (the agent uses the first) */
+} bf_lease_server;
+
+typedef struct {
+    char format[64];
+    char token[1024];
+    int servers; /* how many servers the reservation spans, in the order of the devices */
+    int too_many; /* it names more than BF_MAX_SERVERS */
+    bf_lease_server server[BF_MAX_SERVERS];
 } bf_lease;
 
 /* 0, or -1 with `why` saying what is wrong. */

@@ -26,13 +26,25 @@ CUresult bfpfn_cuMemAlloc_v3020(CUdeviceptr_v2 *dptr, size_t bytesize) {
     uint8_t buf[16], reply[16];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u64(&o, bytesize);
-    r = bf_call(OP_MEM_ALLOC, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    r = bf_call(dev, OP_MEM_ALLOC, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r)
         return r;
     bf_in in = {reply, reply_n, 0, 0};
-    uint64_t ptr = in_u64(&in);
+    uint64_t ptr;
+    if (bf_from_server(dev, in_u64(&in), &ptr) < 0) {
+        bf_log(1, "cuMemAlloc: the server %s placed an allocation at an address the agent cannot "
+                  "tell from another server's", bf_server_address(dev));
+        bf_in again = {reply, reply_n, 0, 0};
+        uint64_t raw = in_u64(&again);
+        uint8_t fbuf[16];
+        bf_out f = {fbuf, 0, sizeof fbuf, 0};
+        out_device(&f, dev);
+        out_u64(&f, raw);
+        bf_post(dev, OP_MEM_FREE, &f, NULL, 0);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     alloc_add(ptr, bytesize, dev, current(), NULL);
     *dptr = ptr;
     return CUDA_SUCCESS;
@@ -58,8 +70,7 @@ CUresult bfpfn_cuMemFree_v3020(CUdeviceptr_v2 dptr) {
     bf_alloc a;
     if (!alloc_remove(dptr, &a))
         return CUDA_ERROR_INVALID_VALUE;
-    post_free(a.device, dptr);
-    return CUDA_SUCCESS;
+    return post_free(a.device, dptr); /* DEVICE_UNAVAILABLE if its server has gone */
 }
 
 CUresult bfpfn_cuMemGetInfo_v3020(size_t *free_bytes, size_t *total) {
@@ -70,8 +81,8 @@ CUresult bfpfn_cuMemGetInfo_v3020(size_t *free_bytes, size_t *total) {
     uint8_t buf[8], reply[16];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
-    r = bf_call(OP_MEM_GET_INFO, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    out_device(&o, dev);
+    r = bf_call(dev, OP_MEM_GET_INFO, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r)
         return r;
     bf_in in = {reply, reply_n, 0, 0};
@@ -293,19 +304,22 @@ CUresult device_range(uint64_t p, uint64_t n, int *device) {
     if (!alloc_find(p, n, &a))
         return CUDA_ERROR_INVALID_VALUE;
     *device = a.device;
-    return CUDA_SUCCESS;
+    return device_alive(a.device);
 }
 
+/* The server stream of a copy or memset on `device` (the pointer's). The NULL stream,
+   CU_STREAM_LEGACY and CU_STREAM_PER_THREAD are that device's default stream, whichever context
+   is current (or none): the pointer says which GPU, as unified addressing does. */
 CUresult copy_stream(CUstream s, int device, uint64_t *handle) {
-    int stream_device = device;
-    CUresult r = resolve_stream(s, &stream_device, handle);
-    if (r == CUDA_ERROR_INVALID_CONTEXT && s == NULL) { /* no context: the pointer's default */
+    if (s == NULL || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD) {
         *handle = 0;
         return CUDA_SUCCESS;
     }
+    int stream_device = device;
+    CUresult r = resolve_stream(s, &stream_device, handle);
     if (r)
         return r;
-    if (*handle && stream_device != device)
+    if (stream_device != device)
         return CUDA_ERROR_INVALID_HANDLE; /* a stream of another leased GPU */
     return CUDA_SUCCESS;
 }
@@ -321,13 +335,13 @@ CUresult htod(CUdeviceptr_v2 dst, const void *src, size_t n, CUstream s) {
     if ((r = device_range(dst, n, &dev)) || (r = copy_stream(s, dev, &stream)))
         return r;
     for (size_t done = 0; done < n;) {
-        size_t piece = n - done < bf_s.max_payload ? n - done : (size_t)bf_s.max_payload;
+        size_t piece = n - done < bf_max_payload(dev) ? n - done : (size_t)bf_max_payload(dev);
         uint8_t buf[32];
         bf_out o = {buf, 0, sizeof buf, 0};
-        out_u16(&o, (uint16_t)dev);
-        out_u64(&o, dst + done);
+        out_device(&o, dev);
+        out_dptr(&o, dev, dst + done);
         out_u64(&o, stream);
-        if ((r = bf_post(OP_MEMCPY_HTOD, &o, (const char *)src + done, piece)))
+        if ((r = bf_post(dev, OP_MEMCPY_HTOD, &o, (const char *)src + done, piece)))
             return r;
         done += piece;
     }
@@ -345,18 +359,58 @@ CUresult dtoh(void *dst, CUdeviceptr_v2 src, size_t n, CUstream s) {
     if ((r = device_range(src, n, &dev)) || (r = copy_stream(s, dev, &stream)))
         return r;
     for (size_t done = 0; done < n;) {
-        size_t piece = n - done < bf_s.max_payload ? n - done : (size_t)bf_s.max_payload;
+        size_t piece = n - done < bf_max_payload(dev) ? n - done : (size_t)bf_max_payload(dev);
         uint8_t buf[32];
         bf_out o = {buf, 0, sizeof buf, 0};
-        out_u16(&o, (uint16_t)dev);
-        out_u64(&o, src + done);
+        out_device(&o, dev);
+        out_dptr(&o, dev, src + done);
         out_u64(&o, piece);
         out_u64(&o, stream);
-        if ((r = bf_call(OP_MEMCPY_DTOH, &o, NULL, 0, (char *)dst + done, piece, NULL, NULL)))
+        if ((r = bf_call(dev, OP_MEMCPY_DTOH, &o, NULL, 0, (char *)dst + done, piece, NULL, NULL)))
             return r;
         done += piece;
     }
     return CUDA_SUCCESS;
+}
+
+/* A copy between two leased GPUs: the bytes come to this host and go out again, in chunks of
+   the smaller max_payload of the two servers (at most PEER_CHUNK), as Session.memcpy_peer does.
+   Each chunk is read (a reply, so the source's earlier work has run) and then posted to the
+   destination (no reply, in order on its connection). It is finished on the source when it
+   returns, and on the destination as any copy from the host is. `s`, when it is a stream of one
+   of the two devices, is synchronised first, so the copy comes after its earlier work. */
+#define PEER_CHUNK (8u << 20)
+CUresult peer_copy(CUdeviceptr_v2 dst, int ddev, CUdeviceptr_v2 src, int sdev, size_t n,
+                   CUstream s) {
+    if (s && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD) {
+        int sd;
+        uint64_t handle;
+        CUresult r = resolve_stream(s, &sd, &handle);
+        if (r)
+            return r;
+        if (sd != ddev && sd != sdev)
+            return CUDA_ERROR_INVALID_HANDLE;
+        if ((r = device_and_handle(OP_STREAM_SYNCHRONIZE, sd, handle, 1, NULL, NULL)))
+            return r; /* the stream's earlier work comes first */
+    }
+    size_t chunk = bf_max_payload(sdev) < bf_max_payload(ddev) ? bf_max_payload(sdev)
+                                                               : bf_max_payload(ddev);
+    if (chunk > PEER_CHUNK)
+        chunk = PEER_CHUNK;
+    if (chunk > n)
+        chunk = n;
+    void *bounce = malloc(chunk);
+    if (!bounce)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    CUresult r = CUDA_SUCCESS;
+    for (size_t done = 0; done < n && r == CUDA_SUCCESS; done += chunk) {
+        size_t piece = n - done < chunk ? n - done : chunk;
+        r = dtoh(bounce, src + done, piece, NULL);
+        if (r == CUDA_SUCCESS)
+            r = htod(dst + done, bounce, piece, NULL);
+    }
+    free(bounce);
+    return r;
 }
 
 CUresult dtod(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n, CUstream s) {
@@ -367,26 +421,18 @@ CUresult dtod(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n, CUstream s) {
     uint64_t stream;
     if ((r = device_range(dst, n, &ddev)) || (r = device_range(src, n, &sdev)))
         return r;
-    if (ddev != sdev) { /* two leased GPUs: through this host, as a peer copy would go */
-        void *bounce = malloc(n);
-        if (!bounce)
-            return CUDA_ERROR_OUT_OF_MEMORY;
-        r = dtoh(bounce, src, n, NULL);
-        if (r == CUDA_SUCCESS)
-            r = htod(dst, bounce, n, NULL);
-        free(bounce);
-        return r;
-    }
+    if (ddev != sdev) /* two leased GPUs, on one server or on two: through this host */
+        return peer_copy(dst, ddev, src, sdev, n, s);
     if ((r = copy_stream(s, ddev, &stream)))
         return r;
     uint8_t buf[40];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)ddev);
-    out_u64(&o, dst);
-    out_u64(&o, src);
+    out_device(&o, ddev);
+    out_dptr(&o, ddev, dst);
+    out_dptr(&o, ddev, src);
     out_u64(&o, n);
     out_u64(&o, stream);
-    return bf_post(OP_MEMCPY_DTOD, &o, NULL, 0);
+    return bf_post(ddev, OP_MEMCPY_DTOD, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuMemcpyHtoD_v3020(CUdeviceptr_v2 dst, const void *src, size_t n) {
@@ -433,6 +479,29 @@ CUresult unified_copy(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n, CUstream
     return CUDA_SUCCESS;
 }
 
+/* cuMemcpyPeer: the contexts name the devices, the allocation table must agree. */
+CUresult bfpfn_cuMemcpyPeerAsync_v4000(CUdeviceptr_v2 dst, CUcontext dst_ctx, CUdeviceptr_v2 src,
+                                       CUcontext src_ctx, size_t n, CUstream s) {
+    CUresult r = ready();
+    if (r)
+        return r;
+    if (!live_ctx(dst_ctx) || !live_ctx(src_ctx))
+        return CUDA_ERROR_INVALID_CONTEXT;
+    if (n == 0)
+        return CUDA_SUCCESS;
+    int ddev, sdev;
+    if ((r = device_range(dst, n, &ddev)) || (r = device_range(src, n, &sdev)))
+        return r;
+    if (ddev != dst_ctx->device || sdev != src_ctx->device)
+        return CUDA_ERROR_INVALID_VALUE;
+    return dtod(dst, src, n, s);
+}
+
+CUresult bfpfn_cuMemcpyPeer_v4000(CUdeviceptr_v2 dst, CUcontext dst_ctx, CUdeviceptr_v2 src,
+                                  CUcontext src_ctx, size_t n) {
+    return bfpfn_cuMemcpyPeerAsync_v4000(dst, dst_ctx, src, src_ctx, n, NULL);
+}
+
 CUresult bfpfn_cuMemcpy_v4000(CUdeviceptr_v2 dst, CUdeviceptr_v2 src, size_t n) {
     return unified_copy(dst, src, n, NULL);
 }
@@ -454,13 +523,13 @@ CUresult memset_items(CUdeviceptr_v2 p, unsigned value, size_t count, int itemsi
         return r;
     uint8_t buf[40];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u8(&o, (uint8_t)itemsize);
     out_u32(&o, value);
-    out_u64(&o, p);
+    out_dptr(&o, dev, p);
     out_u64(&o, count);
     out_u64(&o, stream);
-    return bf_post(OP_MEMSET, &o, NULL, 0);
+    return bf_post(dev, OP_MEMSET, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuMemsetD8_v3020(CUdeviceptr_v2 p, unsigned char v, size_t n) {

@@ -16,16 +16,19 @@
 
 /* Send a module's image to the server (the lock-free part of loading). */
 CUresult send_module(struct CUmod_st *m, const void *image, size_t size, int is_ptx) {
-    if (size > bf_s.max_payload) {
+    CUresult r = device_alive(m->device);
+    if (r)
+        return r;
+    if (size > bf_max_payload(m->device)) {
         bf_log(1, "a module image of %zu bytes is larger than the server's max_payload (%llu): "
-                  "it cannot be loaded", size, (unsigned long long)bf_s.max_payload);
+                  "it cannot be loaded", size, (unsigned long long)bf_max_payload(m->device));
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     uint8_t buf[8], reply[16];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)m->device);
-    CUresult r = bf_call(OP_MODULE_LOAD, &o, image, size, NULL, 0, reply, &reply_n);
+    out_device(&o, m->device);
+    r = bf_call(m->device, OP_MODULE_LOAD, &o, image, size, NULL, 0, reply, &reply_n);
     if (r) {
         bf_log(1, "cuModuleLoadData: the server cannot load the module (%s): %s",
                bf_s.grants[m->device].executor, bf_last_error_text());
@@ -202,11 +205,11 @@ CUresult bfpfn_cuModuleGetFunction_v2000(CUfunction *pf, CUmodule m, const char 
     uint8_t buf[2048 + sizeof types], reply[16 + sizeof types];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0}; /* a longer name overflows it: INVALID_VALUE */
-    out_u16(&o, (uint16_t)m->device);
+    out_device(&o, m->device);
     out_u64(&o, m->handle);
     out_bytes(&o, name, strlen(name));
     out_bytes(&o, types, strlen(types));
-    r = bf_call(OP_GET_FUNCTION, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    r = bf_call(m->device, OP_GET_FUNCTION, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r == CUDA_SUCCESS) {
         bf_in in = {reply, reply_n, 0, 0};
         f->handle = in_u64(&in);
@@ -247,14 +250,19 @@ CUresult bfpfn_cuModuleGetGlobal_v3020(CUdeviceptr_v2 *dptr, size_t *bytes, CUmo
     uint8_t buf[2048], reply[32];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)m->device);
+    out_device(&o, m->device);
     out_u64(&o, m->handle);
     out_bytes(&o, name, strlen(name));
-    r = bf_call(OP_MODULE_GET_GLOBAL, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    r = bf_call(m->device, OP_MODULE_GET_GLOBAL, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r)
         return r;
     bf_in in = {reply, reply_n, 0, 0};
-    uint64_t ptr = in_u64(&in), size = in_u64(&in);
+    uint64_t raw = in_u64(&in), size = in_u64(&in), ptr;
+    if (bf_from_server(m->device, raw, &ptr) < 0) {
+        bf_log(1, "cuModuleGetGlobal(%s): the server %s placed it at an address the agent cannot "
+                  "tell from another server's", name, bf_server_address(m->device));
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
     bf_alloc known;
     if (!alloc_find(ptr, size, &known))
         alloc_add(ptr, size, m->device, NULL, m);
@@ -276,7 +284,9 @@ CUresult live_function(CUfunction f) {
     CUresult r = ready();
     if (r)
         return r;
-    return f && f->magic == MAGIC_FUNC ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!f || f->magic != MAGIC_FUNC)
+        return CUDA_ERROR_INVALID_HANDLE;
+    return device_alive(f->device);
 }
 
 /* Parameter i's offset and size as the compiler lays them out in the kernel's parameter buffer
@@ -309,6 +319,28 @@ CUresult bfpfn_cuFuncGetParamInfo_v12040(CUfunction f, size_t index, size_t *off
         *offset = o;
     if (size)
         *size = s;
+    return CUDA_SUCCESS;
+}
+
+/* A 64-bit argument of a launch on a lease over several servers (an address, or a number that
+   may look like one: cubins give sizes only): an address in this server's window is moved back
+   to the server's own (wire.c); one in an allocation of another server's device is refused, as
+   GPUs of different servers cannot reach each other's memory (a real GPU would fault on it; the
+   other server would take it for an address of its own). */
+static CUresult launch_address(CUfunction f, int dev, size_t index, uint8_t *arg) {
+    uint64_t v;
+    memcpy(&v, arg, 8);
+    bf_alloc a;
+    if (alloc_find(v, 0, &a) && bf_server_of(a.device) != bf_server_of(dev)) {
+        bf_log(1, "cuLaunchKernel(%s) on device %d: argument %zu is an address on device %d, "
+                  "which is on another server: it cannot be reached from this one (copy the "
+                  "data with cuMemcpyPeer)", f->name, dev, index, a.device);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (bf_address_server(v) == bf_server_of(dev)) {
+        v = bf_to_server(dev, v);
+        memcpy(arg, &v, 8);
+    }
     return CUDA_SUCCESS;
 }
 
@@ -358,18 +390,21 @@ CUresult bfpfn_cuLaunchKernel_v4000(CUfunction f, unsigned int gx, unsigned int 
         if (at + size > sizeof args)
             return CUDA_ERROR_INVALID_VALUE;
         memcpy(args + at, extra ? buffer + offset : params[i], size);
+        if (size == 8 && f->arg_types[i] != 'd' && bf_s.conn_count > 1 &&
+            (r = launch_address(f, dev, i, args + at)))
+            return r;
         at += size;
     }
     uint8_t buf[64 + sizeof args];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u64(&o, f->handle);
     out_u32(&o, gx), out_u32(&o, gy), out_u32(&o, gz);
     out_u32(&o, bx), out_u32(&o, by), out_u32(&o, bz);
     out_u32(&o, shared);
     out_u64(&o, stream);
     out_bytes(&o, args, packed);
-    return bf_post(OP_LAUNCH, &o, NULL, 0);
+    return bf_post(dev, OP_LAUNCH, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuFuncGetAttribute_v2020(int *value, CUfunction_attribute attrib, CUfunction f) {

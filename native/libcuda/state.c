@@ -69,12 +69,19 @@ void *new_handle(int kind, size_t size) {
 
 struct CUctx_st *current(void) { return ctx_depth ? ctx_stack[ctx_depth - 1] : NULL; }
 
+/* Initialised, with a server left. A lost server fails the calls on its own devices (each
+   checks its device below); calls on no device in particular fail once every server is lost. */
 CUresult ready(void) {
     if (!initialized)
         return CUDA_ERROR_NOT_INITIALIZED;
-    if (bf_s.lost)
+    if (bf_all_lost())
         return CUDA_ERROR_DEVICE_UNAVAILABLE;
     return CUDA_SUCCESS;
+}
+
+/* A call on device `dev`, whose server may have gone. */
+CUresult device_alive(int dev) {
+    return bf_device_lost(dev) ? CUDA_ERROR_DEVICE_UNAVAILABLE : CUDA_SUCCESS;
 }
 
 int live_ctx(struct CUctx_st *c) {
@@ -92,14 +99,14 @@ CUresult current_device(int *device) {
     if (!live_ctx(c))
         return CUDA_ERROR_INVALID_CONTEXT;
     *device = c->device;
-    return CUDA_SUCCESS;
+    return device_alive(c->device);
 }
 
 CUresult valid_device(CUdevice dev) {
     CUresult r = ready();
     if (r)
         return r;
-    return dev < 0 || dev >= bf_s.device_count ? CUDA_ERROR_INVALID_DEVICE : CUDA_SUCCESS;
+    return dev < 0 || dev >= bf_s.device_count ? CUDA_ERROR_INVALID_DEVICE : device_alive(dev);
 }
 
 /* The server's stream for `s` and its device. The NULL stream, CU_STREAM_LEGACY and
@@ -116,7 +123,7 @@ CUresult resolve_stream(CUstream s, int *device, uint64_t *handle) {
         return CUDA_ERROR_INVALID_HANDLE;
     *device = s->device;
     *handle = s->handle;
-    return CUDA_SUCCESS;
+    return device_alive(s->device);
 }
 
 /* -- the allocation table ------------------------------------------------------------------- */
@@ -182,12 +189,12 @@ int alloc_remove(uint64_t base, bf_alloc *out) {
     return found;
 }
 
-void post_free(int device, uint64_t ptr) {
+CUresult post_free(int device, uint64_t ptr) {
     uint8_t buf[16];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)device);
-    out_u64(&o, ptr);
-    bf_post(OP_MEM_FREE, &o, NULL, 0);
+    out_device(&o, device);
+    out_dptr(&o, device, ptr);
+    return bf_post(device, OP_MEM_FREE, &o, NULL, 0);
 }
 
 /* A context's memory goes with it, as the driver frees it when the context is destroyed. */

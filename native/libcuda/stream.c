@@ -17,8 +17,8 @@ CUresult handle_call(uint8_t op, int dev, uint64_t *handle) {
     uint8_t buf[8], reply[16];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
-    CUresult r = bf_call(op, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    out_device(&o, dev);
+    CUresult r = bf_call(dev, op, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r == CUDA_SUCCESS) {
         bf_in in = {reply, reply_n, 0, 0};
         *handle = in_u64(&in);
@@ -30,10 +30,10 @@ CUresult device_and_handle(uint8_t op, int dev, uint64_t handle, int with_reply,
                                   uint8_t *reply, size_t *reply_n) {
     uint8_t buf[16];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u64(&o, handle);
-    return with_reply ? bf_call(op, &o, NULL, 0, NULL, 0, reply, reply_n)
-                      : bf_post(op, &o, NULL, 0);
+    return with_reply ? bf_call(dev, op, &o, NULL, 0, NULL, 0, reply, reply_n)
+                      : bf_post(dev, op, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuStreamCreateWithPriority_v5050(CUstream *ph, unsigned int flags, int priority) {
@@ -111,10 +111,10 @@ CUresult bfpfn_cuStreamWaitEvent_v3020(CUstream s, CUevent e, unsigned int flags
     }
     uint8_t buf[24];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u64(&o, handle);
     out_u64(&o, e->handle);
-    return bf_post(OP_STREAM_WAIT_EVENT, &o, NULL, 0);
+    return bf_post(dev, OP_STREAM_WAIT_EVENT, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuStreamGetFlags_v5050(CUstream s, unsigned int *flags) {
@@ -225,7 +225,9 @@ CUresult live_event(CUevent e) {
     CUresult r = ready();
     if (r)
         return r;
-    return e && e->magic == MAGIC_EVENT ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!e || e->magic != MAGIC_EVENT)
+        return CUDA_ERROR_INVALID_HANDLE;
+    return device_alive(e->device);
 }
 
 CUresult bfpfn_cuEventDestroy_v4000(CUevent e) {
@@ -250,10 +252,10 @@ CUresult bfpfn_cuEventRecord_v2000(CUevent e, CUstream s) {
         return CUDA_ERROR_INVALID_HANDLE; /* as the driver: the event's context is not the stream's */
     uint8_t buf[24];
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)dev);
+    out_device(&o, dev);
     out_u64(&o, e->handle);
     out_u64(&o, handle);
-    return bf_post(OP_EVENT_RECORD, &o, NULL, 0);
+    return bf_post(dev, OP_EVENT_RECORD, &o, NULL, 0);
 }
 
 CUresult bfpfn_cuEventRecordWithFlags_v11010(CUevent e, CUstream s, unsigned int flags) {
@@ -290,10 +292,10 @@ CUresult bfpfn_cuEventElapsedTime_v12080(float *ms, CUevent start, CUevent end) 
     uint8_t buf[24], reply[16];
     size_t reply_n = 0;
     bf_out o = {buf, 0, sizeof buf, 0};
-    out_u16(&o, (uint16_t)start->device);
+    out_device(&o, start->device);
     out_u64(&o, start->handle);
     out_u64(&o, end->handle);
-    r = bf_call(OP_EVENT_ELAPSED, &o, NULL, 0, NULL, 0, reply, &reply_n);
+    r = bf_call(start->device, OP_EVENT_ELAPSED, &o, NULL, 0, NULL, 0, reply, &reply_n);
     if (r)
         return r;
     bf_in in = {reply, reply_n, 0, 0};

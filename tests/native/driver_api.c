@@ -5,6 +5,13 @@
  *   driver_api all     every check below, in order
  *   driver_api lost    a session whose server goes away mid-program (the test kills it when
  *                      the program prints "waiting"): every later call is DEVICE_UNAVAILABLE
+ *   driver_api pool    a lease of two GPUs on two servers: both are devices of this program,
+ *                      each working as one alone does, copies between them, per-server sticky
+ *                      errors, both driven from two threads at once
+ *   driver_api pool-lost
+ *                      the same lease; the program prints "waiting" and the lease file's path,
+ *                      the test kills one server and writes "go DEVICE" (the dead one): its
+ *                      calls are DEVICE_UNAVAILABLE, the other device keeps working
  */
 #include <cuda.h>
 #include <pthread.h>
@@ -365,6 +372,273 @@ static void proc_address(void) {
     printf("ok cuGetProcAddress\n");
 }
 
+
+/* -- a lease over two servers -------------------------------------------------------------- */
+enum { POOL_DEVICES = 2 };
+static CUcontext pool_ctx[POOL_DEVICES];
+static CUfunction pool_saxpy[POOL_DEVICES];
+
+/* What one GPU alone does, on device `dev` (its context current on the calling thread):
+   memory, copies over several payloads, memsets, a stream and events, the built-in saxpy. */
+static void one_device(int dev, int round) {
+    enum { N = 3 << 20, K = 4096 };
+    size_t free_bytes = 0, total = 0, limit = 0;
+    OK(cuMemGetInfo(&free_bytes, &total));
+    OK(cuDeviceTotalMem(&limit, dev));
+    TRUE(total == limit && free_bytes <= total);
+    unsigned char *src = malloc(N), *dst = malloc(N);
+    for (size_t i = 0; i < N; i++)
+        src[i] = (unsigned char)(i * 13 + (size_t)dev * 5 + (size_t)round);
+    CUdeviceptr a, b;
+    OK(cuMemAlloc(&a, N));
+    OK(cuMemAlloc(&b, N));
+    int ordinal = -1;
+    OK(cuPointerGetAttribute(&ordinal, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, a));
+    TRUE(ordinal == dev);
+    OK(cuMemcpyHtoD(a, src, N));
+    OK(cuMemcpyDtoD(b, a, N));
+    memset(dst, 0, N);
+    OK(cuMemcpyDtoH(dst, b, N));
+    TRUE(memcmp(src, dst, N) == 0);
+    OK(cuMemsetD32(b, 0x01020304u + (unsigned)dev, N / 4));
+    OK(cuMemcpyDtoH(dst, b, 16));
+    unsigned words[4];
+    memcpy(words, dst, sizeof words);
+    TRUE(words[0] == 0x01020304u + (unsigned)dev && words[3] == words[0]);
+    CUstream s;
+    CUevent e;
+    OK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    OK(cuEventCreate(&e, 0));
+    OK(cuMemcpyHtoDAsync(a, src + 7, K, s));
+    OK(cuEventRecord(e, s));
+    OK(cuEventSynchronize(e));
+    OK(cuMemcpyDtoHAsync(dst, a, K, s));
+    OK(cuStreamSynchronize(s));
+    TRUE(memcmp(src + 7, dst, K) == 0);
+    CUdevice sdev = -1;
+    OK(cuStreamGetDevice(s, &sdev));
+    TRUE(sdev == dev);
+    float x[K], y[K], out[K];
+    for (int i = 0; i < K; i++)
+        x[i] = (float)i, y[i] = (float)(dev + 1);
+    OK(cuMemcpyHtoD(a, x, sizeof x));
+    OK(cuMemcpyHtoD(b, y, sizeof y));
+    int n = K;
+    float alpha = (float)(dev + 2);
+    void *params[] = {&n, &alpha, &a, &b};
+    OK(cuLaunchKernel(pool_saxpy[dev], K / 256, 1, 1, 256, 1, 1, 0, s, params, NULL));
+    OK(cuMemcpyDtoHAsync(out, b, sizeof out, s));
+    for (int i = 0; i < K; i++)
+        TRUE(out[i] == alpha * (float)i + (float)(dev + 1));
+    OK(cuEventDestroy(e));
+    OK(cuStreamDestroy(s));
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+    free(src);
+    free(dst);
+}
+
+static void *pool_thread(void *arg) {
+    int dev = (int)(intptr_t)arg;
+    OK(cuCtxSetCurrent(pool_ctx[dev]));
+    for (int round = 0; round < 3; round++)
+        one_device(dev, round);
+    return NULL;
+}
+
+static void pool_open(void) {
+    int count = 0;
+    OK(cuDeviceGetCount(&count));
+    TRUE(count == POOL_DEVICES);
+    for (int dev = 0; dev < POOL_DEVICES; dev++) {
+        CUmodule m;
+        OK(cuDevicePrimaryCtxRetain(&pool_ctx[dev], dev));
+        OK(cuCtxSetCurrent(pool_ctx[dev]));
+        OK(cuModuleLoadData(&m, "bitfusion-net:builtin"));
+        OK(cuModuleGetFunction(&pool_saxpy[dev], m, "saxpy"));
+    }
+}
+
+static void pool(void) {
+    pool_open();
+    /* two devices, told apart */
+    char name[2][128], bus[2][32];
+    CUuuid uuid[2];
+    for (int dev = 0; dev < POOL_DEVICES; dev++) {
+        OK(cuDeviceGetName(name[dev], sizeof name[dev], dev));
+        TRUE(strcmp(name[dev], "NumPy reference device") == 0);
+        OK(cuDeviceGetUuid(&uuid[dev], dev));
+        OK(cuDeviceGetPCIBusId(bus[dev], sizeof bus[dev], dev));
+        CUdevice again = -1;
+        OK(cuDeviceGetByPCIBusId(&again, bus[dev]));
+        TRUE(again == dev);
+        int value = 0;
+        OK(cuDeviceGetAttribute(&value, CU_DEVICE_ATTRIBUTE_WARP_SIZE, dev));
+        TRUE(value == 32);
+    }
+    TRUE(memcmp(uuid[0].bytes, uuid[1].bytes, 16) != 0);
+    TRUE(strcmp(bus[0], bus[1]) != 0);
+    CUdevice dev = -1;
+    EXPECT(cuDeviceGet(&dev, POOL_DEVICES), CUDA_ERROR_INVALID_DEVICE);
+    int can = -1;
+    OK(cuDeviceCanAccessPeer(&can, 0, 1));
+    TRUE(can == 0);
+    OK(cuDeviceCanAccessPeer(&can, 1, 0));
+    TRUE(can == 0);
+    printf("ok pool devices\n");
+
+    /* each alone */
+    for (int d = 0; d < POOL_DEVICES; d++) {
+        OK(cuCtxSetCurrent(pool_ctx[d]));
+        OK(cuCtxGetDevice(&dev));
+        TRUE(dev == d);
+        one_device(d, 0);
+    }
+    printf("ok pool each device\n");
+
+    /* between them: through this host, in chunks (more than one max_payload of 1 MiB) */
+    enum { N = (3 << 20) + 123 };
+    unsigned char *src = malloc(N), *dst = malloc(N);
+    for (size_t i = 0; i < N; i++)
+        src[i] = (unsigned char)(i * 31 + 1);
+    CUdeviceptr on[POOL_DEVICES], other[POOL_DEVICES];
+    for (int d = 0; d < POOL_DEVICES; d++) {
+        OK(cuCtxSetCurrent(pool_ctx[d]));
+        OK(cuMemAlloc(&on[d], N));
+        OK(cuMemAlloc(&other[d], N));
+        OK(cuMemsetD8(on[d], 0, N));
+    }
+    OK(cuMemcpyHtoD(on[0], src, N));
+    OK(cuMemcpyDtoD(on[1], on[0], N)); /* 0 -> 1, with device 1's context current */
+    memset(dst, 0, N);
+    OK(cuMemcpyDtoH(dst, on[1], N));
+    TRUE(memcmp(src, dst, N) == 0);
+    OK(cuMemcpyPeer(other[0] + 1, pool_ctx[0], on[1], pool_ctx[1], N - 1)); /* 1 -> 0 */
+    memset(dst, 0, N);
+    OK(cuMemcpyDtoH(dst, other[0] + 1, N - 1));
+    TRUE(memcmp(src, dst, N - 1) == 0);
+    OK(cuMemcpy(other[1], other[0] + 1, 1000)); /* unified: 0 -> 1 */
+    memset(dst, 0, 1000);
+    OK(cuMemcpyDtoH(dst, other[1], 1000));
+    TRUE(memcmp(src, dst, 1000) == 0);
+    EXPECT(cuMemcpyPeer(other[0], pool_ctx[1], on[1], pool_ctx[1], 16), CUDA_ERROR_INVALID_VALUE);
+    /* a device's streams, events and kernels are its own */
+    CUstream s1;
+    CUevent e1;
+    OK(cuCtxSetCurrent(pool_ctx[1]));
+    OK(cuStreamCreate(&s1, 0));
+    OK(cuEventCreate(&e1, 0));
+    OK(cuCtxSetCurrent(pool_ctx[0]));
+    EXPECT(cuMemcpyHtoDAsync(on[0], src, 16, s1), CUDA_ERROR_INVALID_HANDLE);
+    int n = 16;
+    float alpha = 1.0f;
+    void *params[] = {&n, &alpha, &on[1], &other[1]};
+    EXPECT(cuLaunchKernel(pool_saxpy[1], 1, 1, 1, 16, 1, 1, 0, NULL, params, NULL),
+           CUDA_ERROR_INVALID_HANDLE); /* device 1's kernel, device 0's context */
+    void *across[] = {&n, &alpha, &on[0], &other[1]};
+    EXPECT(cuLaunchKernel(pool_saxpy[0], 1, 1, 1, 16, 1, 1, 0, NULL, across, NULL),
+           CUDA_ERROR_INVALID_VALUE); /* device 1's memory cannot be reached from device 0 */
+    EXPECT(cuEventRecord(e1, NULL), CUDA_ERROR_INVALID_HANDLE);
+    OK(cuEventRecord(e1, s1));
+    OK(cuStreamWaitEvent(NULL, e1, 0)); /* device 0 waits for device 1's event */
+    OK(cuEventDestroy(e1));
+    OK(cuStreamDestroy(s1));
+    for (int d = 0; d < POOL_DEVICES; d++) {
+        OK(cuMemFree(on[d]));
+        OK(cuMemFree(other[d]));
+    }
+    free(src);
+    free(dst);
+    printf("ok pool copies\n");
+
+    /* an asynchronous error is its server's: reported at the next synchronising call there,
+       and nowhere else */
+    CUdeviceptr p;
+    OK(cuCtxSetCurrent(pool_ctx[0]));
+    OK(cuMemAlloc(&p, 64));
+    int too_many = 1 << 24;
+    void *bad[] = {&too_many, &alpha, &p, &p};
+    OK(cuLaunchKernel(pool_saxpy[0], 1, 1, 1, 1, 1, 1, 0, NULL, bad, NULL));
+    OK(cuCtxSetCurrent(pool_ctx[1]));
+    OK(cuCtxSynchronize());
+    OK(cuCtxSetCurrent(pool_ctx[0]));
+    CUresult sticky = cuCtxSynchronize();
+    TRUE(sticky != CUDA_SUCCESS && sticky != CUDA_ERROR_DEVICE_UNAVAILABLE);
+    OK(cuCtxSynchronize());
+    OK(cuMemFree(p));
+    size_t free0 = 0, total0 = 0, free1 = 0, total1 = 0;
+    OK(cuMemAlloc(&p, 1 << 20)); /* on device 0: device 1's free memory does not change */
+    OK(cuMemGetInfo(&free0, &total0));
+    OK(cuCtxSetCurrent(pool_ctx[1]));
+    OK(cuMemGetInfo(&free1, &total1));
+    TRUE(free1 == total1 && free0 == total0 - (1 << 20));
+    OK(cuMemFree(p));
+    printf("ok pool sticky errors\n");
+
+    /* both at once, from two threads */
+    pthread_t t[POOL_DEVICES];
+    for (int d = 0; d < POOL_DEVICES; d++)
+        TRUE(pthread_create(&t[d], NULL, pool_thread, (void *)(intptr_t)d) == 0);
+    for (int d = 0; d < POOL_DEVICES; d++)
+        pthread_join(t[d], NULL);
+    printf("ok pool threads\n");
+}
+
+/* One server is killed under the program: its device's calls fail, the other's do not. */
+static int pool_lost(void) {
+    enum { N = 4096 };
+    pool_open();
+    CUdeviceptr p[POOL_DEVICES];
+    for (int d = 0; d < POOL_DEVICES; d++) {
+        OK(cuCtxSetCurrent(pool_ctx[d]));
+        OK(cuMemAlloc(&p[d], N));
+        OK(cuMemsetD8(p[d], (unsigned char)(d + 1), N));
+    }
+    const char *lease = getenv("BITFUSION_NET_LEASE");
+    printf("waiting %s\n", lease ? lease : "-");
+    fflush(stdout);
+    char line[32];
+    int dead = -1;
+    if (!fgets(line, sizeof line, stdin) || sscanf(line, "go %d", &dead) != 1 || dead < 0 ||
+        dead >= POOL_DEVICES)
+        return 2;
+    int alive = 1 - dead;
+    unsigned char buf[N];
+    /* the dead device: DEVICE_UNAVAILABLE, at once, for every call on it */
+    OK(cuCtxSetCurrent(pool_ctx[dead]));
+    EXPECT(cuMemcpyDtoH(buf, p[dead], N), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    EXPECT(cuMemcpyHtoD(p[dead], buf, N), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    CUdeviceptr q;
+    EXPECT(cuMemAlloc(&q, 64), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    EXPECT(cuCtxSynchronize(), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    EXPECT(cuMemsetD8(p[dead], 0, N), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    size_t f, t;
+    EXPECT(cuMemGetInfo(&f, &t), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    char name[64];
+    EXPECT(cuDeviceGetName(name, sizeof name, dead), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    int n = 16;
+    float alpha = 1.0f;
+    void *params[] = {&n, &alpha, &p[dead], &p[dead]};
+    EXPECT(cuLaunchKernel(pool_saxpy[dead], 1, 1, 1, 16, 1, 1, 0, NULL, params, NULL),
+           CUDA_ERROR_DEVICE_UNAVAILABLE);
+    /* between the two: the dead side fails the copy */
+    EXPECT(cuMemcpyDtoD(p[alive], p[dead], N), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    EXPECT(cuMemcpyDtoD(p[dead], p[alive], N), CUDA_ERROR_DEVICE_UNAVAILABLE);
+    /* the living device: what was there is there, and everything still works */
+    int count = 0;
+    OK(cuDeviceGetCount(&count));
+    TRUE(count == POOL_DEVICES);
+    OK(cuDeviceGetName(name, sizeof name, alive));
+    OK(cuCtxSetCurrent(pool_ctx[alive]));
+    OK(cuMemcpyDtoH(buf, p[alive], N));
+    TRUE(buf[0] == alive + 1 && buf[N - 1] == alive + 1);
+    one_device(alive, 1);
+    OK(cuCtxSynchronize());
+    OK(cuMemFree(p[alive]));
+    printf("ok pool lost\n");
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "all";
     CUdevice dev;
@@ -389,6 +663,13 @@ int main(int argc, char **argv) {
         printf("ok lost\n");
         return failures ? 1 : 0;
     }
+    if (strcmp(mode, "pool") == 0) {
+        pool();
+        printf(failures ? "FAILED %d\n" : "ALL OK\n", failures);
+        return failures ? 1 : 0;
+    }
+    if (strcmp(mode, "pool-lost") == 0)
+        return pool_lost();
     devices();
     CUcontext primary = contexts();
     memory();

@@ -11,8 +11,10 @@ preloads their runtime into the Python and nvcc-built programs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 from bitfusion_net.cli import agent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from integration_support import cli_server  # noqa: E402
+from integration_support import CliServer, cli_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -419,3 +421,159 @@ def test_run_sets_the_agent_up_unless_told_not_to(
     assert missing.stdout.splitlines()[-1] == "/opt/mine"
     assert "CUDA driver-API programs will not reach the GPUs" in missing.stderr + missing.stdout
     assert "holds no libcuda.so.1" in missing.stderr + missing.stdout
+
+
+# -- a lease over several servers -------------------------------------------------------------
+@pytest.fixture
+def two_servers() -> Iterator[list[CliServer]]:
+    """Two servers of one NumPy GPU each: ``run -n 2`` must take one GPU on each."""
+    with (
+        cli_server("--max-payload", "1MiB") as first,
+        cli_server("--max-payload", "1MiB") as second,
+    ):
+        yield [first, second]
+
+
+def _run_on(servers: list[CliServer], agent_dir: Path, *command: str) -> list[str]:
+    """``bitfusion-net run -n 2 -p 0.5 --server_list A,B -- COMMAND`` as an argv."""
+    addresses = ",".join(s.address.removeprefix("tcp://") for s in servers)
+    return [sys.executable, "-m", "bitfusion_net", "run", "-n", "2", "-p", "0.5", "--server_list",
+            addresses, "--", *command]  # fmt: skip
+
+
+def _pool_env(agent_dir: Path) -> dict[str, str]:
+    env = _env(agent_dir, **{agent.AGENT_LIB_ENV: str(agent_dir)})
+    env.update({"ASAN_OPTIONS": "abort_on_error=1"} if SANITIZED else {})
+    return env
+
+
+def test_a_lease_over_two_servers_is_two_devices(
+    driver_program: Path, agent_dir: Path, two_servers: list[CliServer]
+) -> None:
+    """Each server's GPU is a device of the program (0, then 1, in the reservation file's
+    order), reached through its own connection: memory, copies over several payloads, memsets,
+    streams, events and the built-in saxpy on each; copies between them through this host;
+    an asynchronous error reported by its own server only; both driven from two threads."""
+    result = _run(
+        _run_on(two_servers, agent_dir, str(driver_program), "pool"), _pool_env(agent_dir)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith(("ok", "ALL"))] == [
+        "ok pool devices", "ok pool each device", "ok pool copies", "ok pool sticky errors",
+        "ok pool threads", "ALL OK",
+    ], result.stdout + result.stderr  # fmt: skip
+    # one GPU from each server (each has only one), and no "uses the first server" any more
+    assert "Locked 2 GPUs" in result.stderr + result.stdout
+    assert "spans" not in result.stderr
+    # device 1's memory passed to device 0's kernel is refused, saying why
+    assert "which is on another server: it cannot be reached from this one" in result.stderr
+
+
+@pytest.mark.parametrize("dead", [0, 1])
+def test_a_lost_server_of_a_pool_fails_only_its_own_device(
+    driver_program: Path, agent_dir: Path, two_servers: list[CliServer], dead: int
+) -> None:
+    """The server of device ``dead`` is killed under the program: calls on that device answer
+    CUDA_ERROR_DEVICE_UNAVAILABLE (copies to or from it included), the other device's data is
+    intact and every call on it still works, as the Python client keeps the other servers'
+    devices working."""
+    program = subprocess.Popen(
+        _run_on(two_servers, agent_dir, str(driver_program), "pool-lost"), env=_pool_env(agent_dir),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert program.stdout is not None and program.stdin is not None
+        waiting = program.stdout.readline()
+        assert waiting.startswith("waiting "), waiting
+        lease = json.loads(Path(waiting.split(" ", 1)[1].strip()).read_text())
+        address = lease["servers"][dead]["address"]
+        (victim,) = [s for s in two_servers if s.address == address]
+        victim.proc.kill()  # no goodbye: the connection just ends
+        victim.proc.wait()
+        program.stdin.write(f"go {dead}\n")
+        program.stdin.flush()
+        out, err = program.communicate(timeout=RUN_S)
+    finally:
+        program.kill()
+        program.wait()
+    assert program.returncode == 0, out + err
+    assert [line for line in out.splitlines() if line.startswith("ok")] == ["ok pool lost"]
+    lost = f"the session with the server {address} (devices {dead}..{dead}) is over"
+    assert lost in err, err
+    assert "the other servers' devices keep working" in err
+
+
+@pytest.mark.parametrize(
+    "schemes",
+    [["rdma"], ["tls"], ["tcp", "rdma"], ["tcp", "tls"], ["agent-server:tls"],
+     ["agent-server:rdma"]],
+)  # fmt: skip
+def test_a_server_the_agent_cannot_speak_to_fails_cuinit_clearly(
+    driver_program: Path, agent_dir: Path, tmp_path: Path, schemes: list[str]
+) -> None:
+    """The agent speaks plain TCP: a tls:// or rdma:// server (in the reservation file, even as
+    its second server, or in BITFUSION_NET_AGENT_SERVER) fails cuInit with
+    CUDA_ERROR_NO_DEVICE, naming the address and saying a tcp:// server is needed, at once and
+    before connecting anywhere (a listening socket stands at every address: nothing may reach
+    it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    env = _env(agent_dir, **({"ASAN_OPTIONS": "abort_on_error=1"} if SANITIZED else {}))
+    if schemes[0].startswith("agent-server:"):
+        bad = f"{schemes[0].split(':')[1]}://127.0.0.1:{port}"
+        env["BITFUSION_NET_AGENT_SERVER"] = bad
+        where = "BITFUSION_NET_AGENT_SERVER"
+    else:
+        lease_file = tmp_path / "lease.json"
+        servers = [
+            {"address": f"{scheme}://127.0.0.1:{port}", "server_id": f"server-{k}",
+             "reservation": k + 1, "secret": "00ff" * 8, "idle_timeout": 0.0, "devices": []}
+            for k, scheme in enumerate(schemes)
+        ]  # fmt: skip
+        lease_file.write_text(json.dumps({"format": "bitfusion-net reservation 1", "token": "",
+                                          "servers": servers}))  # fmt: skip
+        lease_file.chmod(0o600)
+        env["BITFUSION_NET_LEASE"] = str(lease_file)
+        bad = servers[-1]["address"]
+        where = f"the reservation file {lease_file}"
+    try:
+        result = _run([str(driver_program), "all"], env)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected, not even to a tcp:// server of the lease
+    finally:
+        listener.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cuInit(0) = 100" in result.stderr  # CUDA_ERROR_NO_DEVICE
+    scheme = bad.split(":", 1)[0].upper()
+    assert (
+        f"{where} names the server {bad}: the agent speaks plain TCP only and needs a "
+        f"tcp://HOST:PORT server ({scheme} is not supported by the agent yet)"
+    ) in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def runtime_pool_program(agent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    nvcc = _need("nvcc")
+    out = tmp_path_factory.mktemp("cudart") / "runtime_pool"
+    subprocess.run(
+        [nvcc, "-cudart", "shared", "-o", str(out), str(HERE / "runtime_pool.cu")],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def test_a_cudart_program_on_a_lease_over_two_servers(
+    runtime_pool_program: Path, agent_dir: Path, two_servers: list[CliServer]
+) -> None:
+    """NVIDIA's runtime initialises on two devices of two servers (its integrity check covers
+    each device's UUID and PCI location), works on each after cudaSetDevice and copies between
+    them with cudaMemcpyPeer, through the agent alone."""
+    env = _env(agent_dir, **{agent.AGENT_LIB_ENV: str(agent_dir)}, **_sanitizer_env())
+    result = _run(_run_on(two_servers, agent_dir, str(runtime_pool_program)), env)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "ALL OK", result.stdout + result.stderr[-3000:]
+    assert "ok cudaMemcpyPeer" in lines
+    assert not [line for line in lines if line.startswith("FAIL")]
+    assert "not forwarded" not in result.stderr
