@@ -201,12 +201,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transport": "rdma",
         "provider": provider,
         "simulated": simulated,
+        "keep_awake": args.keep_awake,
         "bitfusion_net": bf.__version__,
     }
     notes = [note] if note else []
     results: dict[str, Any] = {"meta": meta, "notes": notes}
     try:
         with contextlib.ExitStack() as servers:
+            servers.enter_context(bl.keep_awake(args.keep_awake))  # an idle vCPU halts
             if simulated:
                 address, tcp = servers.enter_context(in_process_server()), None
                 notes.append(
