@@ -127,20 +127,8 @@ class RdmaStream(QueuedStream):
         try:
             ring.reap_sends()
             while self._queue and ring.can_send_data:
-                stage, filled, handed = ring.stage(), 0, []
-                while self._queue and filled < len(stage):
-                    data, on_sent = self._queue[0]
-                    count = min(len(data), len(stage) - filled)
-                    stage[filled : filled + count] = data[:count]
-                    filled += count
-                    if count == len(data):
-                        self._queue.popleft()
-                        if on_sent is not None:
-                            handed.append(on_sent)
-                    else:
-                        self._queue[0] = (data[count:], on_sent)
+                filled, handed = ring.send_from(self._queue)
                 self._queued -= filled
-                ring.send_data(filled)
                 for on_sent in handed:  # copied into staging: the caller may reuse its buffer
                     on_sent()
                 if self._queued <= self._queue_limit:

@@ -24,6 +24,7 @@ import secrets
 import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from .rdma_ring import (
     READY,
     SETUP_TIMEOUT_S,
     DeviceSettings,
+    Piece,
     Ring,
     RingConfig,
     RingEnd,
@@ -95,30 +97,19 @@ class RdmaBlockingStream(BlockingStream):
             if isinstance(exc, VerbsError):
                 raise ConnectionError(f"the RDMA set-up failed: {exc}") from None
             raise
-        stream = cls(control, ring, address.host_port)
-        end.recv_cq.req_notify()
-        return stream
+        return cls(control, ring, address.host_port)
 
     # -- BlockingStream ---------------------------------------------------------------------------
     def send(self, *buffers: bytes | memoryview) -> None:
         if self._closing or self.closed:
             raise BrokenPipeError("the RDMA stream is closed for sending")
         ring = self._ring
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        pending: deque[Piece] = deque((memoryview(b).cast("B"), None) for b in buffers if len(b))
         while pending:
             self._wait_for(lambda: ring.can_send_data or ring.peer_closed)
             if ring.peer_closed:  # as a socket's EPIPE: the driver reads what it said first
                 raise BrokenPipeError("the server closed the RDMA connection")
-            stage, filled = ring.stage(), 0
-            while pending and filled < len(stage):
-                count = min(len(pending[0]), len(stage) - filled)
-                stage[filled : filled + count] = pending[0][:count]
-                filled += count
-                if count == len(pending[0]):
-                    pending.pop(0)
-                else:
-                    pending[0] = pending[0][count:]
-            self._checked(ring.send_data, filled)
+            self._checked(ring.send_from, pending)
 
     def receive_into(self, receiver: Receiver) -> int:
         ring = self._ring
@@ -220,7 +211,7 @@ class RdmaBlockingStream(BlockingStream):
         if not self._ring.peer_closed and not self._closing:
             raise ConnectionResetError("the RDMA peer is gone (its set-up connection ended)")
 
-    def _checked(self, step: Callable[..., object], *args: int) -> bool:
+    def _checked(self, step: Callable[..., object], *args: object) -> bool:
         """Run a ring step; a failure becomes the peer's ``ConnectionResetError``, or nothing
         when it closed first (its tear-down fails what follows)."""
         try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,6 +60,10 @@ MAX_HELLO = 4096
 READY = b"ready\n"
 _FIELD = (1 << 15) - 1
 DEFAULT_QUEUE_LIMIT = 8 * 2**20
+
+
+# Bytes to send, and what to call once they are copied (a writer's ``on_sent``).
+Piece = tuple[memoryview | bytes, Callable[[], None] | None]
 
 
 def _imm(kind: int, receives: int, slots: int) -> int:
@@ -248,17 +253,28 @@ class Ring:
         """A free slot of the peer's ring, and a credit beyond the control messages' reserve."""
         return self._slots_free > 0 and self._credits > self.config.reserve
 
-    def stage(self) -> memoryview:
-        """The staging buffer of the next slot: fill it, then ``send_data``."""
+    def send_from(self, pieces: deque[Piece]) -> tuple[int, list[Callable[[], None]]]:
+        """Copy bytes from the front of ``pieces`` into the next slot's staging, as many as fit,
+        and write them into the peer's slot (only when ``can_send_data``). Returns the byte
+        count and the callbacks of the pieces now wholly copied (their buffers may be reused)."""
         size = self.config.slot_size
-        return self.end.stage.view[self._send_slot * size : (self._send_slot + 1) * size]
-
-    def send_data(self, length: int) -> None:
-        """Write the first ``length`` bytes of ``stage()`` into the peer's next slot (only when
-        ``can_send_data``)."""
-        self._post(DATA, self._send_slot, length)
+        stage = self.end.stage.view[self._send_slot * size : (self._send_slot + 1) * size]
+        filled, handed = 0, []
+        while pieces and filled < size:
+            data, on_sent = pieces[0]
+            count = min(len(data), size - filled)
+            stage[filled : filled + count] = data[:count]
+            filled += count
+            if count == len(data):
+                pieces.popleft()
+                if on_sent is not None:
+                    handed.append(on_sent)
+            else:
+                pieces[0] = (data[count:], on_sent)
+        self._post(DATA, self._send_slot, filled)
         self._slots_free -= 1
         self._send_slot = (self._send_slot + 1) % self.config.slots
+        return filled, handed
 
     @property
     def credit_due(self) -> bool:

@@ -312,11 +312,13 @@ async def tcp_pairs(
 
 
 @asynccontextmanager
-async def memory_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncIterator[list[Pair]]:
-    """``count`` in-memory pairs, each end started with a recording owner."""
+async def started_pairs(
+    make_pair: Callable[[], tuple[Any, Any]], count: int, read_size: int
+) -> AsyncIterator[list[Pair]]:
+    """``count`` pairs from ``make_pair``, each end started with a recording owner."""
     pairs: list[Pair] = []
     for _ in range(count):
-        first, second = memory_stream_pair()
+        first, second = make_pair()
         pair = RecordingOwner(first, read_size), RecordingOwner(second, read_size)
         first.start(pair[0])
         second.start(pair[1])
@@ -327,6 +329,13 @@ async def memory_pairs(count: int = 1, read_size: int = READ_SIZE) -> AsyncItera
     finally:
         await abort_all(made)
     check_contract(made)
+
+
+def memory_pairs(
+    count: int = 1, read_size: int = READ_SIZE
+) -> AbstractAsyncContextManager[list[Pair]]:
+    """``count`` in-memory pairs, each end started with a recording owner."""
+    return started_pairs(memory_stream_pair, count, read_size)
 
 
 def rdma_device() -> Provider:
@@ -348,19 +357,8 @@ async def rdma_pairs(
     fabric = Fabric(devices=("sim0", "sim1")) if device is None else None
     provider = device or SimulatedProvider(fabric)  # type: ignore[arg-type]
     names: tuple[str | None, str | None] = ("sim0", "sim1") if device is None else (None, None)
-    pairs: list[Pair] = []
-    for _ in range(count):
-        first, second = rdma_stream_pair(provider, names)
-        pair = RecordingOwner(first, read_size), RecordingOwner(second, read_size)
-        first.start(pair[0])
-        second.start(pair[1])
-        pairs.append(pair)
-    made = [owner for pair in pairs for owner in pair]
-    try:
+    async with started_pairs(lambda: rdma_stream_pair(provider, names), count, read_size) as pairs:
         yield pairs
-    finally:
-        await abort_all(made)
-    check_contract(made)
     if fabric is not None:
         assert fabric.stats.faults == 0, (fabric.stats.as_dict(), fabric.fault_log[:5])
 
